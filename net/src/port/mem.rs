@@ -1,0 +1,245 @@
+//! A connected pair of in-process ports.
+//!
+//! Each direction is a bounded queue of buffers; a frame sent on one port is received, as the
+//! same buffer, on the other. Each port keeps a local free list and exchanges batches with a
+//! shared spare list, so locks are taken per burst rather than per packet and one-way traffic
+//! cannot starve the sender's pool. The ports are `Send`: the two ends may live on two threads.
+
+use super::pool::{HeapBuf, Pool};
+use super::{Burst, Capabilities, PacketBuf, Port, PortStats, BURST};
+use crate::wire::{ChecksumCaps, EthernetAddress};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Sizes of a [`pair`].
+#[derive(Debug, Clone, Copy)]
+pub struct MemConfig {
+    /// Buffers per port at creation.
+    pub buffers: usize,
+    /// Bytes per buffer (largest frame).
+    pub buf_size: usize,
+    /// Frames each direction holds before `tx_burst` refuses more.
+    pub queue_len: usize,
+    /// IP MTU reported in the capabilities.
+    pub mtu: usize,
+    /// Checksum handling reported in the capabilities (software by default).
+    pub checksum: ChecksumCaps,
+}
+
+impl Default for MemConfig {
+    fn default() -> Self {
+        MemConfig { buffers: 4096, buf_size: 2048, queue_len: 2048, mtu: 1500, checksum: ChecksumCaps::software() }
+    }
+}
+
+struct Shared {
+    /// `links[i]`: frames sent by port `i`, waiting for the other port.
+    links: [Mutex<VecDeque<HeapBuf>>; 2],
+    spare: Mutex<Pool>,
+    queue_len: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic on the other end must not cascade: the data is plain buffers.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One end of an in-process link.
+pub struct MemPort {
+    id: usize,
+    shared: Arc<Shared>,
+    pool: Pool,
+    high_water: usize,
+    caps: Capabilities,
+    stats: PortStats,
+}
+
+impl std::fmt::Debug for MemPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemPort").field("id", &self.id).field("mac", &self.caps.mac).finish_non_exhaustive()
+    }
+}
+
+/// Creates two connected ports with the given MACs.
+pub fn pair(cfg: MemConfig, mac_a: EthernetAddress, mac_b: EthernetAddress) -> (MemPort, MemPort) {
+    let total = 2 * cfg.buffers;
+    let shared = Arc::new(Shared {
+        links: [Mutex::new(VecDeque::with_capacity(cfg.queue_len)), Mutex::new(VecDeque::with_capacity(cfg.queue_len))],
+        spare: Mutex::new(Pool::empty(cfg.buf_size, total)),
+        queue_len: cfg.queue_len,
+    });
+    let make = |id: usize, mac: EthernetAddress| MemPort {
+        id,
+        shared: Arc::clone(&shared),
+        pool: Pool::new(cfg.buffers, cfg.buf_size, total),
+        high_water: cfg.buffers + BURST,
+        caps: Capabilities { mac, mtu: cfg.mtu, queues: 1, rss: None, checksum: cfg.checksum },
+        stats: PortStats::default(),
+    };
+    (make(0, mac_a), make(1, mac_b))
+}
+
+impl MemPort {
+    /// Frames queued towards this port and not yet received.
+    pub fn pending_rx(&self) -> usize {
+        lock(&self.shared.links[1 - self.id]).len()
+    }
+    /// Buffers in this port's local free list.
+    pub fn pool_available(&self) -> usize {
+        self.pool.available()
+    }
+}
+
+impl Port for MemPort {
+    type Buf = HeapBuf;
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    #[inline]
+    fn alloc(&mut self) -> Option<HeapBuf> {
+        if let Some(b) = self.pool.get() {
+            return Some(b);
+        }
+        lock(&self.shared.spare).transfer(&mut self.pool, BURST);
+        let b = self.pool.get();
+        if b.is_none() {
+            self.stats.alloc_failures += 1;
+        }
+        b
+    }
+
+    #[inline]
+    fn free(&mut self, buf: HeapBuf) {
+        self.pool.put(buf);
+        if self.pool.available() > self.high_water {
+            let mut spare = lock(&self.shared.spare);
+            self.pool.transfer(&mut spare, BURST);
+        }
+    }
+
+    fn rx_burst(&mut self, out: &mut Burst<HeapBuf>) -> usize {
+        let room = out.remaining_capacity();
+        if room == 0 {
+            return 0;
+        }
+        let mut link = lock(&self.shared.links[1 - self.id]);
+        let n = room.min(link.len());
+        for b in link.drain(..n) {
+            self.stats.rx_packets += 1;
+            self.stats.rx_bytes += b.len() as u64;
+            out.push(b);
+        }
+        n
+    }
+
+    fn tx_burst(&mut self, pkts: &mut Burst<HeapBuf>) -> usize {
+        let mut link = lock(&self.shared.links[self.id]);
+        let n = pkts.len().min(self.shared.queue_len.saturating_sub(link.len()));
+        for b in pkts.drain(..n) {
+            self.stats.tx_packets += 1;
+            self.stats.tx_bytes += b.len() as u64;
+            link.push_back(b);
+        }
+        self.stats.tx_busy += (pkts.len()) as u64;
+        n
+    }
+
+    fn stats(&self) -> PortStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(port: &mut MemPort, byte: u8, len: usize) -> HeapBuf {
+        let mut b = port.alloc().unwrap();
+        b.storage_mut()[..len].fill(byte);
+        b.set_len(len);
+        b
+    }
+
+    #[test]
+    fn frames_cross_in_order_and_queue_is_bounded() {
+        let cfg = MemConfig { buffers: 64, queue_len: 8, ..MemConfig::default() };
+        let (mut a, mut b) = pair(cfg, EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2]));
+        let mut burst = Burst::new();
+        for i in 0..10u8 {
+            burst.push(frame(&mut a, i, 60 + usize::from(i)));
+        }
+        assert_eq!(a.tx_burst(&mut burst), 8);
+        assert_eq!(burst.len(), 2, "unsent frames stay with the caller");
+        assert_eq!(a.stats().tx_busy, 2);
+        let mut rx = Burst::new();
+        assert_eq!(b.rx_burst(&mut rx), 8);
+        for (i, f) in rx.iter().enumerate() {
+            assert_eq!(f.len(), 60 + i);
+            assert!(f.frame().iter().all(|&x| x == i as u8));
+        }
+        for f in rx.drain(..) {
+            b.free(f);
+        }
+        assert_eq!(a.tx_burst(&mut burst), 2);
+        assert_eq!(b.rx_burst(&mut rx), 2);
+        assert_eq!(rx[0].frame()[0], 8);
+    }
+
+    #[test]
+    fn one_way_traffic_does_not_starve_sender() {
+        let cfg = MemConfig { buffers: 64, queue_len: 64, ..MemConfig::default() };
+        let (mut a, mut b) = pair(cfg, EthernetAddress::ZERO, EthernetAddress::ZERO);
+        for round in 0..100 {
+            let mut burst = Burst::new();
+            for _ in 0..BURST {
+                burst.push(a.alloc().unwrap_or_else(|| panic!("sender starved in round {round}")));
+            }
+            assert_eq!(a.tx_burst(&mut burst), BURST);
+            let mut rx = Burst::new();
+            b.rx_burst(&mut rx);
+            for f in rx.drain(..) {
+                b.free(f);
+            }
+        }
+    }
+
+    #[test]
+    fn ends_work_from_two_threads() {
+        let (mut a, mut b) = pair(MemConfig::default(), EthernetAddress::ZERO, EthernetAddress::ZERO);
+        let t = std::thread::spawn(move || {
+            let mut got = 0u32;
+            let mut rx = Burst::new();
+            while got < 10_000 {
+                b.rx_burst(&mut rx);
+                for f in rx.drain(..) {
+                    assert_eq!(u32::from_le_bytes(f.frame()[..4].try_into().unwrap()), got);
+                    got += 1;
+                    b.free(f);
+                }
+                std::thread::yield_now();
+            }
+        });
+        let mut next = 0u32;
+        while next < 10_000 {
+            let mut burst = Burst::new();
+            while next < 10_000 && !burst.is_full() {
+                match a.alloc() {
+                    Some(mut f) => {
+                        f.storage_mut()[..4].copy_from_slice(&next.to_le_bytes());
+                        f.set_len(64);
+                        burst.push(f);
+                        next += 1;
+                    }
+                    None => break,
+                }
+            }
+            while !burst.is_empty() {
+                a.tx_burst(&mut burst);
+                std::thread::yield_now();
+            }
+        }
+        t.join().unwrap();
+    }
+}

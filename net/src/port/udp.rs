@@ -1,0 +1,458 @@
+//! Ethernet frames tunnelled one per kernel UDP datagram: the zero-setup backend.
+//!
+//! Each daemon binds a UDP socket and names its peers' socket addresses. The port behaves like
+//! a learning switch port: a frame for a broadcast or multicast MAC goes to every peer; a
+//! unicast frame goes to the peer whose MAC is configured or was learned from the frames it
+//! sent, and to every peer while unknown. Datagrams from unknown senders, shorter than an
+//! Ethernet header, or longer than a buffer are counted and dropped. Sockets are non-blocking
+//! and I/O is batched with `recvmmsg`/`sendmmsg`. No privileges needed.
+
+use super::pool::{HeapBuf, Pool};
+use super::{Burst, Capabilities, PacketBuf, Port, PortStats, BURST};
+use crate::wire::{ChecksumCaps, EthernetAddress};
+use arrayvec::ArrayVec;
+use std::io;
+use std::net::{SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+
+/// Most peers one port can name.
+pub const MAX_PEERS: usize = 64;
+/// Most datagrams one `sendmmsg` call carries (a broadcast frame takes one per peer).
+const TX_BATCH: usize = 64;
+
+/// A tunnel peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpPeer {
+    /// The peer's tunnel socket address.
+    pub addr: SocketAddrV4,
+    /// The peer's MAC if known in advance (otherwise learned from its frames).
+    pub mac: Option<EthernetAddress>,
+}
+
+/// Configuration of a [`UdpPort`].
+#[derive(Debug, Clone)]
+pub struct UdpConfig {
+    /// Local tunnel socket address.
+    pub bind: SocketAddrV4,
+    /// Peers.
+    pub peers: Vec<UdpPeer>,
+    /// This port's MAC.
+    pub mac: EthernetAddress,
+    /// IP MTU (frames up to MTU + 14 bytes).
+    pub mtu: usize,
+    /// Packet buffers in the pool.
+    pub buffers: usize,
+    /// Requested kernel socket buffer size (both directions), bytes.
+    pub socket_buffer: usize,
+}
+
+impl UdpConfig {
+    /// Defaults: MTU 1500, 4096 buffers, 4 MiB socket buffers.
+    pub fn new(bind: SocketAddrV4, mac: EthernetAddress, peers: Vec<UdpPeer>) -> Self {
+        UdpConfig { bind, peers, mac, mtu: 1500, buffers: 4096, socket_buffer: 4 << 20 }
+    }
+}
+
+/// Counters specific to the tunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UdpStats {
+    /// Datagrams shorter than an Ethernet header.
+    pub rx_short: u64,
+    /// Datagrams longer than a buffer.
+    pub rx_oversize: u64,
+    /// Datagrams from an address that is not a peer.
+    pub rx_unknown_sender: u64,
+    /// Frames dropped on a send error other than a full socket buffer.
+    pub tx_errors: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    addr: SocketAddrV4,
+    sa: libc::sockaddr_in,
+    mac: Option<EthernetAddress>,
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// A UDP tunnel port. Single queue, no RSS, checksums in software.
+pub struct UdpPort {
+    sock: UdpSocket,
+    peers: ArrayVec<Peer, MAX_PEERS>,
+    pool: Pool,
+    caps: Capabilities,
+    stats: PortStats,
+    ustats: UdpStats,
+    scratch: Burst<HeapBuf>,
+}
+
+impl std::fmt::Debug for UdpPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpPort")
+            .field("local", &self.sock.local_addr().ok())
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn set_buf_opt(fd: RawFd, force: libc::c_int, plain: libc::c_int, size: usize) {
+    let v = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    for opt in [force, plain] {
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid `c_int` on the stack;
+        // `fd` is an open socket owned by the caller.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                core::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
+impl UdpPort {
+    /// Binds the socket and fills the pool. Errors: bind failure, more than [`MAX_PEERS`] peers.
+    pub fn new(cfg: &UdpConfig) -> io::Result<Self> {
+        if cfg.peers.len() > MAX_PEERS {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("at most {MAX_PEERS} UDP tunnel peers")));
+        }
+        let sock = UdpSocket::bind(cfg.bind)?;
+        sock.set_nonblocking(true)?;
+        set_buf_opt(sock.as_raw_fd(), libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, cfg.socket_buffer);
+        set_buf_opt(sock.as_raw_fd(), libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, cfg.socket_buffer);
+        let peers = cfg.peers.iter().map(|p| Peer { addr: p.addr, sa: sockaddr(p.addr), mac: p.mac }).collect();
+        let buf_size = cfg.mtu + 14;
+        Ok(UdpPort {
+            sock,
+            peers,
+            pool: Pool::new(cfg.buffers, buf_size, cfg.buffers),
+            caps: Capabilities { mac: cfg.mac, mtu: cfg.mtu, queues: 1, rss: None, checksum: ChecksumCaps::software() },
+            stats: PortStats::default(),
+            ustats: UdpStats::default(),
+            scratch: Burst::new(),
+        })
+    }
+
+    /// The bound socket address (useful with port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddrV4> {
+        match self.sock.local_addr()? {
+            std::net::SocketAddr::V4(a) => Ok(a),
+            std::net::SocketAddr::V6(_) => Err(io::Error::other("IPv6 tunnel socket")),
+        }
+    }
+
+    /// The socket's file descriptor, for readiness polling when idle.
+    pub fn raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Tunnel-specific counters.
+    pub fn udp_stats(&self) -> UdpStats {
+        self.ustats
+    }
+
+    /// Adds a peer at run time. Errors if the table is full.
+    pub fn add_peer(&mut self, peer: UdpPeer) -> io::Result<()> {
+        if self.peers.iter().any(|p| p.addr == peer.addr) {
+            return Ok(());
+        }
+        self.peers
+            .try_push(Peer { addr: peer.addr, sa: sockaddr(peer.addr), mac: peer.mac })
+            .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "UDP tunnel peer table full"))
+    }
+
+    fn peer_of(&self, sa: &libc::sockaddr_in) -> Option<usize> {
+        self.peers.iter().position(|p| p.sa.sin_addr.s_addr == sa.sin_addr.s_addr && p.sa.sin_port == sa.sin_port)
+    }
+
+    /// Destinations of a frame: `Some(i)` for one peer, `None` for all.
+    fn destination(&self, frame: &[u8]) -> Option<usize> {
+        if frame.len() < 6 || frame[0] & 1 != 0 {
+            return None;
+        }
+        let dst = EthernetAddress::from_bytes(&frame[..6]);
+        self.peers.iter().position(|p| p.mac == Some(dst))
+    }
+}
+
+impl Port for UdpPort {
+    type Buf = HeapBuf;
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn alloc(&mut self) -> Option<HeapBuf> {
+        let b = self.pool.get();
+        if b.is_none() {
+            self.stats.alloc_failures += 1;
+        }
+        b
+    }
+
+    fn free(&mut self, buf: HeapBuf) {
+        self.pool.put(buf);
+    }
+
+    fn rx_burst(&mut self, out: &mut Burst<HeapBuf>) -> usize {
+        let want = out.remaining_capacity().min(BURST);
+        while self.scratch.len() < want {
+            match self.pool.get() {
+                Some(b) => self.scratch.push(b),
+                None => break,
+            }
+        }
+        let n = self.scratch.len();
+        if n == 0 {
+            return 0;
+        }
+        // SAFETY: `iovec`, `sockaddr_in` and `mmsghdr` are plain C structs for which all-zero
+        // bytes are a valid value.
+        let mut iov: [libc::iovec; BURST] = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        let mut addrs: [libc::sockaddr_in; BURST] = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; BURST] = unsafe { core::mem::zeroed() };
+        for i in 0..n {
+            let storage = self.scratch[i].storage_mut();
+            iov[i] = libc::iovec { iov_base: storage.as_mut_ptr().cast(), iov_len: storage.len() };
+            hdrs[i].msg_hdr.msg_iov = &mut iov[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+            hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+            hdrs[i].msg_hdr.msg_namelen = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        }
+        // SAFETY: `hdrs[..n]` point at `iov[..n]` and `addrs[..n]`, which live on this stack frame
+        // for the whole call; each iovec covers exactly the storage of a buffer owned by
+        // `self.scratch`, which is not touched until the call returns.
+        let r = unsafe {
+            libc::recvmmsg(
+                self.sock.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                core::ptr::null_mut(),
+            )
+        };
+        if r <= 0 {
+            return 0;
+        }
+        let r = r as usize;
+        let mut delivered = 0;
+        // Walk the received prefix in order; buffers that are dropped go back to `scratch`'s
+        // tail via the pool.
+        let mut bufs: Burst<HeapBuf> = self.scratch.drain(..r).collect();
+        for (i, mut b) in bufs.drain(..).enumerate() {
+            let len = hdrs[i].msg_len as usize;
+            if hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                self.ustats.rx_oversize += 1;
+                self.stats.rx_dropped += 1;
+                self.pool.put(b);
+                continue;
+            }
+            if len < 14 {
+                self.ustats.rx_short += 1;
+                self.stats.rx_dropped += 1;
+                self.pool.put(b);
+                continue;
+            }
+            let Some(pi) = self.peer_of(&addrs[i]) else {
+                self.ustats.rx_unknown_sender += 1;
+                self.stats.rx_dropped += 1;
+                self.pool.put(b);
+                continue;
+            };
+            b.set_len(len);
+            let src = EthernetAddress::from_bytes(&b.frame()[6..12]);
+            if src.is_unicast() {
+                self.peers[pi].mac = Some(src);
+            }
+            self.stats.rx_packets += 1;
+            self.stats.rx_bytes += len as u64;
+            out.push(b);
+            delivered += 1;
+        }
+        delivered
+    }
+
+    fn tx_burst(&mut self, pkts: &mut Burst<HeapBuf>) -> usize {
+        if pkts.is_empty() {
+            return 0;
+        }
+        if self.peers.is_empty() {
+            // Nowhere to send: the frames are gone, as on an unplugged cable.
+            for b in pkts.drain(..) {
+                self.stats.tx_packets += 1;
+                self.pool.put(b);
+            }
+            return 0;
+        }
+        // SAFETY: plain C structs, all-zero is valid.
+        let mut iov: [libc::iovec; BURST] = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; TX_BATCH] = unsafe { core::mem::zeroed() };
+        // For each frame, the index one past its last datagram.
+        let mut ends: ArrayVec<usize, BURST> = ArrayVec::new();
+        let mut n = 0usize;
+        for (fi, b) in pkts.iter().enumerate() {
+            let dsts = match self.destination(b.frame()) {
+                Some(_) => 1,
+                None => self.peers.len(),
+            };
+            if n + dsts > TX_BATCH && fi > 0 {
+                break;
+            }
+            let frame = b.frame();
+            iov[fi] = libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() };
+            let targets: ArrayVec<usize, MAX_PEERS> = match self.destination(frame) {
+                Some(p) => core::iter::once(p).collect(),
+                None => (0..self.peers.len()).collect(),
+            };
+            for p in targets.into_iter().take(TX_BATCH - n) {
+                let h = &mut hdrs[n].msg_hdr;
+                h.msg_iov = &mut iov[fi];
+                h.msg_iovlen = 1;
+                h.msg_name = (&self.peers[p].sa as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
+                h.msg_namelen = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                n += 1;
+            }
+            ends.push(n);
+        }
+        // SAFETY: `hdrs[..n]` point at `iov` entries and peer addresses that live across the call;
+        // each iovec covers a frame owned by `pkts`, which is not modified during the call; the
+        // kernel only reads these buffers.
+        let r =
+            unsafe { libc::sendmmsg(self.sock.as_raw_fd(), hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
+        let sent_dgrams = if r < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::ENOBUFS) => 0,
+                _ => {
+                    // A persistent error: drop the first frame so the caller cannot spin on it.
+                    self.ustats.tx_errors += 1;
+                    let b = pkts.remove(0);
+                    self.pool.put(b);
+                    return 1;
+                }
+            }
+        } else {
+            r as usize
+        };
+        // A frame counts as sent once its first datagram went out (broadcasts are best effort).
+        let mut frames = 0;
+        let mut start = 0;
+        for &end in &ends {
+            if start < sent_dgrams {
+                frames += 1;
+            }
+            start = end;
+        }
+        for b in pkts.drain(..frames) {
+            self.stats.tx_packets += 1;
+            self.stats.tx_bytes += b.len() as u64;
+            self.pool.put(b);
+        }
+        self.stats.tx_busy += pkts.len() as u64;
+        frames
+    }
+
+    fn stats(&self) -> PortStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn lo(port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
+    }
+
+    fn frame_to(port: &mut UdpPort, dst: EthernetAddress, tag: u8, len: usize) -> HeapBuf {
+        let mut b = port.alloc().unwrap();
+        let s = b.storage_mut();
+        s[..6].copy_from_slice(&dst.0);
+        s[6..12].copy_from_slice(&port.caps.mac.0);
+        s[12] = 0x08;
+        s[13] = 0x00;
+        s[14..len].fill(tag);
+        b.set_len(len);
+        b
+    }
+
+    fn recv_all(port: &mut UdpPort, want: usize) -> Vec<(u8, usize)> {
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut burst = Burst::new();
+        while got.len() < want && std::time::Instant::now() < deadline {
+            port.rx_burst(&mut burst);
+            for b in burst.drain(..) {
+                got.push((b.frame()[14], b.len()));
+                port.free(b);
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn tunnel_roundtrip_learning_and_bad_datagrams() {
+        let mac_a = EthernetAddress([2, 0, 0, 0, 0, 0xa]);
+        let mac_b = EthernetAddress([2, 0, 0, 0, 0, 0xb]);
+        let mut a = UdpPort::new(&UdpConfig::new(lo(0), mac_a, vec![])).unwrap();
+        let mut b = UdpPort::new(&UdpConfig::new(lo(0), mac_b, vec![])).unwrap();
+        let (aa, ba) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        a.add_peer(UdpPeer { addr: ba, mac: None }).unwrap();
+        b.add_peer(UdpPeer { addr: aa, mac: Some(mac_a) }).unwrap();
+
+        // Broadcast and unknown unicast flood; a full burst goes in one call.
+        let mut burst = Burst::new();
+        for i in 0..BURST {
+            let dst = if i == 0 { EthernetAddress::BROADCAST } else { mac_b };
+            burst.push(frame_to(&mut a, dst, i as u8, 60 + i));
+        }
+        assert_eq!(a.tx_burst(&mut burst), BURST);
+        let got = recv_all(&mut b, BURST);
+        assert_eq!(got, (0..BURST).map(|i| (i as u8, 60 + i)).collect::<Vec<_>>());
+
+        // b learned nothing new (mac_a configured); a learns mac_b from b's reply.
+        let mut burst = Burst::new();
+        burst.push(frame_to(&mut b, mac_a, 7, 100));
+        assert_eq!(b.tx_burst(&mut burst), 1);
+        assert_eq!(recv_all(&mut a, 1), vec![(7, 100)]);
+        assert_eq!(a.peers[0].mac, Some(mac_b));
+
+        // Garbage: short, oversize, unknown sender. All counted and dropped.
+        let stranger = UdpSocket::bind(lo(0)).unwrap();
+        stranger.send_to(&[0u8; 60], ba).unwrap();
+        let peer_sock = UdpSocket::bind(lo(0)).unwrap();
+        b.add_peer(UdpPeer {
+            addr: match peer_sock.local_addr().unwrap() {
+                std::net::SocketAddr::V4(x) => x,
+                _ => unreachable!(),
+            },
+            mac: None,
+        })
+        .unwrap();
+        peer_sock.send_to(&[0u8; 5], ba).unwrap();
+        peer_sock.send_to(&[0u8; 3000], ba).unwrap();
+        peer_sock.send_to(&[9u8; 64], ba).unwrap();
+        let got = recv_all(&mut b, 1);
+        assert_eq!(got, vec![(9, 64)]);
+        let us = b.udp_stats();
+        assert_eq!((us.rx_short, us.rx_oversize, us.rx_unknown_sender), (1, 1, 1));
+        assert_eq!(b.stats().rx_dropped, 3);
+    }
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The project's test command: what CI runs (.ci/run) and what README.md shows.
+#
+#   ./scripts/test.sh            everything: fmt, clippy, tests, fuzz smoke
+#
+# Environment:
+#   FUZZ_SECONDS=N    seconds per fuzz target (default 15; 0 skips fuzzing)
+#   SKIP_INSTALL=1    do not try to install missing system packages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+# --- System packages (DPDK for the dpdk backend, libclang for bindgen) -------------------------
+need=()
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+pkg-config --exists libdpdk 2>/dev/null || need+=(dpdk libdpdk-dev)
+ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "${SKIP_INSTALL:-0}" = 1 ]; then
+    say "missing system packages (${need[*]}); SKIP_INSTALL=1, continuing without them"
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    say "missing system packages (${need[*]}) and cannot install them (need root and apt-get)"
+  fi
+fi
+
+say "cargo fmt --all --check"
+cargo fmt --all --check
+
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+say "cargo test"
+cargo test --workspace
+
+# --- Fuzz smoke ----------------------------------------------------------------------------------
+FUZZ_SECONDS=${FUZZ_SECONDS:-15}
+if [ "$FUZZ_SECONDS" = 0 ]; then
+  say "fuzz smoke SKIPPED: FUZZ_SECONDS=0"
+elif ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  say "fuzz smoke SKIPPED: no nightly toolchain (rustup toolchain install nightly)"
+else
+  if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    say "installing cargo-fuzz"
+    cargo install --quiet cargo-fuzz || true
+  fi
+  if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    say "fuzz smoke SKIPPED: cargo-fuzz could not be installed"
+  else
+    ./scripts/fuzz.sh "$FUZZ_SECONDS"
+  fi
+fi
+
+say "all checks passed"
