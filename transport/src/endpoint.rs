@@ -1,0 +1,706 @@
+//! The endpoint: the flows of one shard, their lookup tables and the work queue.
+
+use crate::env::Env;
+use crate::flow::{fl, Flow, FlowCx, FlowState, RxSlot, TxSlot, Verdict, NO_OWNER};
+use crate::{Config, Error, Event, FlowId, FlowTuple, LocalAddr, OutMsg, Owner};
+use core::hash::{BuildHasher, Hasher};
+use core::net::Ipv4Addr;
+use core::time::Duration;
+use hashbrown::HashMap;
+use machnet_net::rss::{search_source_port, PortBitmap, Rss};
+use machnet_net::time::Instant;
+use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetFrame, MachnetRepr, PacketType};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+/// The port space of one local IP, shared by the endpoints (shards) that use that IP. Locked
+/// only on listen, connect and flow teardown, never per packet.
+pub type SharedPorts = Arc<Mutex<PortBitmap>>;
+
+/// Endpoint-wide counters. Plain integers; the daemon publishes snapshots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Machnet packets handed to [`Endpoint::handle`].
+    pub rx_packets: u64,
+    /// Packets for another IP.
+    pub rx_not_for_us: u64,
+    /// Packets for no flow and no listener.
+    pub rx_no_flow: u64,
+    /// DATA packets accepted into a receive ring.
+    pub rx_data: u64,
+    /// Duplicate DATA packets (acknowledged again).
+    pub rx_duplicate: u64,
+    /// DATA packets beyond the receive window.
+    pub rx_out_of_window: u64,
+    /// DATA packets dropped for lack of a receive buffer (not acknowledged).
+    pub rx_no_buffer: u64,
+    /// DATA packets with an empty or oversized payload.
+    pub rx_bad_length: u64,
+    /// Messages discarded because the peer's fragment flags were inconsistent or too long.
+    pub rx_bad_framing: u64,
+    /// ACKs acknowledging what was never sent.
+    pub rx_bad_ack: u64,
+    /// Packets of an unknown type.
+    pub rx_unknown_type: u64,
+    /// Packets that made no sense in the flow's state.
+    pub rx_unexpected: u64,
+    /// RSTs accepted.
+    pub rx_rsts: u64,
+    /// RSTs outside the window, ignored.
+    pub rx_rst_ignored: u64,
+    /// Messages delivered.
+    pub rx_messages: u64,
+    /// Bytes delivered.
+    pub rx_bytes: u64,
+    /// Times a flow found the application's ring full.
+    pub deliver_blocked: u64,
+    /// Messages accepted for sending.
+    pub tx_messages: u64,
+    /// Bytes accepted for sending.
+    pub tx_bytes: u64,
+    /// DATA packets sent for the first time.
+    pub tx_data: u64,
+    /// DATA packets retransmitted.
+    pub tx_retransmits: u64,
+    /// Pure ACKs sent.
+    pub tx_acks: u64,
+    /// RSTs sent.
+    pub tx_rsts: u64,
+    /// Transmit attempts that found no buffer.
+    pub tx_no_buffer: u64,
+    /// Transmit chains that ended before their announced length.
+    pub tx_chain_errors: u64,
+    /// Fast recoveries entered.
+    pub fast_recoveries: u64,
+    /// Tail-loss probes sent.
+    pub tail_probes: u64,
+    /// Retransmission timeouts.
+    pub rto_fired: u64,
+    /// Flows opened (both directions).
+    pub flows_opened: u64,
+    /// Flows that failed after retransmission timeouts.
+    pub flows_failed: u64,
+    /// Connects refused by RST.
+    pub connect_refused: u64,
+    /// Connects that timed out.
+    pub connect_timeouts: u64,
+    /// Server handshakes abandoned.
+    pub accept_timeouts: u64,
+    /// SYNs to ports nobody listens on (answered with RST).
+    pub syn_no_listener: u64,
+    /// SYNs dropped because the flow table was full.
+    pub syn_table_full: u64,
+}
+
+/// Per-flow counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Messages sent.
+    pub tx_messages: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Messages delivered.
+    pub rx_messages: u64,
+    /// Bytes delivered.
+    pub rx_bytes: u64,
+    /// Packets retransmitted.
+    pub retransmits: u64,
+}
+
+/// A snapshot of one flow, for statistics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlowInfo {
+    /// Handle.
+    pub id: FlowId,
+    /// Addresses.
+    pub tuple: FlowTuple,
+    /// Owner.
+    pub owner: Owner,
+    /// State.
+    pub state: FlowState,
+    /// Congestion window (packets).
+    pub cwnd: f64,
+    /// Smoothed RTT.
+    pub srtt: Duration,
+    /// Packets in flight.
+    pub in_flight: u32,
+    /// Packets queued, not yet sent.
+    pub queued: u32,
+    /// The peer is an original Machnet.
+    pub legacy_peer: bool,
+    /// Counters.
+    pub counters: FlowCounters,
+}
+
+/// A fast keyed hash for the flow and listener maps (multiply-fold over a per-endpoint seed,
+/// so remote peers cannot precompute collisions).
+#[derive(Clone, Copy)]
+struct KeyedHash(u64);
+
+struct KeyedHasher {
+    seed: u64,
+    acc: u64,
+}
+
+impl BuildHasher for KeyedHash {
+    type Hasher = KeyedHasher;
+    fn build_hasher(&self) -> KeyedHasher {
+        KeyedHasher { seed: self.0, acc: 0 }
+    }
+}
+
+impl Hasher for KeyedHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.acc = self.acc.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.acc ^= u64::from(v);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.acc ^= v;
+    }
+    fn finish(&self) -> u64 {
+        let m = u128::from(self.acc ^ self.seed) * 0x9e37_79b9_7f4a_7c15_u128;
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+}
+
+fn key(remote_ip: u32, remote_port: u16, local_port: u16) -> u64 {
+    (u64::from(remote_ip) << 32) | (u64::from(remote_port) << 16) | u64::from(local_port)
+}
+
+/// The flows of one shard.
+pub struct Endpoint {
+    cfg: Config,
+    local: LocalAddr,
+    flows: Vec<Flow>,
+    tx: Vec<TxSlot>,
+    rx: Vec<RxSlot>,
+    tokens: Vec<u64>,
+    counters: Vec<FlowCounters>,
+    free: Vec<u32>,
+    map: HashMap<u64, u32, KeyedHash>,
+    listeners: HashMap<u16, Owner, KeyedHash>,
+    ports: SharedPorts,
+    rss: Option<Rss>,
+    queue: u16,
+    work: VecDeque<u32>,
+    rng: u64,
+    stats: EndpointStats,
+}
+
+impl core::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("local", &self.local)
+            .field("flows", &self.flow_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most listening ports per endpoint.
+pub const MAX_LISTENERS: usize = 1024;
+
+impl Endpoint {
+    /// A fresh port space for one local IP.
+    pub fn shared_ports() -> SharedPorts {
+        Arc::new(Mutex::new(PortBitmap::new()))
+    }
+
+    /// Creates an endpoint, reserving memory for `cfg.max_flows` flows and their windows.
+    pub fn new(cfg: Config, local: LocalAddr, ports: SharedPorts) -> Result<Self, &'static str> {
+        cfg.validate()?;
+        let n = cfg.max_flows;
+        let w = cfg.window;
+        let seed = cfg.seed ^ 0xa076_1d64_78bd_642f;
+        let mut free: Vec<u32> = (0..n as u32).collect();
+        free.reverse();
+        Ok(Endpoint {
+            local,
+            flows: vec![Flow::empty(); n],
+            tx: vec![TxSlot::default(); n * w],
+            rx: vec![RxSlot::default(); n * w],
+            tokens: vec![0; n],
+            counters: vec![FlowCounters::default(); n],
+            free,
+            map: HashMap::with_capacity_and_hasher(n, KeyedHash(seed)),
+            listeners: HashMap::with_capacity_and_hasher(MAX_LISTENERS, KeyedHash(seed.rotate_left(17))),
+            ports,
+            rss: None,
+            queue: 0,
+            work: VecDeque::with_capacity(n),
+            rng: cfg.seed,
+            stats: EndpointStats::default(),
+            cfg,
+        })
+    }
+
+    /// Steering for client source ports: the device's RSS state and this shard's queue.
+    /// Without RSS every port is acceptable.
+    pub fn set_steering(&mut self, rss: Option<Rss>, queue: u16) {
+        self.rss = rss;
+        self.queue = queue;
+    }
+
+    /// Local addresses.
+    pub fn local(&self) -> LocalAddr {
+        self.local
+    }
+
+    /// Parameters.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &EndpointStats {
+        &self.stats
+    }
+
+    /// Live flows.
+    pub fn flow_count(&self) -> usize {
+        self.cfg.max_flows - self.free.len()
+    }
+
+    fn next_isn(&mut self) -> u32 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) as u32
+    }
+
+    fn live(&self, id: FlowId) -> Option<usize> {
+        let i = id.index as usize;
+        let f = self.flows.get(i)?;
+        (f.has(fl::LIVE) && f.gen == id.gen).then_some(i)
+    }
+
+    fn id_of(&self, i: usize) -> FlowId {
+        FlowId { index: i as u32, gen: self.flows[i].gen }
+    }
+
+    /// Lends flow `i` with everything its logic needs.
+    fn cx<'a, E: Env>(&'a mut self, i: usize, env: &'a mut E, now: Instant) -> FlowCx<'a, E> {
+        let w = self.cfg.window;
+        let id = FlowId { index: i as u32, gen: self.flows[i].gen };
+        FlowCx {
+            id,
+            f: &mut self.flows[i],
+            tx: &mut self.tx[i * w..(i + 1) * w],
+            rx: &mut self.rx[i * w..(i + 1) * w],
+            c: &mut self.counters[i],
+            cfg: &self.cfg,
+            local: self.local,
+            env,
+            stats: &mut self.stats,
+            now,
+        }
+    }
+
+    /// Takes a free slot and initialises a flow in it.
+    fn alloc_flow(
+        &mut self,
+        owner: Owner,
+        remote_ip: Ipv4Addr,
+        remote_mac: EthernetAddress,
+        remote_port: u16,
+        local_port: u16,
+    ) -> Option<usize> {
+        let i = self.free.pop()? as usize;
+        let f = &mut self.flows[i];
+        let gen = f.gen;
+        let in_work = f.flags & fl::IN_WORK;
+        *f = Flow::empty();
+        f.gen = gen;
+        f.flags = fl::LIVE | in_work;
+        f.owner = owner;
+        f.remote_ip = u32::from(remote_ip);
+        f.remote_port = remote_port;
+        f.local_port = local_port;
+        f.remote_mac = remote_mac;
+        f.cc = crate::cc::CongestionControl::new(&self.cfg.cc);
+        self.counters[i] = FlowCounters::default();
+        self.map.insert(key(u32::from(remote_ip), remote_port, local_port), i as u32);
+        self.stats.flows_opened += 1;
+        Some(i)
+    }
+
+    fn free_flow<E: Env>(&mut self, i: usize, env: &mut E, now: Instant, event: Option<Event>) {
+        {
+            let mut cx = self.cx(i, env, now);
+            cx.release_all();
+        }
+        let id = self.id_of(i);
+        let f = &mut self.flows[i];
+        let (owner, client, local_port) = (f.owner, f.has(fl::CLIENT), f.local_port);
+        self.map.remove(&key(f.remote_ip, f.remote_port, f.local_port));
+        if f.timer_at != 0 {
+            env.set_timer(id, None);
+        }
+        f.flags &= fl::IN_WORK;
+        f.gen = f.gen.wrapping_add(1);
+        f.owner = NO_OWNER;
+        self.free.push(i as u32);
+        if client {
+            self.ports.lock().unwrap_or_else(|e| e.into_inner()).release(local_port);
+        }
+        if let Some(ev) = event {
+            env.event(owner, ev);
+        }
+    }
+
+    fn mark_work(&mut self, i: usize) {
+        let f = &mut self.flows[i];
+        if !f.has(fl::IN_WORK) {
+            f.set(fl::IN_WORK);
+            self.work.push_back(i as u32);
+        }
+    }
+
+    /// Applies a verdict: frees the flow, or syncs its timer and queues pending work.
+    fn settle<E: Env>(&mut self, i: usize, v: Verdict, env: &mut E, now: Instant) {
+        match v {
+            Verdict::Free(ev) => self.free_flow(i, env, now, ev),
+            Verdict::Keep => {
+                let id = self.id_of(i);
+                let f = &mut self.flows[i];
+                // Lazy timer: only move the armed deadline earlier; a late firing re-arms.
+                if f.rto_at != 0 && (f.timer_at == 0 || f.rto_at < f.timer_at) {
+                    f.timer_at = f.rto_at;
+                    env.set_timer(id, Some(Instant(f.rto_at)));
+                }
+                if f.has(fl::ACK_PENDING | fl::HAS_PENDING | fl::TX_STALLED) || f.pend_count > 0 || f.lost > 0 {
+                    self.mark_work(i);
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Control operations
+    // ---------------------------------------------------------------------------------------
+
+    /// Listens on `port` of the local IP for `owner`.
+    pub fn listen(&mut self, owner: Owner, port: u16) -> Result<(), Error> {
+        if self.listeners.len() >= MAX_LISTENERS {
+            return Err(Error::TableFull);
+        }
+        if !self.ports.lock().unwrap_or_else(|e| e.into_inner()).take(port) {
+            return Err(Error::PortInUse);
+        }
+        self.listeners.insert(port, owner);
+        Ok(())
+    }
+
+    /// Stops listening on `port`. Flows already accepted continue.
+    pub fn unlisten(&mut self, owner: Owner, port: u16) -> Result<(), Error> {
+        match self.listeners.get(&port) {
+            Some(&o) if o == owner => {
+                self.listeners.remove(&port);
+                self.ports.lock().unwrap_or_else(|e| e.into_inner()).release(port);
+                Ok(())
+            }
+            Some(_) => Err(Error::NotOwner),
+            None => Err(Error::NoSuchFlow),
+        }
+    }
+
+    /// The owner listening on `port`, if any.
+    pub fn listener(&self, port: u16) -> Option<Owner> {
+        self.listeners.get(&port).copied()
+    }
+
+    /// Opens a flow to `remote_ip:remote_port` (whose next hop has `remote_mac`): picks the
+    /// lowest source port that steers replies to this shard and sends a SYN. The outcome
+    /// arrives as [`Event::Connected`] or [`Event::ConnectFailed`] carrying `token`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect<E: Env>(
+        &mut self,
+        now: Instant,
+        env: &mut E,
+        owner: Owner,
+        remote_ip: Ipv4Addr,
+        remote_mac: EthernetAddress,
+        remote_port: u16,
+        token: u64,
+    ) -> Result<FlowId, Error> {
+        if self.free.is_empty() {
+            return Err(Error::TooManyFlows);
+        }
+        let port = {
+            let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+            let p = search_source_port(self.rss.as_ref(), self.queue, self.local.ip, remote_ip, remote_port, &ports)
+                .map_err(|_| Error::NoPortAvailable)?;
+            ports.take(p);
+            p
+        };
+        let i = self.alloc_flow(owner, remote_ip, remote_mac, remote_port, port).ok_or(Error::TooManyFlows)?;
+        self.flows[i].set(fl::CLIENT);
+        self.tokens[i] = token;
+        let iss = self.next_isn();
+        let mut cx = self.cx(i, env, now);
+        cx.start_connect(iss);
+        let id = cx.id;
+        self.settle(i, Verdict::Keep, env, now);
+        Ok(id)
+    }
+
+    /// Queues a message on an established flow. On error the caller still owns the segments.
+    pub fn send<E: Env>(&mut self, now: Instant, env: &mut E, flow: FlowId, msg: &OutMsg) -> Result<(), Error> {
+        let i = self.live(flow).ok_or(Error::NoSuchFlow)?;
+        if msg.count == 0 || msg.len == 0 || msg.len as usize > self.cfg.max_message {
+            return Err(Error::BadMessage);
+        }
+        if self.flows[i].state != FlowState::Established {
+            return Err(Error::NotEstablished);
+        }
+        let mut cx = self.cx(i, env, now);
+        cx.enqueue(msg);
+        self.mark_work(i);
+        Ok(())
+    }
+
+    /// Graceful close: no more messages; once everything queued is acknowledged an RST goes
+    /// out and [`Event::Closed`] follows. Received messages keep being delivered until then.
+    pub fn close<E: Env>(&mut self, now: Instant, env: &mut E, flow: FlowId) -> Result<(), Error> {
+        let i = self.live(flow).ok_or(Error::NoSuchFlow)?;
+        match self.flows[i].state {
+            FlowState::Established => {
+                self.flows[i].state = FlowState::Closing;
+                let mut cx = self.cx(i, env, now);
+                let v = cx.close_if_drained();
+                self.settle(i, v, env, now);
+                Ok(())
+            }
+            FlowState::Closing => Ok(()),
+            _ => self.abort(now, env, flow),
+        }
+    }
+
+    /// Abort: RST now, every segment released, no event.
+    pub fn abort<E: Env>(&mut self, now: Instant, env: &mut E, flow: FlowId) -> Result<(), Error> {
+        let i = self.live(flow).ok_or(Error::NoSuchFlow)?;
+        if self.flows[i].state != FlowState::PeerClosed {
+            let mut cx = self.cx(i, env, now);
+            cx.send_rst();
+        }
+        self.free_flow(i, env, now, None);
+        Ok(())
+    }
+
+    /// Everything `owner` had goes: its flows are aborted (RST to peers) and its listeners
+    /// closed. Returns the number of flows aborted.
+    pub fn close_owner<E: Env>(&mut self, now: Instant, env: &mut E, owner: Owner) -> usize {
+        let mut n = 0;
+        for i in 0..self.flows.len() {
+            let f = &self.flows[i];
+            if f.has(fl::LIVE) && f.owner == owner {
+                let id = self.id_of(i);
+                let _ = self.abort(now, env, id);
+                n += 1;
+            }
+        }
+        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        self.listeners.retain(|port, o| {
+            if *o == owner {
+                ports.release(*port);
+                false
+            } else {
+                true
+            }
+        });
+        n
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Input
+    // ---------------------------------------------------------------------------------------
+
+    /// Finds the flow of a tuple (local IP must be ours).
+    pub fn lookup(&self, tuple: &FlowTuple) -> Option<FlowId> {
+        if tuple.local_ip != self.local.ip {
+            return None;
+        }
+        let i = *self.map.get(&key(u32::from(tuple.remote_ip), tuple.remote_port, tuple.local_port))? as usize;
+        Some(self.id_of(i))
+    }
+
+    /// The owner of a live flow.
+    pub fn owner_of(&self, flow: FlowId) -> Option<Owner> {
+        self.live(flow).map(|i| self.flows[i].owner)
+    }
+
+    /// Handles one received Machnet packet. Call [`flush`](Self::flush) after a burst.
+    pub fn handle<E: Env>(&mut self, now: Instant, env: &mut E, pkt: &MachnetFrame<'_>) {
+        self.stats.rx_packets += 1;
+        if pkt.dst_ip != self.local.ip {
+            self.stats.rx_not_for_us += 1;
+            return;
+        }
+        let k = key(u32::from(pkt.src_ip), pkt.src_port, pkt.dst_port);
+        if let Some(&i) = self.map.get(&k) {
+            let i = i as usize;
+            let token = self.tokens[i];
+            let mut cx = self.cx(i, env, now);
+            let v = cx.on_packet(&pkt.hdr, pkt.payload, pkt.src_mac, token);
+            self.settle(i, v, env, now);
+            return;
+        }
+        match pkt.hdr.packet_type {
+            PacketType::Syn => match self.listeners.get(&pkt.dst_port).copied() {
+                Some(owner) => {
+                    let Some(i) = self.alloc_flow(owner, pkt.src_ip, pkt.src_mac, pkt.src_port, pkt.dst_port) else {
+                        self.stats.syn_table_full += 1;
+                        return;
+                    };
+                    let iss = self.next_isn();
+                    let mut cx = self.cx(i, env, now);
+                    cx.start_accept(&pkt.hdr, iss);
+                    self.settle(i, Verdict::Keep, env, now);
+                }
+                None => {
+                    self.stats.syn_no_listener += 1;
+                    self.reply_rst(env, pkt, 0, pkt.hdr.seqno.wrapping_add(1));
+                }
+            },
+            PacketType::Ack => {
+                // A peer still talking to a flow we no longer have: tell it.
+                self.stats.rx_no_flow += 1;
+                self.reply_rst(env, pkt, pkt.hdr.ackno, pkt.hdr.seqno);
+            }
+            _ => self.stats.rx_no_flow += 1,
+        }
+    }
+
+    fn reply_rst<E: Env>(&mut self, env: &mut E, pkt: &MachnetFrame<'_>, seqno: u32, ackno: u32) {
+        let frame = FrameRepr {
+            src_mac: self.local.mac,
+            dst_mac: pkt.src_mac,
+            src_ip: self.local.ip,
+            dst_ip: pkt.src_ip,
+            src_port: pkt.dst_port,
+            dst_port: pkt.src_port,
+            hdr: MachnetRepr::control(PacketType::Rst, seqno, ackno),
+        };
+        if env.transmit(NO_OWNER, &frame, None) {
+            self.stats.tx_rsts += 1;
+        } else {
+            self.stats.tx_no_buffer += 1;
+        }
+    }
+
+    /// Does the work queued by packets, sends and closes: owed ACKs (one per flow per burst),
+    /// transmissions the windows allow, and deliveries the application refused earlier.
+    pub fn flush<E: Env>(&mut self, now: Instant, env: &mut E) {
+        let n = self.work.len();
+        for _ in 0..n {
+            let Some(i) = self.work.pop_front() else { break };
+            let i = i as usize;
+            self.flows[i].clear(fl::IN_WORK);
+            if !self.flows[i].has(fl::LIVE) {
+                continue;
+            }
+            let mut cx = self.cx(i, env, now);
+            let v = if cx.f.state == FlowState::PeerClosed {
+                if cx.try_deliver() {
+                    let tuple = cx.f.tuple(&cx.local);
+                    Verdict::Free(Some(Event::PeerClosed { flow: cx.id, tuple }))
+                } else {
+                    Verdict::Keep
+                }
+            } else {
+                if cx.f.has(fl::HAS_PENDING) {
+                    cx.advance();
+                }
+                cx.flush_ack();
+                cx.pump();
+                cx.close_if_drained()
+            };
+            if let Verdict::Free(ev) = v {
+                self.free_flow(i, env, now, ev);
+                continue;
+            }
+            let id = self.id_of(i);
+            let f = &mut self.flows[i];
+            if f.rto_at != 0 && (f.timer_at == 0 || f.rto_at < f.timer_at) {
+                f.timer_at = f.rto_at;
+                env.set_timer(id, Some(Instant(f.rto_at)));
+            }
+            // Retry later only what could not be done now.
+            if f.has(fl::ACK_PENDING | fl::BLOCKED | fl::TX_STALLED) {
+                self.mark_work(i);
+            }
+        }
+    }
+
+    /// True if [`flush`](Self::flush) has work queued.
+    pub fn has_work(&self) -> bool {
+        !self.work.is_empty()
+    }
+
+    /// The flow's timer fired.
+    pub fn on_timer<E: Env>(&mut self, now: Instant, env: &mut E, flow: FlowId) {
+        let Some(i) = self.live(flow) else { return };
+        let f = &mut self.flows[i];
+        f.timer_at = 0;
+        if f.rto_at == 0 {
+            return;
+        }
+        if f.rto_at > now.as_nanos() {
+            f.timer_at = f.rto_at;
+            env.set_timer(flow, Some(Instant(f.rto_at)));
+            return;
+        }
+        let token = self.tokens[i];
+        let mut cx = self.cx(i, env, now);
+        let v = cx.on_timeout(token);
+        self.settle(i, v, env, now);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Introspection
+    // ---------------------------------------------------------------------------------------
+
+    fn info(&self, i: usize) -> FlowInfo {
+        let f = &self.flows[i];
+        FlowInfo {
+            id: self.id_of(i),
+            tuple: f.tuple(&self.local),
+            owner: f.owner,
+            state: f.state,
+            cwnd: f.cc.cwnd(),
+            srtt: f.rtt.srtt(),
+            in_flight: f.outstanding(),
+            queued: f.pend_count,
+            legacy_peer: f.has(fl::LEGACY),
+            counters: self.counters[i],
+        }
+    }
+
+    /// A snapshot of one flow.
+    pub fn flow_info(&self, flow: FlowId) -> Option<FlowInfo> {
+        self.live(flow).map(|i| self.info(i))
+    }
+
+    /// Snapshots of every live flow.
+    pub fn flows(&self) -> impl Iterator<Item = FlowInfo> + '_ {
+        (0..self.flows.len()).filter(|&i| self.flows[i].has(fl::LIVE)).map(|i| self.info(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_state_size() {
+        // Three cache lines of per-flow state (the slot rings live in separate arrays).
+        let size = core::mem::size_of::<Flow>();
+        assert!(size <= 3 * 64, "Flow is {size} bytes");
+        assert_eq!(core::mem::size_of::<TxSlot>(), 16);
+        assert_eq!(core::mem::size_of::<RxSlot>(), 8);
+    }
+}

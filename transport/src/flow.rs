@@ -1,0 +1,1102 @@
+//! One flow: its state and the protocol logic that touches only that flow.
+//!
+//! The endpoint owns the arena and the maps; it lends a flow's state and its two slot rings to
+//! a [`FlowCx`] together with the environment, and acts on the returned [`Verdict`].
+
+use crate::cc::CongestionControl;
+use crate::endpoint::{EndpointStats, FlowCounters};
+use crate::env::Env;
+use crate::seq;
+use crate::timer::{backoff, RttEstimator};
+use crate::{Config, ConnectError, Event, FlowId, FlowTuple, InMsg, LocalAddr, Owner, Seg};
+use core::net::Ipv4Addr;
+use core::time::Duration;
+use machnet_net::time::Instant;
+use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetRepr, MsgFlags, PacketType, SackBitmap};
+
+/// Lifecycle of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    /// Client: SYN sent, waiting for SYN-ACK.
+    SynSent,
+    /// Server: SYN-ACK sent, waiting for the final ACK or the first DATA.
+    SynReceived,
+    /// Data flows both ways.
+    Established,
+    /// Our graceful close: no new messages; RST once everything queued is acknowledged.
+    Closing,
+    /// The peer reset the flow; a received message still waits for delivery.
+    PeerClosed,
+}
+
+/// Receive window of original Machnet peers (its reassembly window, spec §6.4).
+pub(crate) const LEGACY_WINDOW: u32 = 64;
+/// SACKed packets above a hole before the hole counts as lost.
+const DUP_THRESH: u32 = 3;
+/// Marks a slot without a segment (the SYN / SYN-ACK sequence number).
+pub(crate) const NO_SEG: Seg = Seg::MAX;
+/// Owner used for frames that carry no payload of anybody's.
+pub(crate) const NO_OWNER: Owner = Owner::MAX;
+
+pub(crate) mod fl {
+    /// The peer is an original Machnet (timestamp 0 in its handshake).
+    pub const LEGACY: u16 = 1 << 0;
+    /// An ACK is owed.
+    pub const ACK_PENDING: u16 = 1 << 1;
+    /// In the endpoint's work queue.
+    pub const IN_WORK: u16 = 1 << 2;
+    /// The armed timer is a tail-loss probe, not the retransmission timeout.
+    pub const PROBE_ARMED: u16 = 1 << 9;
+    /// A tail-loss probe went out since the last cumulative progress.
+    pub const PROBED: u16 = 1 << 10;
+    /// We opened it (its local port is ours to release).
+    pub const CLIENT: u16 = 1 << 3;
+    /// In loss recovery until `snd_una` passes `recover`.
+    pub const RECOVERY: u16 = 1 << 4;
+    /// `train` is a complete message waiting for delivery.
+    pub const HAS_PENDING: u16 = 1 << 5;
+    /// The last delivery attempt was refused (back-pressure).
+    pub const BLOCKED: u16 = 1 << 6;
+    /// The last transmit attempt found no buffer.
+    pub const TX_STALLED: u16 = 1 << 7;
+    /// The slot holds a live flow.
+    pub const LIVE: u16 = 1 << 8;
+}
+
+/// A sent DATA packet awaiting acknowledgement.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TxSlot {
+    pub seg: Seg,
+    pub flags: u8,
+    pub state: u8,
+    pub sent_at: u64,
+}
+
+pub(crate) mod ts {
+    /// Selectively acknowledged by the peer.
+    pub const SACKED: u8 = 1;
+    /// Deemed lost; waiting for retransmission.
+    pub const LOST: u8 = 2;
+    /// Retransmitted in the current loss episode.
+    pub const RETX: u8 = 4;
+    /// Ever retransmitted (Karn: no RTT sample from it).
+    pub const EVER_RETX: u8 = 8;
+}
+
+/// A received DATA packet held in the receive ring.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RxSlot {
+    pub seg: Seg,
+    pub len: u16,
+    pub flags: u8,
+}
+
+/// Per-flow state: everything touched per packet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Flow {
+    pub gen: u32,
+    pub owner: Owner,
+    pub flags: u16,
+    pub state: FlowState,
+    pub dupacks: u8,
+    pub rto_count: u8,
+    pub rto_shift: u8,
+    pub remote_mac: EthernetAddress,
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub remote_ip: u32,
+    // Send side. During the handshake `snd_una` is our ISN and `snd_nxt` is ISN + 1.
+    pub snd_una: u32,
+    pub snd_nxt: u32,
+    pub sacked: u16,
+    pub lost: u16,
+    pub peer_held: u16,
+    pub high_sacked: u32,
+    pub recover: u32,
+    pub retx_cursor: u32,
+    pub loss_scan: u32,
+    pub pend_head: Seg,
+    pub pend_tail: Seg,
+    pub pend_count: u32,
+    pub rto_at: u64,
+    pub timer_at: u64,
+    /// Low 32 bits of the last echoed timestamp used as an RTT sample.
+    pub last_echo: u32,
+    pub rtt: RttEstimator,
+    pub cc: CongestionControl,
+    // Receive side.
+    pub irs: u32,
+    pub rcv_nxt: u32,
+    pub held: SackBitmap,
+    /// The message being reassembled, or with `HAS_PENDING` the complete one awaiting delivery
+    /// (consumption stops while one waits, so the two never coexist).
+    pub train: InMsg,
+    pub echo_ts: u64,
+}
+
+impl Flow {
+    pub(crate) fn empty() -> Self {
+        let none = InMsg { head: NO_SEG, tail: NO_SEG, count: 0, len: 0 };
+        Flow {
+            gen: 0,
+            owner: NO_OWNER,
+            flags: 0,
+            state: FlowState::Established,
+            dupacks: 0,
+            rto_count: 0,
+            rto_shift: 0,
+            remote_mac: EthernetAddress::ZERO,
+            remote_port: 0,
+            local_port: 0,
+            remote_ip: 0,
+            snd_una: 0,
+            snd_nxt: 0,
+            sacked: 0,
+            lost: 0,
+            peer_held: 0,
+            high_sacked: 0,
+            recover: 0,
+            retx_cursor: 0,
+            loss_scan: 0,
+            pend_head: NO_SEG,
+            pend_tail: NO_SEG,
+            pend_count: 0,
+            rto_at: 0,
+            timer_at: 0,
+            last_echo: 0,
+            rtt: RttEstimator::new(),
+            cc: CongestionControl::Fixed { window: 1 },
+            irs: 0,
+            rcv_nxt: 0,
+            held: SackBitmap::new(),
+            train: none,
+            echo_ts: 0,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn has(&self, f: u16) -> bool {
+        self.flags & f != 0
+    }
+    #[inline]
+    pub(crate) fn set(&mut self, f: u16) {
+        self.flags |= f;
+    }
+    #[inline]
+    pub(crate) fn clear(&mut self, f: u16) {
+        self.flags &= !f;
+    }
+
+    pub(crate) fn tuple(&self, local: &LocalAddr) -> FlowTuple {
+        FlowTuple {
+            local_ip: local.ip,
+            local_port: self.local_port,
+            remote_ip: Ipv4Addr::from(self.remote_ip),
+            remote_port: self.remote_port,
+        }
+    }
+
+    /// Packets the peer can hold beyond `snd_una`.
+    #[inline]
+    pub(crate) fn peer_window(&self, cfg: &Config) -> u32 {
+        let w = cfg.window as u32;
+        if self.has(fl::LEGACY) {
+            w.min(LEGACY_WINDOW)
+        } else {
+            w
+        }
+    }
+
+    /// Sequence numbers sent and not cumulatively acknowledged.
+    #[inline]
+    pub(crate) fn outstanding(&self) -> u32 {
+        self.snd_nxt.wrapping_sub(self.snd_una)
+    }
+
+    /// Packets believed in the network (RFC 6675 "pipe").
+    #[inline]
+    pub(crate) fn pipe(&self) -> u32 {
+        let held = if self.has(fl::LEGACY) { self.peer_held } else { self.sacked };
+        self.outstanding().saturating_sub(u32::from(held)).saturating_sub(u32::from(self.lost))
+    }
+
+    /// True if nothing is queued or in flight.
+    #[inline]
+    pub(crate) fn tx_idle(&self) -> bool {
+        self.pend_count == 0 && self.snd_una == self.snd_nxt
+    }
+}
+
+/// What the endpoint must do with the flow after an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Keep it.
+    Keep,
+    /// Free it; `Some` event first goes to the owner.
+    Free(Option<Event>),
+}
+
+/// A flow lent out together with everything its logic needs.
+pub(crate) struct FlowCx<'a, E: Env> {
+    pub id: FlowId,
+    pub f: &'a mut Flow,
+    pub tx: &'a mut [TxSlot],
+    pub rx: &'a mut [RxSlot],
+    pub c: &'a mut FlowCounters,
+    pub cfg: &'a Config,
+    pub local: LocalAddr,
+    pub env: &'a mut E,
+    pub stats: &'a mut EndpointStats,
+    pub now: Instant,
+}
+
+impl<E: Env> FlowCx<'_, E> {
+    #[inline]
+    fn mask(&self) -> u32 {
+        self.cfg.window as u32 - 1
+    }
+
+    #[inline]
+    fn stamp(&self) -> u64 {
+        self.now.as_nanos().max(1)
+    }
+
+    fn frame(&self, hdr: MachnetRepr) -> FrameRepr {
+        FrameRepr {
+            src_mac: self.local.mac,
+            dst_mac: self.f.remote_mac,
+            src_ip: self.local.ip,
+            dst_ip: Ipv4Addr::from(self.f.remote_ip),
+            src_port: self.f.local_port,
+            dst_port: self.f.remote_port,
+            hdr,
+        }
+    }
+
+    fn send_control(&mut self, ty: PacketType, seqno: u32, ackno: u32, timestamp: u64) -> bool {
+        let hdr = MachnetRepr { timestamp, ..MachnetRepr::control(ty, seqno, ackno) };
+        let frame = self.frame(hdr);
+        let ok = self.env.transmit(NO_OWNER, &frame, None);
+        if !ok {
+            self.stats.tx_no_buffer += 1;
+        }
+        ok
+    }
+
+    fn rto(&self) -> Duration {
+        let base = self.f.rtt.rto(self.cfg.rto_initial, self.cfg.rto_min, self.cfg.rto_max);
+        backoff(base, u32::from(self.f.rto_shift), self.cfg.rto_max)
+    }
+
+    fn arm_rto(&mut self) {
+        self.f.clear(fl::PROBE_ARMED);
+        // Tail-loss probe (after RFC 8985): when nothing new can follow the outstanding packets
+        // (the queue is empty or the window is full), a lost tail would get no duplicate ACKs
+        // and wait a whole RTO; probe after two smoothed RTTs instead. One probe per flight.
+        let can_send_more =
+            self.f.pend_count > 0 && self.can_send() && self.f.outstanding() < self.f.peer_window(self.cfg);
+        if !can_send_more && self.f.rtt.has_sample() && !self.f.has(fl::PROBED | fl::RECOVERY) {
+            let pto = (2 * self.f.rtt.srtt()).max(Duration::from_micros(2));
+            if pto < self.rto() {
+                self.f.set(fl::PROBE_ARMED);
+                self.f.rto_at = (self.now + pto).as_nanos();
+                return;
+            }
+        }
+        self.f.rto_at = (self.now + self.rto()).as_nanos();
+    }
+
+    /// Retransmits the newest unacknowledged packet to elicit an ACK with SACK information.
+    fn send_probe(&mut self) {
+        let mask = self.mask();
+        let mut s = self.f.snd_nxt.wrapping_sub(1);
+        while seq::ge(s, self.f.snd_una) {
+            let slot = self.tx[(s & mask) as usize];
+            if slot.seg != NO_SEG && slot.state & ts::SACKED == 0 {
+                if self.transmit_data(s, &slot) {
+                    let st = &mut self.tx[(s & mask) as usize];
+                    st.state |= ts::EVER_RETX;
+                    st.sent_at = self.now.as_nanos();
+                    self.stats.tail_probes += 1;
+                    self.c.retransmits += 1;
+                } else {
+                    self.stats.tx_no_buffer += 1;
+                }
+                return;
+            }
+            s = s.wrapping_sub(1);
+        }
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        backoff(self.cfg.rto_initial, u32::from(self.f.rto_shift), self.cfg.rto_max)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Handshake
+    // ---------------------------------------------------------------------------------------
+
+    /// Starts an active open: SYN with the flow's ISN.
+    pub(crate) fn start_connect(&mut self, iss: u32) {
+        self.f.state = FlowState::SynSent;
+        self.f.snd_una = iss;
+        self.f.snd_nxt = iss.wrapping_add(1);
+        self.tx[(iss & self.mask()) as usize] =
+            TxSlot { seg: NO_SEG, sent_at: self.now.as_nanos(), ..TxSlot::default() };
+        self.f.rto_shift = 0;
+        let ts = self.stamp();
+        self.send_control(PacketType::Syn, iss, 0, ts);
+        self.f.rto_at = (self.now + self.handshake_timeout()).as_nanos();
+    }
+
+    /// Starts a passive open from a SYN.
+    pub(crate) fn start_accept(&mut self, syn: &MachnetRepr, iss: u32) {
+        if syn.timestamp == 0 {
+            self.f.set(fl::LEGACY);
+        }
+        self.f.state = FlowState::SynReceived;
+        self.f.irs = syn.seqno;
+        self.f.rcv_nxt = syn.seqno.wrapping_add(1);
+        self.f.snd_una = iss;
+        self.f.snd_nxt = iss.wrapping_add(1);
+        self.tx[(iss & self.mask()) as usize] =
+            TxSlot { seg: NO_SEG, sent_at: self.now.as_nanos(), ..TxSlot::default() };
+        self.f.rto_shift = 0;
+        self.send_synack();
+        self.f.rto_at = (self.now + self.handshake_timeout()).as_nanos();
+    }
+
+    fn send_synack(&mut self) {
+        let ts = self.stamp();
+        self.send_control(PacketType::SynAck, self.f.snd_una, self.f.rcv_nxt, ts);
+    }
+
+    fn send_ack_now(&mut self) -> bool {
+        let held = self.f.held;
+        let hdr = MachnetRepr {
+            packet_type: PacketType::Ack,
+            msg_flags: MsgFlags::empty(),
+            seqno: self.f.snd_nxt,
+            ackno: self.f.rcv_nxt,
+            sack: held,
+            sack_count: held.count() as u16,
+            timestamp: self.f.echo_ts,
+        };
+        let frame = self.frame(hdr);
+        if self.env.transmit(NO_OWNER, &frame, None) {
+            self.f.clear(fl::ACK_PENDING);
+            self.stats.tx_acks += 1;
+            true
+        } else {
+            self.stats.tx_no_buffer += 1;
+            false
+        }
+    }
+
+    /// An RST carrying our position, then nothing more.
+    pub(crate) fn send_rst(&mut self) {
+        let (s, a) = (self.f.snd_nxt, self.f.rcv_nxt);
+        self.send_control(PacketType::Rst, s, a, 0);
+        self.stats.tx_rsts += 1;
+    }
+
+    fn established_from_handshake(&mut self) {
+        self.f.state = FlowState::Established;
+        let iss = self.f.snd_una;
+        self.f.snd_una = iss.wrapping_add(1);
+        // Karn: a sample only if the handshake packet went out once.
+        if self.f.rto_shift == 0 {
+            let sent = self.tx[(iss & self.mask()) as usize].sent_at;
+            self.f.rtt.sample(self.now.saturating_since(Instant(sent)));
+        }
+        self.f.rto_shift = 0;
+        self.f.rto_count = 0;
+        self.f.rto_at = 0;
+        self.f.cc = CongestionControl::new(&self.cfg.cc);
+        self.f.retx_cursor = self.f.snd_una;
+        self.f.loss_scan = self.f.snd_una;
+        self.f.high_sacked = self.f.snd_una;
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Input
+    // ---------------------------------------------------------------------------------------
+
+    /// One Machnet packet for this flow.
+    pub(crate) fn on_packet(
+        &mut self,
+        hdr: &MachnetRepr,
+        payload: &[u8],
+        src_mac: EthernetAddress,
+        token: u64,
+    ) -> Verdict {
+        match hdr.packet_type {
+            PacketType::Data => self.on_data(hdr, payload),
+            PacketType::Ack => self.on_ack(hdr),
+            PacketType::Syn => {
+                self.on_syn(hdr, src_mac);
+                Verdict::Keep
+            }
+            PacketType::SynAck => self.on_synack(hdr, token),
+            PacketType::Rst => self.on_rst(hdr, token),
+            PacketType::Unknown(_) => {
+                self.stats.rx_unknown_type += 1;
+                Verdict::Keep
+            }
+        }
+    }
+
+    fn on_syn(&mut self, hdr: &MachnetRepr, src_mac: EthernetAddress) {
+        match self.f.state {
+            FlowState::SynReceived => {
+                if hdr.seqno != self.f.irs {
+                    // The client restarted with a new ISN before anything was exchanged.
+                    self.f.irs = hdr.seqno;
+                    self.f.rcv_nxt = hdr.seqno.wrapping_add(1);
+                }
+                // Our SYN-ACK was lost (or went to a wrong MAC): answer again from here.
+                self.f.remote_mac = src_mac;
+                self.f.rto_shift = self.f.rto_shift.saturating_add(1);
+                self.send_synack();
+            }
+            _ => self.stats.rx_unexpected += 1,
+        }
+    }
+
+    fn on_synack(&mut self, hdr: &MachnetRepr, token: u64) -> Verdict {
+        match self.f.state {
+            FlowState::SynSent if hdr.ackno == self.f.snd_nxt => {
+                if hdr.timestamp == 0 {
+                    self.f.set(fl::LEGACY);
+                }
+                self.f.irs = hdr.seqno;
+                self.f.rcv_nxt = hdr.seqno.wrapping_add(1);
+                self.established_from_handshake();
+                self.f.echo_ts = hdr.timestamp;
+                self.send_ack_now();
+                let tuple = self.f.tuple(&self.local);
+                self.env.event(self.f.owner, Event::Connected { flow: self.id, tuple, token });
+                Verdict::Keep
+            }
+            FlowState::Established | FlowState::Closing if hdr.seqno == self.f.irs => {
+                // Our handshake ACK was lost; the server repeats its SYN-ACK.
+                self.f.echo_ts = hdr.timestamp;
+                self.send_ack_now();
+                Verdict::Keep
+            }
+            _ => {
+                self.stats.rx_unexpected += 1;
+                Verdict::Keep
+            }
+        }
+    }
+
+    fn on_rst(&mut self, hdr: &MachnetRepr, token: u64) -> Verdict {
+        match self.f.state {
+            FlowState::SynSent => {
+                if hdr.ackno == self.f.snd_nxt || hdr.seqno == 0 {
+                    self.stats.connect_refused += 1;
+                    return Verdict::Free(Some(Event::ConnectFailed { token, error: ConnectError::Refused }));
+                }
+                Verdict::Keep
+            }
+            FlowState::PeerClosed => Verdict::Keep,
+            _ => {
+                let w = self.cfg.window as u32;
+                // Accept an RST anywhere in the receive window (the original sends snd_nxt,
+                // which may be ahead of what we received when it aborts).
+                if !seq::in_range(hdr.seqno, self.f.rcv_nxt, self.f.rcv_nxt.wrapping_add(w)) {
+                    self.stats.rx_rst_ignored += 1;
+                    return Verdict::Keep;
+                }
+                self.stats.rx_rsts += 1;
+                if self.f.state == FlowState::SynReceived {
+                    return Verdict::Free(None);
+                }
+                if self.f.has(fl::HAS_PENDING) && !self.try_deliver() {
+                    // Deliver what was complete before the reset; the flow lingers for that.
+                    self.f.state = FlowState::PeerClosed;
+                    self.release_all_but_pending();
+                    return Verdict::Keep;
+                }
+                let tuple = self.f.tuple(&self.local);
+                Verdict::Free(Some(Event::PeerClosed { flow: self.id, tuple }))
+            }
+        }
+    }
+
+    fn on_data(&mut self, hdr: &MachnetRepr, payload: &[u8]) -> Verdict {
+        match self.f.state {
+            FlowState::Established | FlowState::Closing => {}
+            FlowState::SynReceived if hdr.seqno == self.f.rcv_nxt => {
+                // The client's final ACK was lost: its first DATA completes the handshake.
+                self.established_from_handshake();
+                let tuple = self.f.tuple(&self.local);
+                self.env.event(self.f.owner, Event::Accepted { flow: self.id, tuple });
+            }
+            _ => {
+                self.stats.rx_unexpected += 1;
+                return Verdict::Keep;
+            }
+        }
+        if payload.is_empty() || payload.len() > self.cfg.mss {
+            self.stats.rx_bad_length += 1;
+            return Verdict::Keep;
+        }
+        self.f.set(fl::ACK_PENDING);
+        let d = seq::diff(hdr.seqno, self.f.rcv_nxt);
+        if d < 0 {
+            self.stats.rx_duplicate += 1;
+            return Verdict::Keep;
+        }
+        let d = d as usize;
+        if d >= self.cfg.window {
+            self.stats.rx_out_of_window += 1;
+            return Verdict::Keep;
+        }
+        if self.f.held.get(d) {
+            self.stats.rx_duplicate += 1;
+            return Verdict::Keep;
+        }
+        let flags = hdr.msg_flags & (MsgFlags::FIRST | MsgFlags::MORE | MsgFlags::LAST | MsgFlags::NOTIFY_DELIVERY);
+        let Some(seg) = self.env.alloc_rx(self.f.owner, payload, flags) else {
+            // No buffer: drop without acknowledging; the sender retransmits.
+            self.stats.rx_no_buffer += 1;
+            self.f.clear(fl::ACK_PENDING);
+            return Verdict::Keep;
+        };
+        // Echo the timestamp of new packets only: a duplicate carries the time of an earlier
+        // transmission, and echoing it would inflate the sender's RTT estimate (RFC 7323 §4.3).
+        if hdr.timestamp != 0 {
+            self.f.echo_ts = hdr.timestamp;
+        }
+        let idx = (hdr.seqno & self.mask()) as usize;
+        self.rx[idx] = RxSlot { seg, len: payload.len() as u16, flags: flags.bits() };
+        self.f.held.set(d);
+        self.stats.rx_data += 1;
+        if d == 0 {
+            self.advance();
+        }
+        Verdict::Keep
+    }
+
+    /// Consumes in-order packets into messages and delivers complete ones, stopping when the
+    /// application refuses a message (back-pressure).
+    pub(crate) fn advance(&mut self) {
+        loop {
+            if self.f.has(fl::HAS_PENDING) && !self.try_deliver() {
+                return;
+            }
+            if !self.f.held.get(0) {
+                return;
+            }
+            let slot = self.rx[(self.f.rcv_nxt & self.mask()) as usize];
+            self.f.held.shift_down(1);
+            self.f.rcv_nxt = self.f.rcv_nxt.wrapping_add(1);
+            self.f.set(fl::ACK_PENDING);
+            self.append(slot);
+        }
+    }
+
+    fn append(&mut self, slot: RxSlot) {
+        let flags = MsgFlags::from_bits_retain(slot.flags);
+        let owner = self.f.owner;
+        let len = u32::from(slot.len);
+        if flags.contains(MsgFlags::FIRST) {
+            if self.f.train.count > 0 {
+                // A new message began before the last one ended: the peer is broken.
+                self.env.free_rx_chain(owner, self.f.train.head, self.f.train.count);
+                self.stats.rx_bad_framing += 1;
+            }
+            self.f.train = InMsg { head: slot.seg, tail: slot.seg, count: 1, len };
+        } else if self.f.train.count == 0 {
+            // A fragment without a first fragment.
+            self.env.free_rx(owner, slot.seg);
+            self.stats.rx_bad_framing += 1;
+            return;
+        } else {
+            self.env.link_rx(owner, self.f.train.tail, slot.seg);
+            self.f.train.tail = slot.seg;
+            self.f.train.count += 1;
+            self.f.train.len += len;
+        }
+        if self.f.train.len as usize > self.cfg.max_message {
+            self.env.free_rx_chain(owner, self.f.train.head, self.f.train.count);
+            self.f.train = InMsg { head: NO_SEG, tail: NO_SEG, count: 0, len: 0 };
+            self.stats.rx_bad_framing += 1;
+            return;
+        }
+        if flags.contains(MsgFlags::LAST) {
+            self.f.set(fl::HAS_PENDING);
+        }
+    }
+
+    /// Tries to hand the pending message to the application.
+    pub(crate) fn try_deliver(&mut self) -> bool {
+        let tuple = self.f.tuple(&self.local);
+        let msg = self.f.train;
+        if self.env.deliver(self.f.owner, self.id, &tuple, &msg) {
+            self.f.train = InMsg { head: NO_SEG, tail: NO_SEG, count: 0, len: 0 };
+            self.f.clear(fl::HAS_PENDING | fl::BLOCKED);
+            self.stats.rx_messages += 1;
+            self.stats.rx_bytes += u64::from(msg.len);
+            self.c.rx_messages += 1;
+            self.c.rx_bytes += u64::from(msg.len);
+            true
+        } else {
+            if !self.f.has(fl::BLOCKED) {
+                self.stats.deliver_blocked += 1;
+            }
+            self.f.set(fl::BLOCKED);
+            false
+        }
+    }
+
+    fn on_ack(&mut self, hdr: &MachnetRepr) -> Verdict {
+        match self.f.state {
+            FlowState::Established | FlowState::Closing => {}
+            FlowState::SynReceived if hdr.ackno == self.f.snd_nxt => {
+                self.established_from_handshake();
+                let tuple = self.f.tuple(&self.local);
+                self.env.event(self.f.owner, Event::Accepted { flow: self.id, tuple });
+                return Verdict::Keep;
+            }
+            _ => {
+                self.stats.rx_unexpected += 1;
+                return Verdict::Keep;
+            }
+        }
+        let a = hdr.ackno;
+        if seq::gt(a, self.f.snd_nxt) {
+            self.stats.rx_bad_ack += 1;
+            return Verdict::Keep;
+        }
+        // Any acknowledgement proves the peer is alive.
+        self.f.rto_count = 0;
+        if seq::lt(a, self.f.snd_una) {
+            return Verdict::Keep;
+        }
+        let legacy = self.f.has(fl::LEGACY);
+        // The echoed timestamp is the send time of the newest packet the peer accepted. It is
+        // an RTT sample only if this ACK reports progress and the echoed packet was sent no
+        // earlier than the latest transmission of everything newly covered; otherwise the ACK
+        // may answer an earlier copy of a retransmitted packet (Karn's rule for timestamps).
+        let echo = (!legacy && hdr.timestamp != 0 && hdr.timestamp as u32 != self.f.last_echo).then_some(hdr.timestamp);
+        let mut newest_sent = 0u64;
+        let mut sample = None;
+        let newly = a.wrapping_sub(self.f.snd_una);
+        let mask = self.mask();
+        if newly > 0 {
+            if legacy {
+                let last = self.tx[(a.wrapping_sub(1) & mask) as usize];
+                if last.state & ts::EVER_RETX == 0 {
+                    sample = Some(self.now.saturating_since(Instant(last.sent_at)));
+                }
+            }
+            let owner = self.f.owner;
+            let mut s = self.f.snd_una;
+            while s != a {
+                let slot = self.tx[(s & mask) as usize];
+                newest_sent = newest_sent.max(slot.sent_at);
+                if slot.state & ts::SACKED != 0 {
+                    self.f.sacked -= 1;
+                }
+                if slot.state & ts::LOST != 0 {
+                    self.f.lost -= 1;
+                }
+                if slot.seg != NO_SEG {
+                    self.env.free_tx(owner, slot.seg);
+                }
+                s = s.wrapping_add(1);
+            }
+            if let Some(e) = echo.filter(|&e| e >= newest_sent) {
+                sample = self.echo_sample(e);
+            }
+            self.f.snd_una = a;
+            self.f.dupacks = 0;
+            self.f.rto_shift = 0;
+            self.f.clear(fl::PROBED);
+            if seq::lt(self.f.retx_cursor, a) {
+                self.f.retx_cursor = a;
+            }
+            if seq::lt(self.f.loss_scan, a) {
+                self.f.loss_scan = a;
+            }
+            if seq::lt(self.f.high_sacked, a) {
+                self.f.high_sacked = a;
+            }
+            if self.f.has(fl::RECOVERY) && seq::ge(a, self.f.recover) {
+                self.f.clear(fl::RECOVERY);
+            }
+            if let Some(s) = sample {
+                self.f.rtt.sample(s);
+                self.f.last_echo = hdr.timestamp as u32;
+            }
+            self.f.cc.on_ack(&self.cfg.cc, self.now, newly, sample, &self.f.rtt);
+            if self.f.snd_una == self.f.snd_nxt {
+                self.f.rto_at = 0;
+                self.f.clear(fl::PROBED);
+            } else {
+                self.arm_rto();
+            }
+        } else if self.f.outstanding() > 0 {
+            self.f.dupacks = self.f.dupacks.saturating_add(1);
+        }
+
+        // Selective acknowledgements and loss detection.
+        let mut newly_lost = false;
+        if legacy {
+            self.f.peer_held = hdr.sack_count.min(self.f.outstanding().min(u32::from(u16::MAX)) as u16);
+        } else if !hdr.sack.is_empty() {
+            let mut advanced = false;
+            for i in hdr.sack.iter() {
+                let s = a.wrapping_add(i as u32);
+                if !seq::in_range(s, self.f.snd_una, self.f.snd_nxt) {
+                    continue;
+                }
+                let slot = &mut self.tx[(s & mask) as usize];
+                if slot.state & ts::SACKED == 0 {
+                    newest_sent = newest_sent.max(slot.sent_at);
+                    if slot.state & ts::LOST != 0 {
+                        slot.state &= !ts::LOST;
+                        self.f.lost -= 1;
+                    }
+                    slot.state |= ts::SACKED;
+                    self.f.sacked += 1;
+                    let above = s.wrapping_add(1);
+                    if seq::gt(above, self.f.high_sacked) {
+                        self.f.high_sacked = above;
+                        advanced = true;
+                    }
+                }
+            }
+            if advanced {
+                if newly == 0 {
+                    if let Some(s) = echo.filter(|&e| e >= newest_sent).and_then(|e| self.echo_sample(e)) {
+                        self.f.rtt.sample(s);
+                        self.f.last_echo = hdr.timestamp as u32;
+                    }
+                }
+                newly_lost |= self.mark_sack_losses();
+            }
+        }
+        if self.f.dupacks == DUP_THRESH as u8 {
+            newly_lost |= self.mark_lost(self.f.snd_una);
+        } else if legacy && u32::from(self.f.dupacks) > DUP_THRESH && hdr.sack_count > 0 {
+            // The original's recovery: on the k-th duplicate ACK resend snd_una + (k − 3).
+            let s = self.f.snd_una.wrapping_add(u32::from(self.f.dupacks) - DUP_THRESH);
+            if seq::lt(s, self.f.snd_nxt) {
+                newly_lost |= self.mark_lost(s);
+            }
+        }
+        if newly_lost && !self.f.has(fl::RECOVERY) {
+            self.f.set(fl::RECOVERY);
+            self.f.recover = self.f.snd_nxt;
+            self.stats.fast_recoveries += 1;
+            self.f.cc.on_fast_recovery(&self.cfg.cc, self.now, &self.f.rtt);
+        }
+        self.close_if_drained()
+    }
+
+    fn echo_sample(&self, echo: u64) -> Option<Duration> {
+        let rtt = self.now.as_nanos().checked_sub(echo)?;
+        (rtt < 10_000_000_000).then(|| Duration::from_nanos(rtt))
+    }
+
+    /// Marks one outstanding, unsacked, not yet retransmitted packet as lost.
+    fn mark_lost(&mut self, s: u32) -> bool {
+        if !seq::in_range(s, self.f.snd_una, self.f.snd_nxt) {
+            return false;
+        }
+        let mask = self.mask();
+        let slot = &mut self.tx[(s & mask) as usize];
+        if slot.seg == NO_SEG || slot.state & (ts::SACKED | ts::LOST | ts::RETX) != 0 {
+            return false;
+        }
+        slot.state |= ts::LOST;
+        self.f.lost += 1;
+        if seq::lt(s, self.f.retx_cursor) {
+            self.f.retx_cursor = s;
+        }
+        true
+    }
+
+    /// Marks holes with at least `DUP_THRESH` sequence numbers SACKed above them.
+    fn mark_sack_losses(&mut self) -> bool {
+        let limit = self.f.high_sacked.wrapping_sub(DUP_THRESH);
+        let mut any = false;
+        let mut s = self.f.loss_scan;
+        if seq::lt(s, self.f.snd_una) {
+            s = self.f.snd_una;
+        }
+        while seq::lt(s, limit) {
+            any |= self.mark_lost(s);
+            s = s.wrapping_add(1);
+        }
+        if seq::gt(s, self.f.loss_scan) {
+            self.f.loss_scan = s;
+        }
+        any
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Output
+    // ---------------------------------------------------------------------------------------
+
+    /// Queues a message (a validated chain of transmit segments).
+    pub(crate) fn enqueue(&mut self, msg: &crate::OutMsg) {
+        if self.f.pend_count == 0 {
+            self.f.pend_head = msg.head;
+        } else {
+            self.env.tx_link(self.f.owner, self.f.pend_tail, msg.head);
+        }
+        self.f.pend_tail = msg.tail;
+        self.f.pend_count += msg.count;
+        self.stats.tx_messages += 1;
+        self.stats.tx_bytes += u64::from(msg.len);
+        self.c.tx_messages += 1;
+        self.c.tx_bytes += u64::from(msg.len);
+    }
+
+    #[inline]
+    fn can_send(&self) -> bool {
+        self.f.pipe() < self.f.cc.window()
+    }
+
+    fn transmit_data(&mut self, s: u32, slot: &TxSlot) -> bool {
+        let hdr = MachnetRepr::data(s, MsgFlags::from_bits_retain(slot.flags), self.stamp());
+        let frame = self.frame(hdr);
+        self.env.transmit(self.f.owner, &frame, Some(slot.seg))
+    }
+
+    /// Sends what the windows allow: retransmissions first, then new data.
+    pub(crate) fn pump(&mut self) {
+        if !matches!(self.f.state, FlowState::Established | FlowState::Closing) {
+            return;
+        }
+        let mask = self.mask();
+        self.f.clear(fl::TX_STALLED);
+        // Retransmissions.
+        while self.f.lost > 0 && self.can_send() {
+            let mut s = self.f.retx_cursor;
+            if seq::lt(s, self.f.snd_una) {
+                s = self.f.snd_una;
+            }
+            while seq::lt(s, self.f.snd_nxt) && self.tx[(s & mask) as usize].state & ts::LOST == 0 {
+                s = s.wrapping_add(1);
+            }
+            if !seq::lt(s, self.f.snd_nxt) {
+                // Counter and flags disagree: trust the flags.
+                self.f.lost = 0;
+                break;
+            }
+            let slot = self.tx[(s & mask) as usize];
+            if !self.transmit_data(s, &slot) {
+                self.stats.tx_no_buffer += 1;
+                self.f.set(fl::TX_STALLED);
+                return;
+            }
+            let st = &mut self.tx[(s & mask) as usize];
+            st.state = (st.state & !ts::LOST) | ts::RETX | ts::EVER_RETX;
+            st.sent_at = self.now.as_nanos();
+            self.f.lost -= 1;
+            self.f.retx_cursor = s.wrapping_add(1);
+            self.stats.tx_retransmits += 1;
+            self.c.retransmits += 1;
+        }
+        // New data.
+        let window = self.f.peer_window(self.cfg);
+        while self.f.pend_count > 0 && self.can_send() && self.f.outstanding() < window {
+            let seg = self.f.pend_head;
+            let (_, flags) = self.env.tx_meta(self.f.owner, seg);
+            let slot = TxSlot { seg, flags: (flags & !MsgFlags::CHAIN).bits(), state: 0, sent_at: self.now.as_nanos() };
+            let s = self.f.snd_nxt;
+            if !self.transmit_data(s, &slot) {
+                self.stats.tx_no_buffer += 1;
+                self.f.set(fl::TX_STALLED);
+                break;
+            }
+            self.tx[(s & mask) as usize] = slot;
+            self.f.snd_nxt = s.wrapping_add(1);
+            self.f.pend_count -= 1;
+            if self.f.pend_count > 0 {
+                match self.env.tx_next(self.f.owner, seg) {
+                    Some(n) => self.f.pend_head = n,
+                    None => {
+                        // The chain ended early: the environment broke its own contract.
+                        self.stats.tx_chain_errors += 1;
+                        self.f.pend_count = 0;
+                    }
+                }
+            }
+            self.stats.tx_data += 1;
+        }
+        if self.f.outstanding() > 0 && self.f.rto_at == 0 {
+            self.arm_rto();
+        }
+    }
+
+    /// Sends an owed ACK.
+    pub(crate) fn flush_ack(&mut self) {
+        if self.f.has(fl::ACK_PENDING) {
+            self.send_ack_now();
+        }
+    }
+
+    /// Finishes a graceful close once everything is acknowledged.
+    pub(crate) fn close_if_drained(&mut self) -> Verdict {
+        if self.f.state == FlowState::Closing && self.f.tx_idle() {
+            self.send_rst();
+            let tuple = self.f.tuple(&self.local);
+            return Verdict::Free(Some(Event::Closed { flow: self.id, tuple }));
+        }
+        Verdict::Keep
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Timers
+    // ---------------------------------------------------------------------------------------
+
+    /// The flow's timer fired (the endpoint checked `rto_at <= now`).
+    pub(crate) fn on_timeout(&mut self, token: u64) -> Verdict {
+        match self.f.state {
+            FlowState::SynSent => {
+                if u32::from(self.f.rto_shift) + 1 >= self.cfg.syn_retries {
+                    self.stats.connect_timeouts += 1;
+                    return Verdict::Free(Some(Event::ConnectFailed { token, error: ConnectError::Timeout }));
+                }
+                self.f.rto_shift += 1;
+                let ts = self.stamp();
+                self.send_control(PacketType::Syn, self.f.snd_una, 0, ts);
+                self.f.rto_at = (self.now + self.handshake_timeout()).as_nanos();
+                Verdict::Keep
+            }
+            FlowState::SynReceived => {
+                if u32::from(self.f.rto_shift) + 1 >= self.cfg.syn_retries {
+                    self.stats.accept_timeouts += 1;
+                    return Verdict::Free(None);
+                }
+                self.f.rto_shift += 1;
+                self.send_synack();
+                self.f.rto_at = (self.now + self.handshake_timeout()).as_nanos();
+                Verdict::Keep
+            }
+            FlowState::PeerClosed => {
+                self.f.rto_at = 0;
+                Verdict::Keep
+            }
+            FlowState::Established | FlowState::Closing => {
+                if self.f.outstanding() == 0 {
+                    self.f.rto_at = 0;
+                    return Verdict::Keep;
+                }
+                if self.f.has(fl::PROBE_ARMED) {
+                    self.f.set(fl::PROBED);
+                    self.send_probe();
+                    self.arm_rto();
+                    return Verdict::Keep;
+                }
+                self.f.rto_count = self.f.rto_count.saturating_add(1);
+                self.stats.rto_fired += 1;
+                if u32::from(self.f.rto_count) > self.cfg.max_rto_retries {
+                    self.send_rst();
+                    self.stats.flows_failed += 1;
+                    let tuple = self.f.tuple(&self.local);
+                    return Verdict::Free(Some(Event::FlowFailed { flow: self.id, tuple }));
+                }
+                self.f.rto_shift = self.f.rto_shift.saturating_add(1);
+                self.f.cc.on_timeout(&self.cfg.cc, self.now, &self.f.rtt);
+                // A new loss episode: everything unacknowledged and unsacked is lost.
+                let mask = self.mask();
+                let mut lost = 0u16;
+                let mut s = self.f.snd_una;
+                while s != self.f.snd_nxt {
+                    let slot = &mut self.tx[(s & mask) as usize];
+                    slot.state &= !ts::RETX;
+                    if slot.state & ts::SACKED == 0 && slot.seg != NO_SEG {
+                        slot.state |= ts::LOST;
+                        lost += 1;
+                    } else {
+                        slot.state &= !ts::LOST;
+                    }
+                    s = s.wrapping_add(1);
+                }
+                if lost == 0 {
+                    // Everything is held by the peer, which is not consuming (back-pressure):
+                    // probe with the oldest packet so its ACK shows it is alive.
+                    let slot = &mut self.tx[(self.f.snd_una & mask) as usize];
+                    if slot.seg != NO_SEG {
+                        slot.state |= ts::LOST;
+                        if slot.state & ts::SACKED != 0 {
+                            slot.state &= !ts::SACKED;
+                            self.f.sacked -= 1;
+                        }
+                        lost = 1;
+                    }
+                }
+                self.f.lost = lost;
+                self.f.retx_cursor = self.f.snd_una;
+                self.f.loss_scan = self.f.snd_una;
+                self.f.dupacks = 0;
+                self.f.set(fl::RECOVERY);
+                self.f.recover = self.f.snd_nxt;
+                self.arm_rto();
+                self.pump();
+                Verdict::Keep
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Teardown
+    // ---------------------------------------------------------------------------------------
+
+    /// Returns every segment except a pending received message.
+    fn release_all_but_pending(&mut self) {
+        let owner = self.f.owner;
+        let mask = self.mask();
+        let mut s = self.f.snd_una;
+        while s != self.f.snd_nxt {
+            let seg = self.tx[(s & mask) as usize].seg;
+            if seg != NO_SEG {
+                self.env.free_tx(owner, seg);
+            }
+            s = s.wrapping_add(1);
+        }
+        self.f.snd_una = self.f.snd_nxt;
+        self.f.sacked = 0;
+        self.f.lost = 0;
+        let mut seg = self.f.pend_head;
+        let mut n = self.f.pend_count;
+        while n > 0 {
+            let next = self.env.tx_next(owner, seg);
+            self.env.free_tx(owner, seg);
+            n -= 1;
+            match next {
+                Some(x) => seg = x,
+                None => break,
+            }
+        }
+        self.f.pend_count = 0;
+        for d in self.f.held.iter() {
+            let seg = self.rx[(self.f.rcv_nxt.wrapping_add(d as u32) & mask) as usize].seg;
+            self.env.free_rx(owner, seg);
+        }
+        self.f.held = SackBitmap::new();
+        if self.f.train.count > 0 && !self.f.has(fl::HAS_PENDING) {
+            self.env.free_rx_chain(owner, self.f.train.head, self.f.train.count);
+            self.f.train.count = 0;
+        }
+        self.f.rto_at = 0;
+    }
+
+    /// Returns every segment the flow holds.
+    pub(crate) fn release_all(&mut self) {
+        self.release_all_but_pending();
+        if self.f.has(fl::HAS_PENDING) {
+            self.env.free_rx_chain(self.f.owner, self.f.train.head, self.f.train.count);
+            self.f.train.count = 0;
+            self.f.clear(fl::HAS_PENDING);
+        }
+    }
+}
