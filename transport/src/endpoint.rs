@@ -54,6 +54,8 @@ pub struct EndpointStats {
     pub rx_bytes: u64,
     /// Times a flow found the application's ring full.
     pub deliver_blocked: u64,
+    /// Held out-of-order packets freed to make room for lower ones (receive pool exhausted).
+    pub rx_reneged: u64,
     /// Messages accepted for sending.
     pub tx_messages: u64,
     /// Bytes accepted for sending.
@@ -187,6 +189,8 @@ pub struct Endpoint {
     rss: Option<Rss>,
     queue: u16,
     work: VecDeque<u32>,
+    /// Flows whose owner refused a message, waiting for [`Endpoint::on_writable`].
+    blocked: Vec<u32>,
     rng: u64,
     stats: EndpointStats,
 }
@@ -231,6 +235,7 @@ impl Endpoint {
             rss: None,
             queue: 0,
             work: VecDeque::with_capacity(n),
+            blocked: Vec::with_capacity(n),
             rng: cfg.seed,
             stats: EndpointStats::default(),
             cfg,
@@ -312,10 +317,10 @@ impl Endpoint {
         let i = self.free.pop()? as usize;
         let f = &mut self.flows[i];
         let gen = f.gen;
-        let in_work = f.flags & fl::IN_WORK;
+        let listed = f.flags & (fl::IN_WORK | fl::PARKED);
         *f = Flow::empty();
         f.gen = gen;
-        f.flags = fl::LIVE | in_work;
+        f.flags = fl::LIVE | listed;
         f.owner = owner;
         f.remote_ip = u32::from(remote_ip);
         f.remote_port = remote_port;
@@ -340,7 +345,7 @@ impl Endpoint {
         if f.timer_at != 0 {
             env.set_timer(id, None);
         }
-        f.flags &= fl::IN_WORK;
+        f.flags &= fl::IN_WORK | fl::PARKED;
         f.gen = f.gen.wrapping_add(1);
         f.owner = NO_OWNER;
         self.free.push(i as u32);
@@ -372,7 +377,15 @@ impl Endpoint {
                     f.timer_at = f.rto_at;
                     env.set_timer(id, Some(Instant(f.rto_at)));
                 }
-                if f.has(fl::ACK_PENDING | fl::HAS_PENDING | fl::TX_STALLED) || f.pend_count > 0 || f.lost > 0 {
+                if f.has(fl::BLOCKED) {
+                    if !f.has(fl::PARKED) {
+                        f.set(fl::PARKED);
+                        self.blocked.push(i as u32);
+                    }
+                    if f.has(fl::ACK_PENDING) {
+                        self.mark_work(i);
+                    }
+                } else if f.has(fl::ACK_PENDING | fl::HAS_PENDING | fl::TX_STALLED) || f.pend_count > 0 || f.lost > 0 {
                     self.mark_work(i);
                 }
             }
@@ -629,11 +642,41 @@ impl Endpoint {
                 f.timer_at = f.rto_at;
                 env.set_timer(id, Some(Instant(f.rto_at)));
             }
-            // Retry later only what could not be done now.
-            if f.has(fl::ACK_PENDING | fl::BLOCKED | fl::TX_STALLED) {
+            // Retry later only what could not be done now. A refused delivery waits for the
+            // owner to make room (`on_writable`) instead of spinning here.
+            if f.has(fl::BLOCKED) && !f.has(fl::PARKED) {
+                f.set(fl::PARKED);
+                self.blocked.push(i as u32);
+            }
+            if f.has(fl::ACK_PENDING | fl::TX_STALLED) {
                 self.mark_work(i);
             }
         }
+    }
+
+    /// The owner can take messages again (its ring drained): flows whose deliveries it refused
+    /// are retried at the next [`flush`](Self::flush).
+    pub fn on_writable(&mut self, owner: Owner) {
+        let mut k = 0;
+        while k < self.blocked.len() {
+            let i = self.blocked[k] as usize;
+            let f = &self.flows[i];
+            if !f.has(fl::LIVE) || !f.has(fl::PARKED) || f.owner == owner {
+                self.blocked.swap_remove(k);
+                let f = &mut self.flows[i];
+                f.clear(fl::PARKED);
+                if f.has(fl::LIVE) {
+                    self.mark_work(i);
+                }
+            } else {
+                k += 1;
+            }
+        }
+    }
+
+    /// True if some flow waits for its owner to make room.
+    pub fn has_blocked(&self) -> bool {
+        !self.blocked.is_empty()
     }
 
     /// True if [`flush`](Self::flush) has work queued.

@@ -61,6 +61,9 @@ pub(crate) mod fl {
     pub const TX_STALLED: u16 = 1 << 7;
     /// The slot holds a live flow.
     pub const LIVE: u16 = 1 << 8;
+    /// On the endpoint's blocked list (kept across slot reuse, like `IN_WORK`, so a slot is
+    /// never listed twice).
+    pub const PARKED: u16 = 1 << 11;
 }
 
 /// A sent DATA packet awaiting acknowledgement.
@@ -559,11 +562,18 @@ impl<E: Env> FlowCx<'_, E> {
             return Verdict::Keep;
         }
         let flags = hdr.msg_flags & (MsgFlags::FIRST | MsgFlags::MORE | MsgFlags::LAST | MsgFlags::NOTIFY_DELIVERY);
-        let Some(seg) = self.env.alloc_rx(self.f.owner, payload, flags) else {
-            // No buffer: drop without acknowledging; the sender retransmits.
-            self.stats.rx_no_buffer += 1;
-            self.f.clear(fl::ACK_PENDING);
-            return Verdict::Keep;
+        let seg = match self.env.alloc_rx(self.f.owner, payload, flags) {
+            Some(seg) => seg,
+            None => match self.renege_above(d) {
+                // Out of buffers while holding later packets: give up the highest of them so a
+                // lower one can be stored. Without this a pool full of out-of-order packets
+                // could never take the packet that fills the hole.
+                true => match self.env.alloc_rx(self.f.owner, payload, flags) {
+                    Some(seg) => seg,
+                    None => return self.drop_no_buffer(),
+                },
+                false => return self.drop_no_buffer(),
+            },
         };
         // Echo the timestamp of new packets only: a duplicate carries the time of an earlier
         // transmission, and echoing it would inflate the sender's RTT estimate (RFC 7323 §4.3).
@@ -578,6 +588,28 @@ impl<E: Env> FlowCx<'_, E> {
             self.advance();
         }
         Verdict::Keep
+    }
+
+    fn drop_no_buffer(&mut self) -> Verdict {
+        // No buffer: drop without acknowledging; the sender retransmits.
+        self.stats.rx_no_buffer += 1;
+        self.f.clear(fl::ACK_PENDING);
+        Verdict::Keep
+    }
+
+    /// Frees the highest held packet if it lies above distance `d`.
+    fn renege_above(&mut self, d: usize) -> bool {
+        match self.f.held.highest() {
+            Some(h) if h > d => {
+                let seq = self.f.rcv_nxt.wrapping_add(h as u32);
+                let seg = self.rx[(seq & self.mask()) as usize].seg;
+                self.env.free_rx(self.f.owner, seg);
+                self.f.held.clear(h);
+                self.stats.rx_reneged += 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Consumes in-order packets into messages and delivers complete ones, stopping when the
@@ -794,6 +826,10 @@ impl<E: Env> FlowCx<'_, E> {
             self.f.recover = self.f.snd_nxt;
             self.stats.fast_recoveries += 1;
             self.f.cc.on_fast_recovery(&self.cfg.cc, self.now, &self.f.rtt);
+            if self.f.has(fl::PROBE_ARMED) {
+                // Recovery is under way: the timer guards it as an RTO, not as a tail probe.
+                self.arm_rto();
+            }
         }
         self.close_if_drained()
     }
@@ -1006,34 +1042,24 @@ impl<E: Env> FlowCx<'_, E> {
                 }
                 self.f.rto_shift = self.f.rto_shift.saturating_add(1);
                 self.f.cc.on_timeout(&self.cfg.cc, self.now, &self.f.rtt);
-                // A new loss episode: everything unacknowledged and unsacked is lost.
+                // A new loss episode. The peer may have reneged on SACKed packets (it frees them
+                // when its buffers run out), so the scoreboard is rebuilt from the next ACKs
+                // (RFC 6675 §5.1); what is unacknowledged is sent again, oldest first, as the
+                // window allows.
                 let mask = self.mask();
                 let mut lost = 0u16;
                 let mut s = self.f.snd_una;
                 while s != self.f.snd_nxt {
                     let slot = &mut self.tx[(s & mask) as usize];
-                    slot.state &= !ts::RETX;
-                    if slot.state & ts::SACKED == 0 && slot.seg != NO_SEG {
+                    slot.state &= !(ts::RETX | ts::SACKED);
+                    if slot.seg != NO_SEG {
                         slot.state |= ts::LOST;
                         lost += 1;
-                    } else {
-                        slot.state &= !ts::LOST;
                     }
                     s = s.wrapping_add(1);
                 }
-                if lost == 0 {
-                    // Everything is held by the peer, which is not consuming (back-pressure):
-                    // probe with the oldest packet so its ACK shows it is alive.
-                    let slot = &mut self.tx[(self.f.snd_una & mask) as usize];
-                    if slot.seg != NO_SEG {
-                        slot.state |= ts::LOST;
-                        if slot.state & ts::SACKED != 0 {
-                            slot.state &= !ts::SACKED;
-                            self.f.sacked -= 1;
-                        }
-                        lost = 1;
-                    }
-                }
+                self.f.sacked = 0;
+                self.f.high_sacked = self.f.snd_una;
                 self.f.lost = lost;
                 self.f.retx_cursor = self.f.snd_una;
                 self.f.loss_scan = self.f.snd_una;

@@ -35,9 +35,9 @@ pub fn pattern_byte(s: u64, k: u64, j: usize) -> u8 {
     (x ^ (x >> 11)) as u8
 }
 
-const FREE: u8 = 0;
-const TX: u8 = 1;
-const RX: u8 = 2;
+pub const FREE: u8 = 0;
+pub const TX: u8 = 1;
+pub const RX: u8 = 2;
 
 /// A slab of payload segments.
 pub struct SegStore {
@@ -67,7 +67,7 @@ impl SegStore {
             rx_limit,
         }
     }
-    fn take(&mut self, kind: u8) -> Option<Seg> {
+    pub fn take(&mut self, kind: u8) -> Option<Seg> {
         let s = self.free.pop()?;
         assert_eq!(self.state[s as usize], FREE, "double allocation of segment {s}");
         self.state[s as usize] = kind;
@@ -78,7 +78,7 @@ impl SegStore {
         }
         Some(s)
     }
-    fn put(&mut self, s: Seg, kind: u8) {
+    pub fn put(&mut self, s: Seg, kind: u8) {
         let st = self.state[s as usize];
         assert_eq!(st, kind, "segment {s} freed as {kind} but is {st}");
         self.state[s as usize] = FREE;
@@ -87,6 +87,22 @@ impl SegStore {
             _ => self.rx_in_use -= 1,
         }
         self.free.push(s);
+    }
+    pub fn data_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.data[i * SEG_SIZE..(i + 1) * SEG_SIZE]
+    }
+    pub fn set_meta(&mut self, i: usize, len: usize, flags: MsgFlags) {
+        self.len[i] = len as u16;
+        self.flags[i] = flags.bits();
+    }
+    pub fn meta(&self, s: Seg) -> (usize, MsgFlags) {
+        (self.len[s as usize] as usize, MsgFlags::from_bits_retain(self.flags[s as usize]))
+    }
+    pub fn set_next(&mut self, prev: Seg, next: Seg) {
+        self.next[prev as usize] = next;
+    }
+    pub fn next_of(&self, s: Seg) -> Seg {
+        self.next[s as usize]
     }
     pub fn bytes(&self, s: Seg) -> &[u8] {
         let i = s as usize;
@@ -113,6 +129,9 @@ pub struct Checker {
     pub bytes: u64,
 }
 
+/// Decides whether to drop a frame.
+pub type FrameFilter = Box<dyn FnMut(&FrameRepr) -> bool>;
+
 pub struct SimEnv {
     pub port: Faulty<MemPort>,
     pub caps: ChecksumCaps,
@@ -124,6 +143,10 @@ pub struct SimEnv {
     pub inbox_cap: usize,
     pub tx_dropped: u64,
     pub frames_sent: u64,
+    /// Drops a frame when it returns true (selective loss for corner-case tests).
+    pub filter: Option<FrameFilter>,
+    /// Frames the filter dropped.
+    pub filtered: u64,
 }
 
 impl SimEnv {
@@ -192,6 +215,12 @@ impl Env for SimEnv {
         self.segs.put(seg, TX);
     }
     fn transmit(&mut self, _owner: Owner, frame: &FrameRepr, payload: Option<Seg>) -> bool {
+        if let Some(f) = self.filter.as_mut() {
+            if f(frame) {
+                self.filtered += 1;
+                return true;
+            }
+        }
         let Some(mut buf) = self.port.alloc() else { return false };
         let n = match payload {
             Some(s) => {
@@ -247,6 +276,8 @@ pub struct SimConfig {
     pub rx_segs: usize,
     /// Application inbox capacity (messages).
     pub inbox: usize,
+    /// Transport seeds of A and B (they determine the ISNs).
+    pub seeds: [u64; 2],
 }
 
 impl SimConfig {
@@ -266,6 +297,7 @@ impl SimConfig {
             segs: 40_000,
             rx_segs: 20_000,
             inbox: 1024,
+            seeds: [1, 2],
         }
     }
     /// Applies the same faults both ways (seeds differ per direction).
@@ -310,6 +342,8 @@ impl Sim {
                     inbox_cap: cfg.inbox,
                     tx_dropped: 0,
                     frames_sent: 0,
+                    filter: None,
+                    filtered: 0,
                 },
                 checkers: Vec::new(),
                 read_every: None,
@@ -319,7 +353,7 @@ impl Sim {
         };
         Sim {
             now: Instant::from_micros(1),
-            sides: [make(pa, cfg.ab, MAC_A, IP_A, 1), make(pb, cfg.ba, MAC_B, IP_B, 2)],
+            sides: [make(pa, cfg.ab, MAC_A, IP_A, cfg.seeds[0]), make(pb, cfg.ba, MAC_B, IP_B, cfg.seeds[1])],
             steps: 0,
         }
     }
@@ -360,6 +394,7 @@ impl Sim {
             let mut reads = 0;
             while let Some(d) = side.env.inbox.pop_front() {
                 side.consume(d);
+                side.ep.on_writable(OWNER);
                 progress = true;
                 reads += 1;
                 if let Some(every) = side.read_every {
@@ -431,6 +466,25 @@ impl Sim {
                 return done(self);
             }
         }
+    }
+
+    /// Starts a connect from A to B:`port` without waiting.
+    pub fn start_connect(&mut self, port: u16, token: u64) -> FlowId {
+        let now = self.now;
+        let a = &mut self.sides[A];
+        let f = a.ep.connect(now, &mut a.env, OWNER, IP_B, MAC_B, port, token).expect("connect");
+        a.env.flush_tx();
+        f
+    }
+
+    /// The first event on `side` matching `pred`.
+    pub fn event(&self, side: usize, pred: impl Fn(&Event) -> bool) -> Option<Event> {
+        self.sides[side].env.events.iter().map(|(_, e)| *e).find(|e| pred(e))
+    }
+
+    /// Drops frames sent by `side` for which `f` returns true.
+    pub fn drop_from(&mut self, side: usize, f: impl FnMut(&FrameRepr) -> bool + 'static) {
+        self.sides[side].env.filter = Some(Box::new(f));
     }
 
     /// Listens on B:`port`, connects from A, runs until both sides are established.

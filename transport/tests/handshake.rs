@@ -1,0 +1,219 @@
+//! Handshake and teardown corner cases.
+
+mod sim;
+
+use machnet_net::wire::{FrameRepr, PacketType};
+use machnet_transport::{Config, ConnectError, Event, FlowState};
+use sim::*;
+use std::time::Duration;
+
+/// Drops the first `n` frames of type `ty`.
+fn drop_first(n: usize, ty: PacketType) -> impl FnMut(&FrameRepr) -> bool {
+    let mut left = n;
+    move |f| {
+        if f.hdr.packet_type == ty && left > 0 {
+            left -= 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn connected(s: &Sim) -> bool {
+    s.event(A, |e| matches!(e, Event::Connected { .. })).is_some()
+}
+
+/// After a handshake, messages flow both ways.
+#[track_caller]
+fn exchange_some(sim: &mut Sim, fa: machnet_transport::FlowId, fb: machnet_transport::FlowId) {
+    // Continue each stream's numbering after what was already delivered.
+    let (kb, ka) = (sim.delivered(B, fb), sim.delivered(A, fa));
+    for k in 0..5 {
+        sim.send(A, fa, fb, 1, kb + k, 3000).unwrap();
+        sim.send(B, fb, fa, 2, ka + k, 100).unwrap();
+    }
+    assert!(sim.run_until(Duration::from_secs(2), |s| s.delivered(B, fb) == kb + 5 && s.delivered(A, fa) == ka + 5));
+}
+
+fn accepted_flow(sim: &Sim) -> machnet_transport::FlowId {
+    match sim.event(B, |e| matches!(e, Event::Accepted { .. })) {
+        Some(Event::Accepted { flow, .. }) => flow,
+        other => panic!("no Accepted event: {other:?}"),
+    }
+}
+
+#[test]
+fn lost_syn_is_retransmitted() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    sim.drop_from(A, drop_first(2, PacketType::Syn));
+    let t0 = sim.now;
+    let fa = sim.start_connect(888, 5);
+    assert!(sim.run_until(Duration::from_secs(1), connected));
+    // Two lost SYNs: retries after 5 ms and 10 ms more (initial RTO, doubled).
+    let took = sim.now - t0;
+    assert!(took >= Duration::from_millis(15) && took < Duration::from_millis(16), "{took:?}");
+    assert_eq!(sim.sides[A].env.filtered, 2);
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.event(B, |e| matches!(e, Event::Accepted { .. })).is_some()));
+    let fb = accepted_flow(&sim);
+    exchange_some(&mut sim, fa, fb);
+}
+
+#[test]
+fn lost_synack_is_retransmitted_by_timer_and_duplicate_syn() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    sim.drop_from(B, drop_first(3, PacketType::SynAck));
+    let fa = sim.start_connect(888, 5);
+    assert!(sim.run_until(Duration::from_secs(1), connected));
+    assert_eq!(sim.sides[B].env.filtered, 3);
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.event(B, |e| matches!(e, Event::Accepted { .. })).is_some()));
+    let fb = accepted_flow(&sim);
+    // Exactly one server flow exists despite the repeated SYNs.
+    assert_eq!(sim.sides[B].ep.flow_count(), 1);
+    exchange_some(&mut sim, fa, fb);
+}
+
+#[test]
+fn lost_final_ack_does_not_wedge_the_server() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    // The client's handshake ACK is its first ACK: drop it.
+    sim.drop_from(A, drop_first(1, PacketType::Ack));
+    let fa = sim.start_connect(888, 5);
+    assert!(sim.run_until(Duration::from_secs(1), connected));
+    let t0 = sim.now;
+    // The server is still in SYN_RECEIVED; the first DATA establishes it, promptly.
+    let fb_state = sim.sides[B].ep.flows().next().unwrap().state;
+    assert_eq!(fb_state, FlowState::SynReceived);
+    let fb = sim.sides[B].ep.flows().next().unwrap().id;
+    sim.send(A, fa, fb, 1, 0, 10).unwrap();
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1));
+    assert!(sim.now - t0 < Duration::from_micros(100), "first message took {:?}", sim.now - t0);
+    assert!(sim.event(B, |e| matches!(e, Event::Accepted { .. })).is_some());
+    exchange_some(&mut sim, fa, fb);
+}
+
+#[test]
+fn duplicate_syn_yields_one_flow() {
+    let mut cfg = SimConfig::link(Config::default());
+    cfg.ab.duplicate = 1.0; // every frame A sends arrives twice
+    let mut sim = Sim::new(cfg);
+    let (fa, fb) = sim.connect(888);
+    assert_eq!(sim.sides[B].ep.flow_count(), 1);
+    exchange_some(&mut sim, fa, fb);
+}
+
+#[test]
+fn syn_to_closed_port_is_refused_promptly() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    let t0 = sim.now;
+    sim.start_connect(999, 42);
+    assert!(
+        sim.run_until(Duration::from_secs(1), |s| s.event(A, |e| matches!(e, Event::ConnectFailed { .. })).is_some())
+    );
+    assert_eq!(sim.event(A, |_| true), Some(Event::ConnectFailed { token: 42, error: ConnectError::Refused }));
+    assert!(sim.now - t0 < Duration::from_micros(50), "refusal took {:?}", sim.now - t0);
+    assert_eq!(sim.sides[A].ep.flow_count(), 0);
+    assert_eq!(sim.sides[B].ep.stats().syn_no_listener, 1);
+}
+
+#[test]
+fn unanswered_connect_fails_after_bounded_retries() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    sim.drop_from(A, |_| true);
+    let t0 = sim.now;
+    sim.start_connect(888, 3);
+    assert!(
+        sim.run_until(Duration::from_secs(10), |s| s.event(A, |e| matches!(e, Event::ConnectFailed { .. })).is_some())
+    );
+    assert_eq!(sim.event(A, |_| true), Some(Event::ConnectFailed { token: 3, error: ConnectError::Timeout }));
+    // 7 SYNs at 0, 5, 15, 35, 75, 155, 255 ms (capped at 100 ms), failure 100 ms later.
+    let took = sim.now - t0;
+    assert!(took > Duration::from_millis(300) && took < Duration::from_millis(400), "{took:?}");
+    assert_eq!(sim.sides[A].env.filtered, 7);
+    assert_eq!(sim.sides[A].ep.flow_count(), 0);
+}
+
+#[test]
+fn rst_mid_transfer_closes_the_peer() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    let (fa, fb) = sim.connect(888);
+    for k in 0..20 {
+        sim.send(A, fa, fb, 1, k, 50_000).unwrap();
+    }
+    sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) >= 3);
+    let now = sim.now;
+    let side = &mut sim.sides[A];
+    side.ep.abort(now, &mut side.env, fa).unwrap();
+    assert_eq!(side.ep.flow_count(), 0);
+    assert_eq!(side.env.segs.in_use(), 0, "abort returns every segment");
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.event(B, |e| matches!(e, Event::PeerClosed { .. })).is_some()));
+    assert_eq!(sim.sides[B].ep.flow_count(), 0);
+    sim.run_until(Duration::from_millis(10), |_| false);
+    assert_eq!(sim.sides[B].env.segs.in_use(), 0);
+}
+
+#[test]
+fn silent_peer_fails_the_flow_within_the_rto_budget() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    let (fa, fb) = sim.connect(888);
+    sim.send(A, fa, fb, 1, 0, 100).unwrap();
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1));
+    // B vanishes: nothing it would send arrives any more.
+    sim.drop_from(B, |_| true);
+    let t0 = sim.now;
+    sim.send(A, fa, fb, 1, 1, 100).unwrap();
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.event(A, |e| matches!(e, Event::FlowFailed { .. })).is_some()));
+    let took = sim.now - t0;
+    // Tail probe, then 10 timeouts: 1+2+4+8+16+32+64+100+100+100+100 ms ≈ 0.53 s (+ probe).
+    assert!(took > Duration::from_millis(400) && took < Duration::from_millis(700), "{took:?}");
+    assert_eq!(sim.sides[A].ep.flow_count(), 0);
+    assert_eq!(sim.sides[A].env.segs.in_use(), 0);
+    assert!(sim.sides[A].ep.stats().tx_rsts >= 1, "an RST tells the peer");
+}
+
+#[test]
+fn graceful_close_drains_then_resets() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    let (fa, fb) = sim.connect(888);
+    for k in 0..10 {
+        sim.send(A, fa, fb, 1, k, 20_000).unwrap();
+    }
+    let now = sim.now;
+    let side = &mut sim.sides[A];
+    side.ep.close(now, &mut side.env, fa).unwrap();
+    // No new messages after close.
+    assert_eq!(sim.send(A, fa, fb, 1, 10, 5), Err(machnet_transport::Error::NotEstablished));
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.event(B, |e| matches!(e, Event::PeerClosed { .. })).is_some()));
+    assert_eq!(sim.delivered(B, fb), 10, "everything queued before close arrives first");
+    assert!(matches!(sim.event(A, |_| true), Some(Event::Closed { .. })));
+    assert_eq!(sim.sides[A].ep.flow_count(), 0);
+    assert_eq!(sim.sides[B].ep.flow_count(), 0);
+    for s in &sim.sides {
+        assert_eq!(s.env.segs.in_use(), 0);
+    }
+}
+
+#[test]
+fn connect_and_close_many_reuses_ports_and_slots() {
+    let mut sim = Sim::new(SimConfig::link(Config { max_flows: 8, ..Config::default() }));
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    for round in 0..50u64 {
+        let fa = sim.start_connect(888, round);
+        assert!(
+            sim.run_until(Duration::from_secs(1), |s| s.event(A, |e| matches!(e, Event::Connected { .. })).is_some())
+        );
+        let now = sim.now;
+        let side = &mut sim.sides[A];
+        side.ep.close(now, &mut side.env, fa).unwrap();
+        assert!(sim
+            .run_until(Duration::from_secs(1), |s| s.sides[B].ep.flow_count() == 0 && s.sides[A].ep.flow_count() == 0));
+        for s in &mut sim.sides {
+            s.env.events.clear();
+        }
+    }
+    assert_eq!(sim.sides[A].ep.stats().flows_opened, 50);
+}
