@@ -18,8 +18,15 @@
 //!   One adaptation: the paper compares a fabric delay measured by NIC timestamps against a
 //!   target that includes the propagation delay of a known topology. A VM knows neither, and
 //!   its base RTT ranges from ~1 µs (memif) to ~100 µs (kernel UDP), so we compare the
-//!   *queueing* delay — the RTT sample minus the flow's minimum RTT — against the target. The
-//!   targets below are therefore queueing budgets.
+//!   *queueing* delay — the RTT sample minus the path's base RTT — against the target, and the
+//!   targets below are queueing budgets. The base RTT belongs to the path, not the flow: the
+//!   endpoint keeps it per peer, as the smallest sample of any flow to that peer over the last
+//!   10–20 s (a two-epoch windowed minimum, so a route change is forgotten). A flow that measured
+//!   its own minimum would, if it started while other flows had already built a queue, take
+//!   that queue for the base and never yield (the "latecomer" unfairness of delay-based
+//!   control). Measured in `tests/swift.rs`: with per-flow minima a flow joining 10 ms late
+//!   took 96 % of a 10 Gbit/s bottleneck (Jain index 0.54); with the per-path base the two
+//!   flows split it evenly (Jain index 1.00).
 
 use crate::timer::RttEstimator;
 use core::time::Duration;
@@ -178,8 +185,18 @@ impl CongestionControl {
         now.as_nanos().saturating_sub(last_decrease) >= rtt.srtt().as_nanos() as u64
     }
 
-    /// `acked` packets were newly acknowledged; `sample` is the RTT sample this ACK gave, if any.
-    pub fn on_ack(&mut self, cfg: &CcConfig, now: Instant, acked: u32, sample: Option<Duration>, rtt: &RttEstimator) {
+    /// `acked` packets were newly acknowledged; `sample` is the RTT sample this ACK gave, if
+    /// any, and `base` the path's base RTT (the smallest recent sample of any flow to the peer),
+    /// from which queueing delay is measured.
+    pub fn on_ack(
+        &mut self,
+        cfg: &CcConfig,
+        now: Instant,
+        acked: u32,
+        sample: Option<Duration>,
+        base: Option<Duration>,
+        rtt: &RttEstimator,
+    ) {
         let (CongestionControl::Swift { cwnd: stored, last_decrease, retx }, CcConfig::Swift(p)) = (self, cfg) else {
             return;
         };
@@ -188,7 +205,7 @@ impl CongestionControl {
             return;
         };
         let mut cwnd = f64::from(*stored);
-        let base = rtt.min().unwrap_or(sample);
+        let base = base.or(rtt.min()).unwrap_or(sample);
         let delay = sample.saturating_sub(base);
         let target = p.target(cwnd);
         if delay < target {
@@ -261,7 +278,7 @@ mod tests {
         let w0 = cc.cwnd();
         // One window's worth of ACKs at base RTT: +1 packet.
         for _ in 0..(w0 as u32) {
-            cc.on_ack(&cfg, Instant::from_micros(1000), 1, Some(Duration::from_micros(10)), &rtt);
+            cc.on_ack(&cfg, Instant::from_micros(1000), 1, Some(Duration::from_micros(10)), None, &rtt);
         }
         let w1 = cc.cwnd();
         assert!((w1 - w0 - 1.0).abs() < 0.05, "{w0} -> {w1}");
@@ -277,14 +294,14 @@ mod tests {
         // Queueing delay of 2× target: factor = 1 − 0.8 · ½ = 0.6.
         let delay = Duration::from_secs_f64(2.0 * target);
         let now = Instant::from_micros(1000);
-        cc.on_ack(&cfg, now, 1, Some(Duration::from_micros(10) + delay), &rtt);
+        cc.on_ack(&cfg, now, 1, Some(Duration::from_micros(10) + delay), None, &rtt);
         assert!((cc.cwnd() - 32.0 * 0.6).abs() < 1e-4, "{}", cc.cwnd());
         // A second overshoot within the same RTT does not decrease again.
-        cc.on_ack(&cfg, now + Duration::from_micros(5), 1, Some(Duration::from_micros(10) + delay), &rtt);
+        cc.on_ack(&cfg, now + Duration::from_micros(5), 1, Some(Duration::from_micros(10) + delay), None, &rtt);
         assert!((cc.cwnd() - 32.0 * 0.6).abs() < 1e-4);
         // Huge delay: capped at max_mdf.
         let mut cc2 = CongestionControl::new(&cfg);
-        cc2.on_ack(&cfg, now, 1, Some(Duration::from_millis(10)), &rtt);
+        cc2.on_ack(&cfg, now, 1, Some(Duration::from_millis(10)), None, &rtt);
         assert!((cc2.cwnd() - 16.0).abs() < 1e-4);
     }
 
@@ -302,7 +319,7 @@ mod tests {
         // Fixed never changes.
         let mut f = CongestionControl::new(&CcConfig::ORIGINAL);
         f.on_timeout(&CcConfig::ORIGINAL, now, &rtt);
-        f.on_ack(&CcConfig::ORIGINAL, now, 5, Some(Duration::from_secs(1)), &rtt);
+        f.on_ack(&CcConfig::ORIGINAL, now, 5, Some(Duration::from_secs(1)), None, &rtt);
         assert_eq!(f.window(), 32);
     }
 }

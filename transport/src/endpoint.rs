@@ -1,7 +1,7 @@
 //! The endpoint: the flows of one shard, their lookup tables and the work queue.
 
 use crate::env::Env;
-use crate::flow::{fl, Flow, FlowCx, FlowState, RxSlot, TxSlot, Verdict, NO_OWNER};
+use crate::flow::{fl, Flow, FlowCx, FlowState, Path, RxSlot, TxSlot, Verdict, NO_OWNER};
 use crate::{Config, Error, Event, FlowId, FlowTuple, LocalAddr, OutMsg, Owner};
 use core::hash::{BuildHasher, Hasher};
 use core::net::Ipv4Addr;
@@ -124,6 +124,8 @@ pub struct FlowInfo {
     pub cwnd: f64,
     /// Smoothed RTT.
     pub srtt: Duration,
+    /// Smallest RTT sample (the path's base RTT, as far as the flow knows).
+    pub min_rtt: Duration,
     /// Packets in flight.
     pub in_flight: u32,
     /// Packets queued, not yet sent.
@@ -184,6 +186,10 @@ pub struct Endpoint {
     counters: Vec<FlowCounters>,
     free: Vec<u32>,
     map: HashMap<u64, u32, KeyedHash>,
+    /// Per-peer path state (base RTT), refcounted by the flows to each peer.
+    paths: Vec<Path>,
+    path_map: HashMap<u32, u32, KeyedHash>,
+    path_free: Vec<u32>,
     listeners: HashMap<u16, Owner, KeyedHash>,
     ports: SharedPorts,
     rss: Option<Rss>,
@@ -230,6 +236,9 @@ impl Endpoint {
             counters: vec![FlowCounters::default(); n],
             free,
             map: HashMap::with_capacity_and_hasher(n, KeyedHash(seed)),
+            paths: vec![Path::default(); n],
+            path_map: HashMap::with_capacity_and_hasher(n, KeyedHash(seed.rotate_left(31))),
+            path_free: (0..n as u32).rev().collect(),
             listeners: HashMap::with_capacity_and_hasher(MAX_LISTENERS, KeyedHash(seed.rotate_left(17))),
             ports,
             rss: None,
@@ -291,12 +300,14 @@ impl Endpoint {
     fn cx<'a, E: Env>(&'a mut self, i: usize, env: &'a mut E, now: Instant) -> FlowCx<'a, E> {
         let w = self.cfg.window;
         let id = FlowId { index: i as u32, gen: self.flows[i].gen };
+        let path = self.flows[i].path as usize;
         FlowCx {
             id,
             f: &mut self.flows[i],
             tx: &mut self.tx[i * w..(i + 1) * w],
             rx: &mut self.rx[i * w..(i + 1) * w],
             c: &mut self.counters[i],
+            path: &mut self.paths[path],
             cfg: &self.cfg,
             local: self.local,
             env,
@@ -327,6 +338,20 @@ impl Endpoint {
         f.local_port = local_port;
         f.remote_mac = remote_mac;
         f.cc = crate::cc::CongestionControl::new(&self.cfg.cc);
+        // The path to this peer, shared with its other flows (one path per flow at most, so
+        // the free list never runs dry while a flow slot is free).
+        let ip = u32::from(remote_ip);
+        let p = match self.path_map.get(&ip) {
+            Some(&p) => p,
+            None => {
+                let p = self.path_free.pop().expect("a path per flow slot");
+                self.paths[p as usize] = Path::new(ip);
+                self.path_map.insert(ip, p);
+                p
+            }
+        };
+        self.paths[p as usize].flows += 1;
+        self.flows[i].path = p;
         self.counters[i] = FlowCounters::default();
         self.map.insert(key(u32::from(remote_ip), remote_port, local_port), i as u32);
         self.stats.flows_opened += 1;
@@ -341,6 +366,12 @@ impl Endpoint {
         let id = self.id_of(i);
         let f = &mut self.flows[i];
         let (owner, client, local_port) = (f.owner, f.has(fl::CLIENT), f.local_port);
+        let path = &mut self.paths[f.path as usize];
+        path.flows -= 1;
+        if path.flows == 0 {
+            self.path_map.remove(&path.ip);
+            self.path_free.push(f.path);
+        }
         self.map.remove(&key(f.remote_ip, f.remote_port, f.local_port));
         if f.timer_at != 0 {
             env.set_timer(id, None);
@@ -716,6 +747,7 @@ impl Endpoint {
             state: f.state,
             cwnd: f.cc.cwnd(),
             srtt: f.rtt.srtt(),
+            min_rtt: f.rtt.min().unwrap_or_default(),
             in_flight: f.outstanding(),
             queued: f.pend_count,
             legacy_peer: f.has(fl::LEGACY),

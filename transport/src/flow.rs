@@ -99,6 +99,8 @@ pub(crate) struct RxSlot {
 pub(crate) struct Flow {
     pub gen: u32,
     pub owner: Owner,
+    /// Index of the peer's [`Path`] in the endpoint.
+    pub path: u32,
     pub flags: u16,
     pub state: FlowState,
     pub dupacks: u8,
@@ -143,6 +145,7 @@ impl Flow {
         Flow {
             gen: 0,
             owner: NO_OWNER,
+            path: 0,
             flags: 0,
             state: FlowState::Established,
             dupacks: 0,
@@ -230,6 +233,41 @@ impl Flow {
     }
 }
 
+/// State of the path to one peer IP, shared by the flows to it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Path {
+    pub ip: u32,
+    pub flows: u32,
+    /// Windowed minimum RTT (ns): the smaller of this epoch's and the last epoch's minimum.
+    pub min_cur: u64,
+    pub min_prev: u64,
+    pub epoch_start: u64,
+}
+
+/// Length of one epoch of the windowed base-RTT minimum.
+const PATH_EPOCH_NS: u64 = 10_000_000_000;
+
+impl Path {
+    pub(crate) fn new(ip: u32) -> Self {
+        Path { ip, flows: 0, min_cur: u64::MAX, min_prev: u64::MAX, epoch_start: 0 }
+    }
+
+    fn sample(&mut self, now: Instant, rtt: Duration) {
+        let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
+        if now.as_nanos().saturating_sub(self.epoch_start) > PATH_EPOCH_NS {
+            self.min_prev = self.min_cur;
+            self.min_cur = u64::MAX;
+            self.epoch_start = now.as_nanos();
+        }
+        self.min_cur = self.min_cur.min(ns);
+    }
+
+    fn base(&self) -> Option<Duration> {
+        let m = self.min_cur.min(self.min_prev);
+        (m != u64::MAX).then(|| Duration::from_nanos(m))
+    }
+}
+
 /// What the endpoint must do with the flow after an operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -246,6 +284,7 @@ pub(crate) struct FlowCx<'a, E: Env> {
     pub tx: &'a mut [TxSlot],
     pub rx: &'a mut [RxSlot],
     pub c: &'a mut FlowCounters,
+    pub path: &'a mut Path,
     pub cfg: &'a Config,
     pub local: LocalAddr,
     pub env: &'a mut E,
@@ -410,7 +449,9 @@ impl<E: Env> FlowCx<'_, E> {
         // Karn: a sample only if the handshake packet went out once.
         if self.f.rto_shift == 0 {
             let sent = self.tx[(iss & self.mask()) as usize].sent_at;
-            self.f.rtt.sample(self.now.saturating_since(Instant(sent)));
+            let sample = self.now.saturating_since(Instant(sent));
+            self.f.rtt.sample(sample);
+            self.path.sample(self.now, sample);
         }
         self.f.rto_shift = 0;
         self.f.rto_count = 0;
@@ -762,9 +803,11 @@ impl<E: Env> FlowCx<'_, E> {
             }
             if let Some(s) = sample {
                 self.f.rtt.sample(s);
+                self.path.sample(self.now, s);
                 self.f.last_echo = hdr.timestamp as u32;
             }
-            self.f.cc.on_ack(&self.cfg.cc, self.now, newly, sample, &self.f.rtt);
+            let base = self.path.base();
+            self.f.cc.on_ack(&self.cfg.cc, self.now, newly, sample, base, &self.f.rtt);
             if self.f.snd_una == self.f.snd_nxt {
                 self.f.rto_at = 0;
                 self.f.clear(fl::PROBED);
@@ -806,6 +849,7 @@ impl<E: Env> FlowCx<'_, E> {
                 if newly == 0 {
                     if let Some(s) = echo.filter(|&e| e >= newest_sent).and_then(|e| self.echo_sample(e)) {
                         self.f.rtt.sample(s);
+                        self.path.sample(self.now, s);
                         self.f.last_echo = hdr.timestamp as u32;
                     }
                 }
