@@ -157,7 +157,7 @@ fn matrix_loss_20() {
 
 #[test]
 fn clean_link_small_and_large_messages() {
-    let sizes: Vec<usize> = [1, 1418, 1419, 65536].iter().flat_map(|&s| std::iter::repeat(s).take(20)).collect();
+    let sizes: Vec<usize> = [1, 1418, 1419, 65536].iter().flat_map(|&s| std::iter::repeat_n(s, 20)).collect();
     let took = exchange(SimConfig::link(Config::default()), &sizes);
     eprintln!("clean: {:?}", took);
 }

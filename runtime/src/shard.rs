@@ -1,0 +1,324 @@
+//! The shard: one thread running a statically wired pipeline to completion, forever.
+
+use crate::clock::Clock;
+use crate::idle::{IdlePolicy, Parker, Waker};
+use crate::stage::{StageStats, Work};
+use machnet_net::time::Instant;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A shard's stages, wired statically: `poll` calls each stage in order through
+/// [`Recorder::run`], which keeps per-stage counters.
+pub trait Pipeline: Send + 'static {
+    /// Names of the stages, in the order `poll` runs them (their indices in `Recorder::run`).
+    const STAGES: &'static [&'static str];
+
+    /// Polls every stage once.
+    fn poll(&mut self, now: Instant, rec: &mut Recorder) -> Work;
+
+    /// The earliest time a stage needs to run even without input (its next timer).
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Called with the shard marked sleeping, just before it parks: publish "engine sleeping"
+    /// flags and re-check every input. Return `false` if work arrived (the park is skipped).
+    fn before_park(&mut self) -> bool {
+        true
+    }
+
+    /// Called after parking (or after a skipped park): clear the flags set by `before_park`.
+    fn after_park(&mut self) {}
+
+    /// The shard may stop (checked after every poll).
+    fn done(&self) -> bool {
+        false
+    }
+
+    /// Called after the loop ends, before the thread returns the pipeline.
+    fn shutdown(&mut self, _now: Instant) {}
+}
+
+/// How a shard runs.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// Thread name.
+    pub name: String,
+    /// Core to pin to, if any.
+    pub core: Option<usize>,
+    /// Idle policy.
+    pub idle: IdlePolicy,
+    /// A poll (or loop iteration) longer than this counts as a stall.
+    pub stall_threshold: Duration,
+    /// Stage timing is measured on one loop in this many (counts are always exact).
+    pub timing_every: u32,
+    /// How often the statistics snapshot is refreshed.
+    pub publish_every: Duration,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            name: "shard".into(),
+            core: None,
+            idle: IdlePolicy::ADAPTIVE,
+            stall_threshold: Duration::from_millis(1),
+            timing_every: 16,
+            publish_every: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Counters of the shard as a whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoopStats {
+    /// Loop iterations.
+    pub loops: u64,
+    /// Iterations in which no stage did work.
+    pub idle_loops: u64,
+    /// `sched_yield` calls.
+    pub yields: u64,
+    /// Parks.
+    pub parks: u64,
+    /// Parks ended by a wake-up rather than the timeout.
+    pub woken: u64,
+    /// Nanoseconds parked.
+    pub parked_ns: u64,
+    /// Iterations that took longer than the stall threshold (parks excluded).
+    pub stalls: u64,
+    /// Longest iteration (parks excluded), ns.
+    pub max_loop_ns: u64,
+}
+
+/// A snapshot of a shard's statistics, refreshed by the shard and read by anyone.
+#[derive(Debug, Clone, Default)]
+pub struct ShardStats {
+    /// Shard name.
+    pub name: String,
+    /// Stage names and counters (stage timing is sampled: see [`ShardConfig::timing_every`];
+    /// times here are scaled estimates).
+    pub stages: Vec<(&'static str, StageStats)>,
+    /// Loop counters.
+    pub loops: LoopStats,
+    /// Time since the shard started.
+    pub uptime: Duration,
+}
+
+/// Per-stage bookkeeping handed to [`Pipeline::poll`].
+#[derive(Debug)]
+pub struct Recorder {
+    stats: Vec<StageStats>,
+    timing: bool,
+    scale: u64,
+    stall_ns: u64,
+    clock: Clock,
+}
+
+impl Recorder {
+    fn new(stages: usize, cfg: &ShardConfig, clock: Clock) -> Self {
+        Recorder {
+            stats: vec![StageStats::default(); stages],
+            timing: false,
+            scale: u64::from(cfg.timing_every.max(1)),
+            stall_ns: u64::try_from(cfg.stall_threshold.as_nanos()).unwrap_or(u64::MAX),
+            clock,
+        }
+    }
+
+    /// Runs stage `index` (its position in [`Pipeline::STAGES`]) and records the result.
+    #[inline]
+    pub fn run(&mut self, index: usize, _now: Instant, f: impl FnOnce() -> Work) -> Work {
+        if !self.timing {
+            let w = f();
+            let s = &mut self.stats[index];
+            s.polls += 1;
+            if !w.is_idle() {
+                s.busy_polls += 1;
+                s.work += u64::from(w.0);
+            }
+            return w;
+        }
+        let t0 = self.clock.now();
+        let w = f();
+        let ns = self.clock.now().as_nanos() - t0.as_nanos();
+        let s = &mut self.stats[index];
+        s.polls += 1;
+        if w.is_idle() {
+            s.idle_ns += ns * self.scale;
+        } else {
+            s.busy_polls += 1;
+            s.work += u64::from(w.0);
+            s.busy_ns += ns * self.scale;
+        }
+        if ns > self.stall_ns {
+            s.stalls += 1;
+        }
+        s.max_poll_ns = s.max_poll_ns.max(ns);
+        w
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> &[StageStats] {
+        &self.stats
+    }
+}
+
+/// A running shard.
+#[derive(Debug)]
+pub struct Shard<P: Pipeline> {
+    handle: JoinHandle<P>,
+    stop: Arc<AtomicBool>,
+    waker: Waker,
+    stats: Arc<Mutex<ShardStats>>,
+}
+
+impl<P: Pipeline> Shard<P> {
+    /// Starts a shard thread running `pipeline`.
+    pub fn spawn(cfg: ShardConfig, pipeline: P) -> io::Result<Self> {
+        let parker = Parker::new()?;
+        Self::spawn_with(cfg, pipeline, parker)
+    }
+
+    /// Starts a shard with a parker prepared by the caller (fds already registered).
+    pub fn spawn_with(cfg: ShardConfig, mut pipeline: P, parker: Parker) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let waker = parker.waker();
+        let stats = Arc::new(Mutex::new(ShardStats {
+            name: cfg.name.clone(),
+            stages: P::STAGES.iter().map(|n| (*n, StageStats::default())).collect(),
+            ..ShardStats::default()
+        }));
+        let (stop2, stats2) = (stop.clone(), stats.clone());
+        let handle = std::thread::Builder::new().name(cfg.name.clone()).spawn(move || {
+            if let Some(core) = cfg.core {
+                if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                    log::warn!("{}: could not pin to core {core}", cfg.name);
+                }
+            }
+            run(&cfg, &mut pipeline, &parker, &stop2, &stats2);
+            pipeline
+        })?;
+        Ok(Shard { handle, stop, waker, stats })
+    }
+
+    /// Wakes the shard if it is parked (after giving it work through some shared queue).
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    /// The latest statistics snapshot (at most `publish_every` old).
+    pub fn stats(&self) -> ShardStats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A handle to the snapshot, for a controller that outlives this handle.
+    pub fn stats_handle(&self) -> Arc<Mutex<ShardStats>> {
+        self.stats.clone()
+    }
+
+    /// Asks the shard to stop after its current iteration.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.waker.force();
+    }
+
+    /// Asks the shard to stop and waits for it; returns the pipeline.
+    pub fn join(self) -> std::thread::Result<P> {
+        self.handle.join()
+    }
+
+    /// `stop` then `join`.
+    pub fn stop_and_join(self) -> std::thread::Result<P> {
+        self.stop();
+        self.join()
+    }
+}
+
+fn run<P: Pipeline>(cfg: &ShardConfig, p: &mut P, parker: &Parker, stop: &AtomicBool, shared: &Mutex<ShardStats>) {
+    let mut clock = Clock::new();
+    let mut rec = Recorder::new(P::STAGES.len(), cfg, clock.clone());
+    let mut loops = LoopStats::default();
+    let start = clock.now();
+    let stall_ns = u64::try_from(cfg.stall_threshold.as_nanos()).unwrap_or(u64::MAX);
+    let publish_ns = u64::try_from(cfg.publish_every.as_nanos()).unwrap_or(u64::MAX);
+    let every = u64::from(cfg.timing_every.max(1));
+    let mut idle_since: Option<Instant> = None;
+    let mut last_publish = start;
+    let mut now = start;
+    loop {
+        rec.timing = loops.loops % every == 0;
+        let work = p.poll(now, &mut rec);
+        loops.loops += 1;
+        if stop.load(Ordering::Acquire) || p.done() {
+            break;
+        }
+        let after = clock.now();
+        let ns = after.as_nanos() - now.as_nanos();
+        if ns > stall_ns {
+            loops.stalls += 1;
+        }
+        loops.max_loop_ns = loops.max_loop_ns.max(ns);
+        now = after;
+        if work.is_idle() {
+            loops.idle_loops += 1;
+            let since = *idle_since.get_or_insert(now);
+            if let IdlePolicy::Adaptive { spin, yield_for, max_park } = cfg.idle {
+                let idle = now - since;
+                if idle >= spin + yield_for {
+                    let mut timeout = max_park;
+                    if let Some(d) = p.next_deadline() {
+                        timeout = timeout.min(d.saturating_since(now));
+                    }
+                    if !timeout.is_zero() {
+                        parker.prepare();
+                        if p.before_park() {
+                            loops.parks += 1;
+                            if parker.park(timeout) {
+                                loops.woken += 1;
+                            }
+                        } else {
+                            parker.cancel();
+                        }
+                        p.after_park();
+                        let woke = clock.now();
+                        loops.parked_ns += woke.as_nanos() - now.as_nanos();
+                        now = woke;
+                    }
+                } else if idle >= spin {
+                    loops.yields += 1;
+                    std::thread::yield_now();
+                    now = clock.now();
+                } else {
+                    core::hint::spin_loop();
+                }
+            } else {
+                core::hint::spin_loop();
+            }
+        } else {
+            idle_since = None;
+        }
+        if now.as_nanos() - last_publish.as_nanos() >= publish_ns {
+            last_publish = now;
+            // Never wait for a reader: skip this refresh if the snapshot is being read.
+            if let Ok(mut s) = shared.try_lock() {
+                for (dst, src) in s.stages.iter_mut().zip(rec.stats()) {
+                    dst.1 = *src;
+                }
+                s.loops = loops;
+                s.uptime = now - start;
+            }
+        }
+    }
+    let end = clock.now();
+    p.shutdown(end);
+    if let Ok(mut s) = shared.lock() {
+        for (dst, src) in s.stages.iter_mut().zip(rec.stats()) {
+            dst.1 = *src;
+        }
+        s.loops = loops;
+        s.uptime = end - start;
+    }
+}
