@@ -37,6 +37,22 @@ cargo clippy --workspace --all-targets -- -D warnings
 say "cargo test"
 cargo test --workspace
 
+# --- Miri on the shared-memory ring and pool code ---------------------------------------------------
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  say "miri SKIPPED: no nightly toolchain"
+else
+  if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^miri'; then
+    say "installing miri for nightly"
+    rustup component add --toolchain nightly miri rust-src >/dev/null 2>&1 || true
+  fi
+  if rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^miri'; then
+    say "cargo +nightly miri test (channel ring and pool)"
+    cargo +nightly miri test -p machnet-channel --lib -- ring:: pool::
+  else
+    say "miri SKIPPED: the miri component could not be installed"
+  fi
+fi
+
 # --- Fuzz smoke ----------------------------------------------------------------------------------
 FUZZ_SECONDS=${FUZZ_SECONDS:-15}
 if [ "$FUZZ_SECONDS" = 0 ]; then
