@@ -94,11 +94,36 @@ impl Waker {
     }
 }
 
+/// Adds and removes fds that wake a parked shard, from any thread (the shard's own, when it
+/// adopts a channel). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FdSet {
+    epfd: Arc<OwnedFd>,
+}
+
+impl FdSet {
+    /// Wakes from parking when `fd` becomes readable. `token` is informational. The caller
+    /// keeps `fd` open until [`remove`](Self::remove).
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        // SAFETY: `ev` is a valid epoll_event; both descriptors are open.
+        cvt(unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })?;
+        Ok(())
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: EPOLL_CTL_DEL ignores the event argument since Linux 2.6.9.
+        cvt(unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, core::ptr::null_mut()) })?;
+        Ok(())
+    }
+}
+
 /// The shard's side of parking: an eventfd and an epoll set that can hold more fds (channel
 /// doorbells, a port's socket).
 #[derive(Debug)]
 pub struct Parker {
-    epfd: OwnedFd,
+    epfd: Arc<OwnedFd>,
     efd: Arc<OwnedFd>,
     sleeping: Arc<AtomicBool>,
     wakes: Arc<AtomicU64>,
@@ -114,7 +139,7 @@ impl Parker {
         // SAFETY: as above.
         let epfd = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
         let p = Parker {
-            epfd,
+            epfd: Arc::new(epfd),
             efd: Arc::new(efd),
             sleeping: Arc::new(AtomicBool::new(false)),
             wakes: Arc::new(AtomicU64::new(0)),
@@ -133,20 +158,19 @@ impl Parker {
         &self.sleeping
     }
 
-    /// Wakes from parking when `fd` becomes readable. `token` is informational.
+    /// The set of fds that wake this parker, for registering more later.
+    pub fn fd_set(&self) -> FdSet {
+        FdSet { epfd: self.epfd.clone() }
+    }
+
+    /// Wakes from parking when `fd` becomes readable (see [`FdSet::add`]).
     pub fn add_fd(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
-        // SAFETY: `ev` is a valid epoll_event; both descriptors are open (the caller keeps
-        // `fd` open until `remove_fd`).
-        cvt(unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })?;
-        Ok(())
+        self.fd_set().add(fd, token)
     }
 
     /// Stops watching `fd`.
     pub fn remove_fd(&self, fd: RawFd) -> io::Result<()> {
-        // SAFETY: EPOLL_CTL_DEL ignores the event argument since Linux 2.6.9.
-        cvt(unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, core::ptr::null_mut()) })?;
-        Ok(())
+        self.fd_set().remove(fd)
     }
 
     /// Marks the shard sleeping (then the caller re-checks for work).

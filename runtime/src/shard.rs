@@ -118,6 +118,13 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// A recorder for driving a pipeline by hand (embedded mode, tests): counts only, no
+    /// timing.
+    pub fn standalone(stages: usize) -> Self {
+        let cfg = ShardConfig { timing_every: u32::MAX, ..ShardConfig::default() };
+        Recorder::new(stages, &cfg, Clock::monotonic())
+    }
+
     fn new(stages: usize, cfg: &ShardConfig, clock: Clock) -> Self {
         Recorder {
             stats: vec![StageStats::default(); stages],

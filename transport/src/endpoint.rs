@@ -535,6 +535,40 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Closes `owner`'s listeners and starts a graceful close of all its flows (queued data
+    /// drains, then RST). Returns the number of flows closing.
+    pub fn close_owner_gracefully<E: Env>(&mut self, now: Instant, env: &mut E, owner: Owner) -> usize {
+        self.unlisten_owner(owner);
+        let mut n = 0;
+        for i in 0..self.flows.len() {
+            let f = &self.flows[i];
+            if f.has(fl::LIVE) && f.owner == owner {
+                let id = self.id_of(i);
+                let _ = self.close(now, env, id);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Live flows of `owner` (a scan of the arena: for control paths only).
+    pub fn flows_of(&self, owner: Owner) -> usize {
+        self.flows.iter().filter(|f| f.has(fl::LIVE) && f.owner == owner).count()
+    }
+
+    /// Closes every listener of `owner`.
+    pub fn unlisten_owner(&mut self, owner: Owner) {
+        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        self.listeners.retain(|port, o| {
+            if *o == owner {
+                ports.release(*port);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     /// Everything `owner` had goes: its flows are aborted (RST to peers) and its listeners
     /// closed. Returns the number of flows aborted.
     pub fn close_owner<E: Env>(&mut self, now: Instant, env: &mut E, owner: Owner) -> usize {
@@ -547,15 +581,7 @@ impl Endpoint {
                 n += 1;
             }
         }
-        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
-        self.listeners.retain(|port, o| {
-            if *o == owner {
-                ports.release(*port);
-                false
-            } else {
-                true
-            }
-        });
+        self.unlisten_owner(owner);
         n
     }
 

@@ -1,0 +1,194 @@
+//! The ARP table of one shard: static entries, learned entries that age out, and resolutions
+//! in progress with retries. Sans-IO: the shard sends the requests this table asks for.
+
+use hashbrown::HashMap;
+use machnet_net::time::Instant;
+use machnet_net::wire::EthernetAddress;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+/// ARP behaviour.
+#[derive(Debug, Clone, Copy)]
+pub struct ArpConfig {
+    /// Lifetime of a learned entry.
+    pub timeout: Duration,
+    /// Requests sent before a resolution fails.
+    pub retries: u32,
+    /// Interval between requests.
+    pub retry: Duration,
+    /// Most entries (learned + static + pending).
+    pub capacity: usize,
+}
+
+impl Default for ArpConfig {
+    fn default() -> Self {
+        ArpConfig { timeout: Duration::from_secs(300), retries: 5, retry: Duration::from_millis(50), capacity: 4096 }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    mac: EthernetAddress,
+    /// `None` for static entries.
+    expires: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    sent: u32,
+    next: Instant,
+}
+
+/// What [`ArpTable::resolve`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolve {
+    /// Known.
+    Known(EthernetAddress),
+    /// Unknown; send a request now (the first of a resolution).
+    SendRequest,
+    /// A resolution is already under way.
+    InProgress,
+    /// The table is full.
+    Full,
+}
+
+/// One shard's view of the neighbourhood.
+#[derive(Debug)]
+pub struct ArpTable {
+    cfg: ArpConfig,
+    entries: HashMap<Ipv4Addr, Entry>,
+    pending: HashMap<Ipv4Addr, Pending>,
+}
+
+impl ArpTable {
+    /// An empty table with room for `cfg.capacity` entries.
+    pub fn new(cfg: ArpConfig) -> Self {
+        ArpTable { cfg, entries: HashMap::with_capacity(cfg.capacity), pending: HashMap::with_capacity(cfg.capacity) }
+    }
+
+    /// Adds a permanent entry.
+    pub fn add_static(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        self.entries.insert(ip, Entry { mac, expires: None });
+        self.pending.remove(&ip);
+    }
+
+    /// The MAC of `ip` if known and fresh.
+    pub fn lookup(&self, ip: Ipv4Addr, now: Instant) -> Option<EthernetAddress> {
+        let e = self.entries.get(&ip)?;
+        match e.expires {
+            Some(t) if t <= now => None,
+            _ => Some(e.mac),
+        }
+    }
+
+    /// Records `ip → mac` (from a reply, or from a request addressed to us). Static entries
+    /// are not overwritten. Returns true if a resolution for `ip` was waiting.
+    pub fn learn(&mut self, ip: Ipv4Addr, mac: EthernetAddress, now: Instant) -> bool {
+        if !mac.is_unicast() || ip.is_unspecified() {
+            return false;
+        }
+        let fresh = Entry { mac, expires: Some(now + self.cfg.timeout) };
+        let room = self.entries.len() < self.cfg.capacity;
+        match self.entries.get_mut(&ip) {
+            Some(e) if e.expires.is_none() => {}
+            Some(e) => *e = fresh,
+            None if room => {
+                self.entries.insert(ip, fresh);
+            }
+            None => {}
+        }
+        self.pending.remove(&ip).is_some()
+    }
+
+    /// Looks `ip` up, starting a resolution if needed.
+    pub fn resolve(&mut self, ip: Ipv4Addr, now: Instant) -> Resolve {
+        if let Some(mac) = self.lookup(ip, now) {
+            return Resolve::Known(mac);
+        }
+        if self.pending.contains_key(&ip) {
+            return Resolve::InProgress;
+        }
+        if self.pending.len() >= self.cfg.capacity {
+            return Resolve::Full;
+        }
+        self.pending.insert(ip, Pending { sent: 1, next: now + self.cfg.retry });
+        Resolve::SendRequest
+    }
+
+    /// Drives resolutions: `send(ip)` for each request due, `failed(ip)` for each that ran out
+    /// of retries; drops expired entries. Call when [`next_deadline`](Self::next_deadline)
+    /// passes.
+    pub fn poll(&mut self, now: Instant, mut send: impl FnMut(Ipv4Addr), mut failed: impl FnMut(Ipv4Addr)) {
+        let retries = self.cfg.retries;
+        let retry = self.cfg.retry;
+        self.pending.retain(|ip, p| {
+            if p.next > now {
+                return true;
+            }
+            if p.sent >= retries {
+                failed(*ip);
+                return false;
+            }
+            p.sent += 1;
+            p.next = now + retry;
+            send(*ip);
+            true
+        });
+        self.entries.retain(|_, e| e.expires.is_none_or(|t| t > now));
+    }
+
+    /// When [`poll`](Self::poll) next has something to do (retries; ageing is lazy).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.next).min()
+    }
+
+    /// All fresh entries (for statistics).
+    pub fn entries(&self, now: Instant) -> impl Iterator<Item = (Ipv4Addr, EthernetAddress, bool)> + '_ {
+        self.entries
+            .iter()
+            .filter(move |(_, e)| e.expires.is_none_or(|t| t > now))
+            .map(|(ip, e)| (*ip, e.mac, e.expires.is_none()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    const MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
+
+    fn ms(x: u64) -> Instant {
+        Instant::from_micros(x * 1000)
+    }
+
+    #[test]
+    fn resolution_retries_then_fails() {
+        let mut t = ArpTable::new(ArpConfig { retries: 3, ..ArpConfig::default() });
+        assert_eq!(t.resolve(IP, ms(0)), Resolve::SendRequest);
+        assert_eq!(t.resolve(IP, ms(1)), Resolve::InProgress);
+        let (mut sent, mut failed) = (Vec::new(), Vec::new());
+        for now in [10, 50, 100, 150, 200] {
+            t.poll(ms(now), |ip| sent.push((now, ip)), |ip| failed.push((now, ip)));
+        }
+        assert_eq!(sent, vec![(50, IP), (100, IP)], "two retries after the first request");
+        assert_eq!(failed, vec![(150, IP)]);
+        assert_eq!(t.next_deadline(), None);
+        assert_eq!(t.resolve(IP, ms(300)), Resolve::SendRequest, "a later attempt starts afresh");
+    }
+
+    #[test]
+    fn learned_entries_complete_resolution_and_age_out_static_ones_do_not() {
+        let mut t = ArpTable::new(ArpConfig { timeout: Duration::from_secs(1), ..ArpConfig::default() });
+        t.resolve(IP, ms(0));
+        assert!(t.learn(IP, MAC, ms(5)), "the pending resolution completes");
+        assert_eq!(t.resolve(IP, ms(6)), Resolve::Known(MAC));
+        assert_eq!(t.lookup(IP, ms(1004)), Some(MAC));
+        assert_eq!(t.lookup(IP, ms(1006)), None, "aged out");
+        let other = Ipv4Addr::new(198, 18, 0, 3);
+        t.add_static(other, MAC);
+        assert!(!t.learn(other, EthernetAddress([2, 0, 0, 0, 0, 9]), ms(0)));
+        assert_eq!(t.lookup(other, ms(1_000_000)), Some(MAC), "static entries never expire or change");
+        assert!(!t.learn(IP, EthernetAddress::BROADCAST, ms(0)), "broadcast MACs are not learned");
+    }
+}

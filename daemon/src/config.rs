@@ -1,0 +1,448 @@
+//! Configuration: Machnet's `config.json`, accepted as is, plus our extension key.
+//!
+//! ```json
+//! {
+//!   "machnet_config": {
+//!     "02:00:00:00:00:01": { "ip": "198.18.0.1", "engine_threads": 1, "cpu_mask": "0x1" }
+//!   },
+//!   "machnet_rs": {
+//!     "backend": "udp",
+//!     "udp": { "bind": "127.0.0.1:31001", "peers": ["127.0.0.1:31002"] }
+//!   }
+//! }
+//! ```
+//!
+//! `machnet_config` maps one interface MAC to `ip` (required), `engine_threads` (number,
+//! default 1), `cpu_mask` (hex string, default all CPUs) and `pcie` (PCI address or DPDK vdev
+//! string). `machnet_rs` is optional; its keys are documented on [`Extension`] and in
+//! `docs/operations.md`. Unknown keys anywhere are errors; every error names the file, the key
+//! and the reason.
+
+use machnet_net::wire::EthernetAddress;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default control socket path (the original's).
+pub const DEFAULT_CTRL_SOCK: &str = "/var/run/machnet/machnet_ctrl.sock";
+
+/// A configuration error: where, and why.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// The key path (`machnet_rs.udp.bind`), empty for whole-file problems.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    machnet_config: BTreeMap<String, RawInterface>,
+    #[serde(default)]
+    machnet_rs: Option<Extension>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    ip: String,
+    #[serde(default)]
+    engine_threads: Option<u32>,
+    #[serde(default)]
+    cpu_mask: Option<String>,
+    #[serde(default)]
+    pcie: Option<String>,
+}
+
+/// Which NIC backend the daemon drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Frames tunnelled in kernel UDP datagrams (no privileges, no setup).
+    #[default]
+    Udp,
+    /// A DPDK port (needs the `dpdk` cargo feature).
+    Dpdk,
+}
+
+/// The UDP tunnel backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpSection {
+    /// Local tunnel address, `ip:port`.
+    pub bind: String,
+    /// Peers' tunnel addresses, `ip:port` (frames for unknown MACs go to all of them).
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+/// Transport parameters (every key optional; defaults in `docs/protocol.md`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSection {
+    /// Retransmission timeout floor, µs (1000).
+    pub rto_min_us: Option<u64>,
+    /// RTO before the first sample and for handshakes, µs (5000).
+    pub rto_initial_us: Option<u64>,
+    /// RTO cap, µs (100000).
+    pub rto_max_us: Option<u64>,
+    /// Consecutive timeouts before a flow fails (10).
+    pub max_rto_retries: Option<u32>,
+    /// SYN transmissions before a connect fails (7).
+    pub syn_retries: Option<u32>,
+    /// `"swift"` (default) or `"fixed"`.
+    pub cc: Option<String>,
+    /// Window of the `"fixed"` algorithm, packets (32).
+    pub fixed_window: Option<u32>,
+    /// Receive window and send cap, packets, a power of two ≤ 256 (256).
+    pub window: Option<usize>,
+    /// Flows per shard (4096).
+    pub max_flows: Option<usize>,
+}
+
+/// Shared-memory channel sizes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSection {
+    /// Buffers per direction (12288: two 8 MiB messages each way).
+    pub buffers: Option<u32>,
+    /// Entries of each message ring (1024).
+    pub ring_entries: Option<u32>,
+    /// Most channels the daemon serves (256).
+    pub max_channels: Option<usize>,
+    /// After an application detaches a channel or dies, how long its flows may take to send
+    /// what it queued before they are reset, ms (2000).
+    pub linger_ms: Option<u64>,
+}
+
+/// ARP.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArpSection {
+    /// Static entries: IP → MAC; never expire.
+    #[serde(default)]
+    pub r#static: BTreeMap<String, String>,
+    /// Lifetime of learned entries, seconds (300).
+    pub timeout_s: Option<u64>,
+    /// Requests before a resolution fails (5).
+    pub retries: Option<u32>,
+    /// Interval between requests, ms (50).
+    pub retry_ms: Option<u64>,
+}
+
+/// Our extension key, `machnet_rs`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Extension {
+    /// `"udp"` (default) or `"dpdk"`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// UDP backend settings (required with `"udp"`).
+    pub udp: Option<UdpSection>,
+    /// `"busy"` or `"adaptive"`; default: busy when every shard gets a core, else adaptive.
+    pub idle: Option<String>,
+    /// Control socket path (the `--ctrl-sock` flag overrides it).
+    pub ctrl_sock: Option<String>,
+    /// Transport parameters.
+    #[serde(default)]
+    pub transport: TransportSection,
+    /// Channel sizes.
+    #[serde(default)]
+    pub channel: ChannelSection,
+    /// ARP.
+    #[serde(default)]
+    pub arp: ArpSection,
+    /// Skip software verification of received checksums (for peers whose NICs mangle the UDP
+    /// checksum; default false).
+    #[serde(default)]
+    pub no_rx_checksum: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Interface MAC.
+    pub mac: EthernetAddress,
+    /// The IPv4 address the daemon owns.
+    pub ip: Ipv4Addr,
+    /// Engine shards.
+    pub engine_threads: u32,
+    /// CPUs the shards may run on (bit i = CPU i); shards are pinned to these in order.
+    pub cpu_mask: Option<u64>,
+    /// PCI address or vdev string.
+    pub pcie: Option<String>,
+    /// Extension settings.
+    pub ext: Extension,
+    /// UDP tunnel endpoints, parsed.
+    pub udp_bind: Option<SocketAddrV4>,
+    /// UDP peers, parsed.
+    pub udp_peers: Vec<SocketAddrV4>,
+    /// Static ARP entries, parsed.
+    pub static_arp: Vec<(Ipv4Addr, EthernetAddress)>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.into(),
+            key: String::new(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates configuration text (as if read from `path`).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError { file: path.into(), key: key.into(), reason };
+        let raw: RawFile = serde_json::from_str(text).map_err(|e| {
+            // serde names the offending key in its message ("unknown field `x`, expected …").
+            err("", format!("invalid configuration: {e}"))
+        })?;
+        if raw.machnet_config.is_empty() {
+            return Err(err("machnet_config", "no interface configured".into()));
+        }
+        if raw.machnet_config.len() > 1 {
+            return Err(err(
+                "machnet_config",
+                format!(
+                    "machnetd serves one interface per daemon; found {} (run one daemon per NIC)",
+                    raw.machnet_config.len()
+                ),
+            ));
+        }
+        let (mac_s, iface) = raw.machnet_config.into_iter().next().expect("one entry");
+        let key = |k: &str| format!("machnet_config.{mac_s}.{k}");
+        let mac: EthernetAddress =
+            mac_s.parse().map_err(|e| err(&format!("machnet_config.{mac_s}"), format!("bad MAC address: {e}")))?;
+        if !mac.is_unicast() || mac == EthernetAddress::ZERO {
+            return Err(err(&format!("machnet_config.{mac_s}"), "MAC must be a unicast, non-zero address".into()));
+        }
+        let ip: Ipv4Addr =
+            iface.ip.parse().map_err(|_| err(&key("ip"), format!("{:?} is not an IPv4 address", iface.ip)))?;
+        if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+            return Err(err(&key("ip"), format!("{ip} cannot be an interface address")));
+        }
+        let engine_threads = iface.engine_threads.unwrap_or(1);
+        if !(1..=64).contains(&engine_threads) {
+            return Err(err(&key("engine_threads"), format!("{engine_threads} is out of range 1..=64")));
+        }
+        let cpu_mask = match &iface.cpu_mask {
+            None => None,
+            Some(s) => {
+                let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+                let m = u64::from_str_radix(hex, 16)
+                    .map_err(|_| err(&key("cpu_mask"), format!("{s:?} is not a hexadecimal mask")))?;
+                if m == 0 {
+                    return Err(err(&key("cpu_mask"), "mask selects no CPU".into()));
+                }
+                Some(m)
+            }
+        };
+        let ext = raw.machnet_rs.unwrap_or_default();
+        let mut udp_bind = None;
+        let mut udp_peers = Vec::new();
+        match ext.backend {
+            Backend::Udp => {
+                let udp = ext.udp.as_ref().ok_or_else(|| {
+                    err(
+                        "machnet_rs.udp",
+                        "the udp backend needs \"udp\": {\"bind\": \"ip:port\", \"peers\": [...]}".into(),
+                    )
+                })?;
+                udp_bind = Some(
+                    udp.bind
+                        .parse()
+                        .map_err(|_| err("machnet_rs.udp.bind", format!("{:?} is not an IPv4 ip:port", udp.bind)))?,
+                );
+                for (i, p) in udp.peers.iter().enumerate() {
+                    udp_peers.push(p.parse().map_err(|_| {
+                        err(&format!("machnet_rs.udp.peers[{i}]"), format!("{p:?} is not an IPv4 ip:port"))
+                    })?);
+                }
+                if engine_threads != 1 {
+                    return Err(err(
+                        &key("engine_threads"),
+                        "the udp backend has one queue: use engine_threads 1".into(),
+                    ));
+                }
+            }
+            Backend::Dpdk => {
+                if ext.udp.is_some() {
+                    return Err(err("machnet_rs.udp", "only meaningful with \"backend\": \"udp\"".into()));
+                }
+            }
+        }
+        if let Some(idle) = &ext.idle {
+            if idle != "busy" && idle != "adaptive" {
+                return Err(err("machnet_rs.idle", format!("{idle:?}: expected \"busy\" or \"adaptive\"")));
+            }
+        }
+        if let Some(cc) = &ext.transport.cc {
+            if cc != "swift" && cc != "fixed" {
+                return Err(err("machnet_rs.transport.cc", format!("{cc:?}: expected \"swift\" or \"fixed\"")));
+            }
+        }
+        let mut static_arp = Vec::new();
+        for (ip_s, mac_s) in &ext.arp.r#static {
+            let k = format!("machnet_rs.arp.static.{ip_s}");
+            let ip: Ipv4Addr = ip_s.parse().map_err(|_| err(&k, format!("{ip_s:?} is not an IPv4 address")))?;
+            let m: EthernetAddress = mac_s.parse().map_err(|e| err(&k, format!("bad MAC {mac_s:?}: {e}")))?;
+            static_arp.push((ip, m));
+        }
+        let cfg = Config {
+            file: path.into(),
+            mac,
+            ip,
+            engine_threads,
+            cpu_mask,
+            pcie: iface.pcie,
+            ext,
+            udp_bind,
+            udp_peers,
+            static_arp,
+        };
+        cfg.transport().validate().map_err(|e| err("machnet_rs.transport", e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Transport parameters with the extension's overrides applied.
+    pub fn transport(&self) -> machnet_transport::Config {
+        use machnet_transport::cc::CcConfig;
+        let t = &self.ext.transport;
+        let d = machnet_transport::Config::default();
+        let us = |v: Option<u64>, dflt: Duration| v.map_or(dflt, Duration::from_micros);
+        machnet_transport::Config {
+            rto_min: us(t.rto_min_us, d.rto_min),
+            rto_initial: us(t.rto_initial_us, d.rto_initial),
+            rto_max: us(t.rto_max_us, d.rto_max),
+            max_rto_retries: t.max_rto_retries.unwrap_or(d.max_rto_retries),
+            syn_retries: t.syn_retries.unwrap_or(d.syn_retries),
+            cc: match t.cc.as_deref() {
+                Some("fixed") => CcConfig::Fixed { window: t.fixed_window.unwrap_or(32) },
+                _ => CcConfig::default(),
+            },
+            window: t.window.unwrap_or(d.window),
+            max_flows: t.max_flows.unwrap_or(d.max_flows),
+            ..d
+        }
+    }
+
+    /// CPUs selected by `cpu_mask`, in order.
+    pub fn cpus(&self) -> Vec<usize> {
+        match self.cpu_mask {
+            None => Vec::new(),
+            Some(m) => (0..64).filter(|i| m & (1 << i) != 0).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/machnet/test.json"), text)
+    }
+
+    #[test]
+    fn original_schema_with_udp_extension() {
+        let c = parse(
+            r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "198.18.0.1", "engine_threads": 1, "cpu_mask": "0x2"}},
+               "machnet_rs": {"backend": "udp", "udp": {"bind": "127.0.0.1:31001", "peers": ["127.0.0.1:31002"]},
+                              "transport": {"rto_min_us": 500, "cc": "fixed"}, "arp": {"static": {"198.18.0.2": "02:00:00:00:00:02"}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ip, Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(c.cpus(), vec![1]);
+        assert_eq!(c.udp_peers.len(), 1);
+        assert_eq!(c.transport().rto_min, Duration::from_micros(500));
+        assert_eq!(c.transport().cc, machnet_transport::cc::CcConfig::Fixed { window: 32 });
+        assert_eq!(c.static_arp, vec![(Ipv4Addr::new(198, 18, 0, 2), EthernetAddress([2, 0, 0, 0, 0, 2]))]);
+    }
+
+    #[test]
+    fn the_originals_shipped_example_is_accepted_for_dpdk() {
+        let c = parse(r#"{"machnet_config": {"00:11:22:33:44:55": {"ip": "172.17.0.1", "engine_threads": 1}}, "machnet_rs": {"backend": "dpdk"}}"#).unwrap();
+        assert_eq!(c.engine_threads, 1);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let cases = [
+            ("{", "", "invalid configuration"),
+            (r#"{"machnet_config": {}}"#, "machnet_config", "no interface"),
+            (r#"{"machnet_config": {"zz": {"ip": "1.2.3.4"}}}"#, "machnet_config.zz", "bad MAC"),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3"}}}"#,
+                "machnet_config.02:00:00:00:00:01.ip",
+                "not an IPv4",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4", "colour": 1}}}"#,
+                "",
+                "unknown field `colour`",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "extra": 1}"#,
+                "",
+                "unknown field `extra`",
+            ),
+            (r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}}"#, "machnet_rs.udp", "udp backend needs"),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4", "cpu_mask": "0xg"}}, "machnet_rs": {"backend": "dpdk"}}"#,
+                "cpu_mask",
+                "not a hexadecimal",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4", "engine_threads": "1"}}}"#,
+                "",
+                "invalid type",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"udp": {"bind": "x"}}}"#,
+                "machnet_rs.udp.bind",
+                "not an IPv4 ip:port",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"backend": "dpdk", "transport": {"window": 300}}}"#,
+                "machnet_rs.transport",
+                "power of two",
+            ),
+            (
+                r#"{"machnet_config": {"01:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"backend": "dpdk"}}"#,
+                "machnet_config.01:00:00:00:00:01",
+                "unicast",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let e = parse(text).expect_err(text);
+            let msg = e.to_string();
+            assert!(msg.starts_with("/etc/machnet/test.json"), "{msg}");
+            assert!(e.key.contains(key), "{text}: key {:?} lacks {key:?}", e.key);
+            assert!(msg.contains(reason), "{text}: {msg}");
+        }
+        let e = Config::load(Path::new("/nonexistent/machnet.json")).unwrap_err();
+        assert!(e.to_string().contains("cannot read"), "{e}");
+    }
+}

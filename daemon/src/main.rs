@@ -1,0 +1,213 @@
+//! `machnetd`: see `machnetd --help` and docs/operations.md.
+
+use clap::Parser;
+use machnet::ctrl::CtrlServer;
+use machnet::layout::ChannelConfig;
+use machnet_daemon::arp::ArpConfig;
+use machnet_daemon::config::{Backend, Config, DEFAULT_CTRL_SOCK};
+use machnet_daemon::controller::{Controller, ShardLink};
+use machnet_daemon::shard::{EngineShard, ShardReport, ShardSetup};
+use machnet_net::port::udp::{UdpConfig, UdpPeer, UdpPort};
+use machnet_net::port::Port;
+use machnet_runtime::idle::{IdlePolicy, Parker};
+use machnet_runtime::shard::{Shard, ShardConfig};
+use machnet_transport::{Endpoint, LocalAddr};
+use std::io::Read;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+/// machnetd: the machnet-rs sidecar daemon. It owns a network port, runs the Machnet transport
+/// on one engine shard per queue, and serves applications on this host over shared-memory
+/// channels (machnet.h / the Rust client). SIGINT or SIGTERM shut it down in order: flows are
+/// reset, applications told, the control socket removed, exit status 0.
+#[derive(Parser, Debug)]
+#[command(name = "machnetd", version)]
+struct Cli {
+    /// Configuration file: Machnet's config.json schema ("machnet_config": {MAC: {ip,
+    /// engine_threads, cpu_mask, pcie}}) plus the optional "machnet_rs" extension key
+    /// (docs/operations.md). Also accepted as --config_json.
+    #[arg(long, alias = "config_json", default_value = "/var/run/machnet/local_config.json")]
+    config: PathBuf,
+
+    /// Control socket path. Default: the config's machnet_rs.ctrl_sock, else
+    /// $MACHNET_CTRL_SOCK, else /var/run/machnet/machnet_ctrl.sock.
+    #[arg(long)]
+    ctrl_sock: Option<PathBuf>,
+
+    /// Log level.
+    #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    log_level: String,
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    u64::from_le_bytes(b) ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new().parse_filters(&cli.log_level).format_target(false).init();
+    let cfg = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("machnetd: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&cli, cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("machnetd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli, cfg: Config) -> Result<(), String> {
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, term.clone()).map_err(|e| format!("cannot install signal handler: {e}"))?;
+    }
+    let ctrl_path = cli
+        .ctrl_sock
+        .clone()
+        .or_else(|| cfg.ext.ctrl_sock.as_ref().map(PathBuf::from))
+        .or_else(|| std::env::var_os("MACHNET_CTRL_SOCK").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CTRL_SOCK));
+    match cfg.ext.backend {
+        Backend::Udp => {
+            let bind = cfg.udp_bind.expect("validated");
+            let peers = cfg.udp_peers.iter().map(|&addr| UdpPeer { addr, mac: None }).collect();
+            let port = UdpPort::new(&UdpConfig::new(bind, cfg.mac, peers))
+                .map_err(|e| format!("udp backend: cannot bind {bind}: {e}"))?;
+            let fd = port.raw_fd();
+            serve(&cfg, vec![(port, Some(fd))], &ctrl_path, &term)
+        }
+        Backend::Dpdk => Err("the dpdk backend is not built into this machnetd (build with --features dpdk)".into()),
+    }
+}
+
+fn serve<P>(cfg: &Config, ports: Vec<(P, Option<RawFd>)>, ctrl_path: &PathBuf, term: &AtomicBool) -> Result<(), String>
+where
+    P: Port + Send + 'static,
+    P::Buf: Send,
+{
+    let tcfg = cfg.transport();
+    let shared_ports = Endpoint::shared_ports();
+    let idle = match cfg.ext.idle.as_deref() {
+        Some("busy") => IdlePolicy::Busy,
+        Some(_) => IdlePolicy::ADAPTIVE,
+        None => IdlePolicy::default_for(ports.len()),
+    };
+    let arp_cfg = ArpConfig {
+        timeout: cfg.ext.arp.timeout_s.map_or(ArpConfig::default().timeout, Duration::from_secs),
+        retries: cfg.ext.arp.retries.unwrap_or(ArpConfig::default().retries),
+        retry: cfg.ext.arp.retry_ms.map_or(ArpConfig::default().retry, Duration::from_millis),
+        ..ArpConfig::default()
+    };
+    let rx_caps = |p: &P| {
+        let c = p.capabilities().checksum;
+        if cfg.ext.no_rx_checksum {
+            c.without_rx()
+        } else {
+            c
+        }
+    };
+    let cpus = cfg.cpus();
+    let mut shards = Vec::new();
+    let mut links = Vec::new();
+    for (i, (port, fd)) in ports.into_iter().enumerate() {
+        let local = LocalAddr { mac: cfg.mac, ip: cfg.ip };
+        let mut endpoint =
+            Endpoint::new(machnet_transport::Config { seed: random_seed(), ..tcfg }, local, shared_ports.clone())
+                .map_err(|e| format!("transport configuration: {e}"))?;
+        endpoint.set_steering(port.capabilities().rss.as_ref().and_then(|r| r.build()), i as u16);
+        let (tx, rx) = mpsc::sync_channel(1024);
+        let parker = Parker::new().map_err(|e| format!("cannot create a parker: {e}"))?;
+        if let Some(fd) = fd {
+            parker.add_fd(fd, u64::MAX - 1).map_err(|e| format!("cannot watch the port: {e}"))?;
+        }
+        let report = Arc::new(Mutex::new(ShardReport::default()));
+        let setup = ShardSetup {
+            index: i,
+            rx_caps: rx_caps(&port),
+            port,
+            endpoint,
+            arp: (arp_cfg, cfg.static_arp.clone()),
+            cmds: rx,
+            fds: parker.fd_set(),
+            report: report.clone(),
+            linger: Duration::from_millis(cfg.ext.channel.linger_ms.unwrap_or(2000)),
+        };
+        let scfg = ShardConfig {
+            name: format!("machnet-shard{i}"),
+            core: cpus.get(i).copied(),
+            idle,
+            ..ShardConfig::default()
+        };
+        let shard = Shard::spawn_with(scfg, EngineShard::new(setup), parker)
+            .map_err(|e| format!("cannot start shard {i}: {e}"))?;
+        links.push(ShardLink { cmds: tx, waker: shard.waker(), channels: 0 });
+        shards.push((shard, report));
+    }
+    let channel_cfg = ChannelConfig {
+        mss: tcfg.mss as u32,
+        tx_bufs: cfg.ext.channel.buffers.unwrap_or(ChannelConfig::DEFAULT.tx_bufs),
+        rx_bufs: cfg.ext.channel.buffers.unwrap_or(ChannelConfig::DEFAULT.rx_bufs),
+        tx_ring: cfg.ext.channel.ring_entries.unwrap_or(ChannelConfig::DEFAULT.tx_ring),
+        rx_ring: cfg.ext.channel.ring_entries.unwrap_or(ChannelConfig::DEFAULT.rx_ring),
+        ..ChannelConfig::DEFAULT
+    };
+    let mut controller = Controller::new(links, channel_cfg, cfg.ext.channel.max_channels.unwrap_or(256));
+    let server = match CtrlServer::bind(ctrl_path) {
+        Ok(s) => s,
+        Err(e) => {
+            controller.shutdown();
+            for (s, _) in shards {
+                let _ = s.join();
+            }
+            return Err(format!("cannot open the control socket {}: {e}", ctrl_path.display()));
+        }
+    };
+    log::info!(
+        "machnetd ready: {} ({}), {:?} backend, {} shard(s), {idle:?}, control socket {}",
+        cfg.ip,
+        cfg.mac,
+        cfg.ext.backend,
+        shards.len(),
+        ctrl_path.display()
+    );
+    let mut server = server;
+    while !term.load(Ordering::Relaxed) {
+        if let Err(e) = server.poll(Some(Duration::from_millis(100)), &mut controller) {
+            log::error!("control socket: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    log::info!("shutting down: resetting flows and telling {} application(s)", controller.app_count());
+    controller.shutdown();
+    for (s, report) in shards {
+        let name = s.stats().name;
+        let _ = s.join();
+        let r = report.lock().map(|r| r.clone()).unwrap_or_default();
+        log::info!(
+            "{name}: {} flows opened, {} messages in / {} out, {} retransmissions, {} sends refused (not the sender's flow), {} channel violations",
+            r.endpoint.flows_opened,
+            r.endpoint.rx_messages,
+            r.endpoint.tx_messages,
+            r.endpoint.tx_retransmits,
+            r.counters.tx_refused,
+            r.counters.channel_violations,
+        );
+    }
+    drop(server);
+    log::info!("stopped");
+    Ok(())
+}

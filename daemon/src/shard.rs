@@ -1,0 +1,1002 @@
+//! One engine shard: a port queue, the flows of its channels, and the stages that move data
+//! between them.
+//!
+//! Stages, in order, every loop:
+//!
+//! | stage | does |
+//! |---|---|
+//! | `control` | commands from the controller: adopt or remove a channel, shut down |
+//! | `rx` | receive a burst; ARP and ICMP answered here; Machnet packets to the endpoint |
+//! | `channels` | each channel's control requests (listen, connect, close) and queued messages |
+//! | `timers` | the timing wheel (retransmission, handshakes), ARP retries |
+//! | `tx` | owed ACKs and window-permitted data, the transmit burst, channel doorbells |
+
+use crate::arp::{ArpConfig, ArpTable, Resolve};
+use arrayvec::ArrayVec;
+use machnet::ctrl::AppId;
+use machnet::engine::{CtrlRequest, DeliverError, EngineChannel, TxMsg};
+use machnet::layout::MachnetFlow;
+use machnet::ops::{CtrlOp, Event as ChEvent, EventKind, Status};
+use machnet_net::port::{Burst, PacketBuf, Port};
+use machnet_net::time::Instant;
+use machnet_net::wire::{
+    classify, emit_arp, ArpOperation, ArpRepr, ChecksumCaps, EthernetAddress, Frame, FrameRepr, IcmpEchoKind, MsgFlags,
+    FRAME_HEADER_LEN,
+};
+use machnet_runtime::idle::FdSet;
+use machnet_runtime::shard::{Pipeline, Recorder};
+use machnet_runtime::stage::Work;
+use machnet_runtime::wheel::{TimerId, TimerWheel};
+use machnet_transport::{ConnectError, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, Seg};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const NIL: u32 = u32::MAX;
+/// Messages taken from one channel per round (fairness between channels).
+const TX_BUDGET: usize = 64;
+/// Control requests taken from one channel per round.
+const CTRL_BUDGET: usize = 16;
+/// While a delivery waits for an application to read, parks are cut to this.
+const BLOCKED_RECHECK: Duration = Duration::from_micros(100);
+
+/// A channel adopted by a shard.
+pub struct ChannelSlot {
+    /// Daemon-wide channel id.
+    pub id: u64,
+    /// The application that owns it.
+    pub app: AppId,
+    /// Engine side of the shared memory.
+    pub ch: EngineChannel,
+    /// Transmit chains as the transport links them (engine-private: the app cannot change
+    /// them): next segment, and fragment flags.
+    tx_next: Vec<u32>,
+    tx_flags: Vec<u8>,
+    /// The last delivery found the application's ring full.
+    blocked: bool,
+    /// The application detached or died: its flows are draining until this deadline.
+    linger: Option<Instant>,
+    /// When the lingering channel is next checked.
+    next_check: Instant,
+}
+
+impl ChannelSlot {
+    /// Wraps a newly created channel.
+    pub fn new(id: u64, app: AppId, ch: EngineChannel) -> Self {
+        let n = ch.layout().cfg.tx_bufs as usize;
+        ChannelSlot {
+            id,
+            app,
+            ch,
+            tx_next: vec![NIL; n],
+            tx_flags: vec![0; n],
+            blocked: false,
+            linger: None,
+            next_check: Instant::ZERO,
+        }
+    }
+}
+
+/// Orders from the controller.
+pub enum ShardCmd {
+    /// Serve this channel.
+    AddChannel(Box<ChannelSlot>),
+    /// The channel was detached or its application died: close its flows, reclaim it.
+    RemoveChannel {
+        /// Channel id.
+        id: u64,
+    },
+    /// Reset every flow, tell the applications, and stop.
+    Shutdown,
+}
+
+/// Counters of a shard beyond the endpoint's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardCounters {
+    /// Frames that did not parse (by any reason), or were not for us.
+    pub rx_dropped: u64,
+    /// ARP requests answered.
+    pub arp_replies: u64,
+    /// ARP requests sent.
+    pub arp_requests: u64,
+    /// ICMP echo requests answered.
+    pub icmp_replies: u64,
+    /// Messages refused because the flow does not exist or belongs to another application.
+    pub tx_refused: u64,
+    /// Messages refused by the transport (flow not established, bad size).
+    pub tx_rejected: u64,
+    /// Protocol violations seen on channels.
+    pub channel_violations: u64,
+    /// Channels closed because their shared memory was corrupted.
+    pub channels_poisoned: u64,
+    /// Frames dropped because the device would not take them.
+    pub tx_dropped: u64,
+    /// Messages that arrived for an application that had gone (dropped).
+    pub rx_orphaned: u64,
+    /// Lingering channels whose flows had not drained by the deadline (then reset).
+    pub linger_expired: u64,
+    /// Timers that did not fit the wheel.
+    pub timer_overflow: u64,
+}
+
+/// A snapshot a controller can read without stalling the shard.
+#[derive(Debug, Clone, Default)]
+pub struct ShardReport {
+    /// Channels served.
+    pub channels: usize,
+    /// Live flows.
+    pub flows: usize,
+    /// Endpoint counters.
+    pub endpoint: machnet_transport::EndpointStats,
+    /// Shard counters.
+    pub counters: ShardCounters,
+}
+
+/// The transport's environment: channel buffers, the port's transmit side, timers, events.
+pub struct ShardEnv<P: Port> {
+    port: P,
+    txq: Burst<P::Buf>,
+    caps: ChecksumCaps,
+    channels: Vec<Option<ChannelSlot>>,
+    wheel: TimerWheel<FlowId>,
+    timers: Vec<Option<TimerId>>,
+    fired: Vec<FlowId>,
+    blocked: bool,
+    counters: ShardCounters,
+}
+
+impl<P: Port> ShardEnv<P> {
+    fn slot(&mut self, owner: Owner) -> Option<&mut ChannelSlot> {
+        self.channels.get_mut(owner as usize)?.as_mut()
+    }
+
+    /// Sends what is queued; what the device refuses stays queued (the caller retries).
+    fn flush_tx(&mut self) -> usize {
+        let mut sent = 0;
+        for _ in 0..4 {
+            if self.txq.is_empty() {
+                break;
+            }
+            let n = self.port.tx_burst(&mut self.txq);
+            sent += n;
+            if n == 0 {
+                break;
+            }
+        }
+        sent
+    }
+
+    /// A buffer to build a frame in, flushing first if the burst is full.
+    fn tx_buf(&mut self) -> Option<P::Buf> {
+        if self.txq.is_full() {
+            self.flush_tx();
+            if self.txq.is_full() {
+                return None;
+            }
+        }
+        self.port.alloc()
+    }
+
+    /// Builds and queues a frame with `build` (returns the length, or `None` to drop it).
+    fn send_raw(&mut self, build: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {
+        let Some(mut buf) = self.tx_buf() else {
+            self.counters.tx_dropped += 1;
+            return false;
+        };
+        match build(buf.storage_mut()) {
+            Some(len) => {
+                buf.set_len(len);
+                self.txq.push(buf);
+                true
+            }
+            None => {
+                self.port.free(buf);
+                false
+            }
+        }
+    }
+}
+
+fn to_mflow(t: &FlowTuple) -> MachnetFlow {
+    MachnetFlow {
+        src_ip: t.local_ip.to_bits(),
+        dst_ip: t.remote_ip.to_bits(),
+        src_port: t.local_port,
+        dst_port: t.remote_port,
+    }
+}
+
+impl<P: Port> Env for ShardEnv<P> {
+    fn alloc_rx(&mut self, owner: Owner, payload: &[u8], _flags: MsgFlags) -> Option<Seg> {
+        self.slot(owner)?.ch.alloc_rx(payload)
+    }
+    fn link_rx(&mut self, owner: Owner, prev: Seg, next: Seg) {
+        if let Some(s) = self.slot(owner) {
+            s.ch.link_rx(prev, next);
+        }
+    }
+    fn free_rx(&mut self, owner: Owner, seg: Seg) {
+        if let Some(s) = self.slot(owner) {
+            s.ch.free_rx(seg);
+        }
+    }
+    fn free_rx_chain(&mut self, owner: Owner, head: Seg, count: u32) {
+        if let Some(s) = self.slot(owner) {
+            s.ch.free_rx_chain(head, count);
+        }
+    }
+    fn deliver(&mut self, owner: Owner, _flow: FlowId, tuple: &FlowTuple, msg: &InMsg) -> bool {
+        let Some(s) = self.slot(owner) else { return true };
+        if s.linger.is_some() {
+            // The application is gone: nobody will read this.
+            s.ch.free_rx_chain(msg.head, msg.count);
+            self.counters.rx_orphaned += 1;
+            return true;
+        }
+        // Received messages read as "from the remote peer to us".
+        let flow = MachnetFlow {
+            src_ip: tuple.remote_ip.to_bits(),
+            dst_ip: tuple.local_ip.to_bits(),
+            src_port: tuple.remote_port,
+            dst_port: tuple.local_port,
+        };
+        match s.ch.deliver(flow, msg.head, msg.count, msg.len) {
+            Ok(()) => true,
+            Err(DeliverError::Full) => {
+                s.blocked = true;
+                self.blocked = true;
+                false
+            }
+            Err(DeliverError::BadChain) => {
+                log::error!("channel {}: engine produced a bad receive chain; message dropped", s.id);
+                s.ch.free_rx_chain(msg.head, msg.count);
+                true
+            }
+        }
+    }
+    fn tx_meta(&self, owner: Owner, seg: Seg) -> (usize, MsgFlags) {
+        match self.channels.get(owner as usize).and_then(|s| s.as_ref()) {
+            Some(s) => {
+                (s.ch.seg_len(seg), MsgFlags::from_bits_retain(s.tx_flags.get(seg as usize).copied().unwrap_or(0)))
+            }
+            None => (0, MsgFlags::empty()),
+        }
+    }
+    fn tx_next(&self, owner: Owner, seg: Seg) -> Option<Seg> {
+        let s = self.channels.get(owner as usize)?.as_ref()?;
+        let n = *s.tx_next.get(seg as usize)?;
+        (n != NIL).then_some(n)
+    }
+    fn tx_link(&mut self, owner: Owner, prev: Seg, next: Seg) {
+        if let Some(s) = self.slot(owner) {
+            if let Some(x) = s.tx_next.get_mut(prev as usize) {
+                *x = next;
+            }
+        }
+    }
+    fn free_tx(&mut self, owner: Owner, seg: Seg) {
+        if let Some(s) = self.slot(owner) {
+            s.ch.free_tx(seg);
+        }
+    }
+    fn transmit(&mut self, owner: Owner, frame: &FrameRepr, payload: Option<Seg>) -> bool {
+        let Some(mut buf) = self.tx_buf() else { return false };
+        let storage = buf.storage_mut();
+        let n = match payload {
+            None => 0,
+            Some(seg) => match self.channels.get(owner as usize).and_then(|s| s.as_ref()) {
+                Some(s) => s.ch.read_seg(seg, &mut storage[FRAME_HEADER_LEN..]),
+                None => 0,
+            },
+        };
+        match frame.emit(storage, n, self.caps) {
+            Ok(len) => {
+                buf.set_len(len);
+                self.txq.push(buf);
+                true
+            }
+            Err(_) => {
+                self.port.free(buf);
+                self.counters.tx_dropped += 1;
+                true
+            }
+        }
+    }
+    fn set_timer(&mut self, flow: FlowId, at: Option<Instant>) {
+        let i = flow.index() as usize;
+        if let Some(id) = self.timers[i].take() {
+            self.wheel.cancel(id);
+        }
+        if let Some(at) = at {
+            match self.wheel.insert(at, flow) {
+                Ok(id) => self.timers[i] = Some(id),
+                Err(_) => self.counters.timer_overflow += 1,
+            }
+        }
+    }
+    fn event(&mut self, owner: Owner, event: Event) {
+        let Some(s) = self.slot(owner) else { return };
+        match event {
+            Event::Connected { tuple, token, .. } => {
+                let _ = s.ch.complete(token, Ok(to_mflow(&tuple)));
+            }
+            Event::ConnectFailed { token, error } => {
+                let st = match error {
+                    ConnectError::Refused => Status::Refused,
+                    ConnectError::Timeout => Status::TimedOut,
+                };
+                let _ = s.ch.complete(token, Err(st));
+            }
+            Event::PeerClosed { tuple, .. } => {
+                s.ch.post_event(ChEvent {
+                    kind: EventKind::FlowClosed,
+                    flow: to_mflow(&tuple),
+                    status: Status::Closed,
+                    aux: 0,
+                });
+            }
+            Event::FlowFailed { tuple, .. } => {
+                s.ch.post_event(ChEvent {
+                    kind: EventKind::FlowFailed,
+                    flow: to_mflow(&tuple),
+                    status: Status::TimedOut,
+                    aux: 0,
+                });
+            }
+            Event::Accepted { .. } | Event::Closed { .. } => {}
+        }
+    }
+}
+
+/// A connect waiting for ARP.
+#[derive(Debug, Clone, Copy)]
+struct PendingConnect {
+    owner: Owner,
+    id: u64,
+    remote_ip: Ipv4Addr,
+    remote_port: u16,
+}
+
+/// Everything one shard needs at start-up.
+pub struct ShardSetup<P: Port> {
+    /// Shard index (its queue on the port).
+    pub index: usize,
+    /// The port queue.
+    pub port: P,
+    /// Transport endpoint.
+    pub endpoint: Endpoint,
+    /// ARP behaviour and static entries.
+    pub arp: (ArpConfig, Vec<(Ipv4Addr, EthernetAddress)>),
+    /// Receive checksum handling (transmit comes from the port's capabilities).
+    pub rx_caps: ChecksumCaps,
+    /// Commands from the controller.
+    pub cmds: Receiver<ShardCmd>,
+    /// Where the shard registers channel doorbells.
+    pub fds: FdSet,
+    /// Where the shard publishes its report.
+    pub report: Arc<Mutex<ShardReport>>,
+    /// How long a detached channel's flows may take to drain.
+    pub linger: Duration,
+}
+
+/// The pipeline of one shard.
+pub struct EngineShard<P: Port> {
+    index: usize,
+    ep: Endpoint,
+    env: ShardEnv<P>,
+    arp: ArpTable,
+    local: LocalAddr,
+    rx_caps: ChecksumCaps,
+    cmds: Receiver<ShardCmd>,
+    fds: FdSet,
+    pending: Vec<PendingConnect>,
+    arp_send: Vec<Ipv4Addr>,
+    arp_failed: Vec<Ipv4Addr>,
+    rx: Burst<P::Buf>,
+    last_now: Instant,
+    done: bool,
+    report: Arc<Mutex<ShardReport>>,
+    last_report: Instant,
+    last_debug: u64,
+    linger: Duration,
+}
+
+/// Channels one shard serves at most.
+pub const MAX_CHANNELS_PER_SHARD: usize = 1024;
+
+impl<P: Port> EngineShard<P> {
+    /// Builds a shard (its memory is reserved here).
+    pub fn new(s: ShardSetup<P>) -> Self {
+        let max_flows = s.endpoint.config().max_flows;
+        let local = s.endpoint.local();
+        let arp_capacity = s.arp.0.capacity;
+        let mut arp = ArpTable::new(s.arp.0);
+        for (ip, mac) in s.arp.1 {
+            arp.add_static(ip, mac);
+        }
+        let caps = s.port.capabilities().checksum;
+        EngineShard {
+            index: s.index,
+            env: ShardEnv {
+                port: s.port,
+                txq: Burst::new(),
+                caps,
+                channels: Vec::with_capacity(MAX_CHANNELS_PER_SHARD),
+                // Anchored at the current time (the shard's clock is CLOCK_MONOTONIC-based).
+                wheel: TimerWheel::new(max_flows + 64, Instant(machnet_runtime::clock::monotonic_ns())),
+                timers: vec![None; max_flows],
+                fired: Vec::with_capacity(max_flows + 64),
+                blocked: false,
+                counters: ShardCounters::default(),
+            },
+            ep: s.endpoint,
+            arp,
+            local,
+            rx_caps: s.rx_caps,
+            cmds: s.cmds,
+            fds: s.fds,
+            pending: Vec::with_capacity(256),
+            arp_send: Vec::with_capacity(arp_capacity),
+            arp_failed: Vec::with_capacity(arp_capacity),
+            rx: Burst::new(),
+            last_now: Instant::ZERO,
+            done: false,
+            report: s.report,
+            last_report: Instant::ZERO,
+            last_debug: 0,
+            linger: s.linger,
+        }
+    }
+
+    // --- control -------------------------------------------------------------------------
+
+    fn poll_cmds(&mut self, now: Instant) -> Work {
+        let mut n = 0;
+        loop {
+            match self.cmds.try_recv() {
+                Ok(ShardCmd::AddChannel(slot)) => {
+                    n += 1;
+                    self.adopt(*slot);
+                }
+                Ok(ShardCmd::RemoveChannel { id }) => {
+                    n += 1;
+                    if let Some(owner) = self.owner_of_channel(id) {
+                        self.start_linger(now, owner);
+                    }
+                }
+                Ok(ShardCmd::Shutdown) | Err(TryRecvError::Disconnected) => {
+                    self.shutdown(now);
+                    return Work(n + 1);
+                }
+                Err(TryRecvError::Empty) => return Work(n),
+            }
+        }
+    }
+
+    fn adopt(&mut self, slot: ChannelSlot) {
+        let bell = slot.ch.engine_bell().as_raw_fd();
+        let owner = match self.env.channels.iter().position(|s| s.is_none()) {
+            Some(i) => i,
+            None if self.env.channels.len() < MAX_CHANNELS_PER_SHARD => {
+                self.env.channels.push(None);
+                self.env.channels.len() - 1
+            }
+            None => {
+                log::error!("shard {}: channel table full; channel {} dropped", self.index, slot.id);
+                return;
+            }
+        };
+        if let Err(e) = self.fds.add(bell, owner as u64) {
+            log::warn!("shard {}: cannot watch doorbell of channel {}: {e}", self.index, slot.id);
+        }
+        log::info!("shard {}: serving channel {} of app {}", self.index, slot.id, slot.app.0);
+        self.env.channels[owner] = Some(slot);
+    }
+
+    fn owner_of_channel(&self, id: u64) -> Option<Owner> {
+        self.env.channels.iter().position(|s| s.as_ref().is_some_and(|s| s.id == id)).map(|i| i as Owner)
+    }
+
+    /// The application detached the channel or died: its listeners close now; its flows close
+    /// gracefully, so what it queued still reaches the peers; the channel is reclaimed when the
+    /// last flow is gone or the linger time is up.
+    fn start_linger(&mut self, now: Instant, owner: Owner) {
+        let Some(slot) = self.env.slot(owner) else { return };
+        if slot.linger.is_some() {
+            return;
+        }
+        if slot.ch.is_poisoned() {
+            self.remove_owner(now, owner, "closed (corrupted)");
+            return;
+        }
+        // Messages the application queued before it left go out first (the detach request
+        // travels on the control socket and can overtake them).
+        loop {
+            let msgs = self.take_messages(owner);
+            if msgs.is_empty() {
+                break;
+            }
+            for (m, tail) in msgs {
+                self.on_message(now, owner, &m, tail);
+            }
+        }
+        let Some(slot) = self.env.slot(owner) else { return };
+        slot.linger = Some(now + self.linger);
+        slot.next_check = now;
+        self.pending.retain(|p| p.owner != owner);
+        let n = self.ep.close_owner_gracefully(now, &mut self.env, owner);
+        self.ep.flush(now, &mut self.env);
+        log::debug!("shard {}: owner {owner}: {n} flows draining", self.index);
+        self.check_linger(now, owner);
+    }
+
+    /// Finishes a lingering channel whose flows are gone or whose time is up.
+    fn check_linger(&mut self, now: Instant, owner: Owner) {
+        let Some(slot) = self.env.slot(owner) else { return };
+        let Some(deadline) = slot.linger else { return };
+        if now < slot.next_check {
+            return;
+        }
+        slot.next_check = now + Duration::from_millis(1);
+        if self.ep.flows_of(owner) == 0 {
+            self.remove_owner(now, owner, "closed");
+        } else if now >= deadline {
+            self.env.counters.linger_expired += 1;
+            self.remove_owner(now, owner, "closed (linger expired, flows reset)");
+        }
+    }
+
+    /// Closes an owner's flows (RST to peers), reclaims its buffers, forgets the channel.
+    fn remove_owner(&mut self, now: Instant, owner: Owner, why: &str) {
+        let flows = self.ep.close_owner(now, &mut self.env, owner);
+        self.ep.flush(now, &mut self.env);
+        self.env.flush_tx();
+        self.pending.retain(|p| p.owner != owner);
+        if let Some(mut slot) = self.env.channels[owner as usize].take() {
+            let _ = self.fds.remove(slot.ch.engine_bell().as_raw_fd());
+            let r = slot.ch.reclaim_all();
+            let st = slot.ch.stats();
+            log::info!(
+                "shard {}: channel {} of app {} {why}: {flows} flows reset, buffers reclaimed ({r:?}); tx {} rx {} free",
+                self.index,
+                slot.id,
+                slot.app.0,
+                st.tx_reclaimed,
+                st.rx_free
+            );
+        }
+    }
+
+    fn shutdown(&mut self, now: Instant) {
+        for owner in 0..self.env.channels.len() as Owner {
+            if self.env.channels[owner as usize].is_none() {
+                continue;
+            }
+            self.ep.close_owner(now, &mut self.env, owner);
+            if let Some(s) = self.env.slot(owner) {
+                s.ch.post_event(ChEvent {
+                    kind: EventKind::FlowClosed,
+                    flow: MachnetFlow::default(),
+                    status: Status::Closed,
+                    aux: 0,
+                });
+                s.ch.flush();
+            }
+        }
+        self.ep.flush(now, &mut self.env);
+        self.env.flush_tx();
+        self.done = true;
+    }
+
+    // --- receive -------------------------------------------------------------------------
+
+    fn poll_rx(&mut self, now: Instant) -> Work {
+        let mut rx = core::mem::take(&mut self.rx);
+        let n = self.env.port.rx_burst(&mut rx);
+        for b in rx.drain(..) {
+            let caps = if b.rx_checksum_good() { self.rx_caps.without_rx() } else { self.rx_caps };
+            match classify(b.frame(), caps) {
+                Ok(Frame::Machnet(m)) => {
+                    if m.dst_mac == self.local.mac {
+                        self.ep.handle(now, &mut self.env, &m);
+                    } else {
+                        self.env.counters.rx_dropped += 1;
+                    }
+                }
+                Ok(Frame::Arp { arp, .. }) => self.on_arp(now, &arp),
+                Ok(Frame::Icmp(icmp)) => {
+                    if icmp.echo.kind == IcmpEchoKind::Request
+                        && icmp.ip.dst_addr == self.local.ip
+                        && icmp.eth.dst_addr == self.local.mac
+                    {
+                        let (mac, caps) = (self.local.mac, self.env.caps);
+                        if self.env.send_raw(|buf| icmp.emit_reply(buf, mac, caps).ok()) {
+                            self.env.counters.icmp_replies += 1;
+                        }
+                    }
+                }
+                Err(_) => self.env.counters.rx_dropped += 1,
+            }
+            self.env.port.free(b);
+        }
+        self.rx = rx;
+        if n > 0 {
+            self.ep.flush(now, &mut self.env);
+        }
+        Work(n as u32)
+    }
+
+    fn on_arp(&mut self, now: Instant, arp: &ArpRepr) {
+        if arp.target_protocol_addr != self.local.ip {
+            return;
+        }
+        let resolved = self.arp.learn(arp.source_protocol_addr, arp.source_hardware_addr, now);
+        if arp.operation == ArpOperation::Request {
+            let reply = ArpRepr::reply_to(arp, self.local.mac);
+            if self
+                .env
+                .send_raw(|buf| emit_arp(buf, reply.source_hardware_addr, reply.target_hardware_addr, &reply).ok())
+            {
+                self.env.counters.arp_replies += 1;
+            }
+        }
+        if resolved {
+            self.run_pending(now, arp.source_protocol_addr, Some(arp.source_hardware_addr));
+        }
+    }
+
+    fn send_arp_request(&mut self, ip: Ipv4Addr) {
+        let req = ArpRepr::request(self.local.mac, self.local.ip, ip);
+        let mac = self.local.mac;
+        if self.env.send_raw(|buf| emit_arp(buf, mac, EthernetAddress::BROADCAST, &req).ok()) {
+            self.env.counters.arp_requests += 1;
+        }
+    }
+
+    /// Connects (or fails, with `mac == None`) every connect waiting for `ip`.
+    fn run_pending(&mut self, now: Instant, ip: Ipv4Addr, mac: Option<EthernetAddress>) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            if self.pending[i].remote_ip != ip {
+                i += 1;
+                continue;
+            }
+            let p = self.pending.swap_remove(i);
+            match mac {
+                Some(mac) => self.connect_now(now, p, mac),
+                None => self.complete(p.owner, p.id, Err(Status::Unreachable)),
+            }
+        }
+    }
+
+    fn connect_now(&mut self, now: Instant, p: PendingConnect, mac: EthernetAddress) {
+        match self.ep.connect(now, &mut self.env, p.owner, p.remote_ip, mac, p.remote_port, p.id) {
+            Ok(_) => {}
+            Err(e) => {
+                let st = match e {
+                    machnet_transport::Error::NoPortAvailable | machnet_transport::Error::TooManyFlows => {
+                        Status::NoResources
+                    }
+                    _ => Status::Internal,
+                };
+                self.complete(p.owner, p.id, Err(st));
+            }
+        }
+    }
+
+    fn complete(&mut self, owner: Owner, id: u64, result: Result<MachnetFlow, Status>) {
+        if let Some(s) = self.env.slot(owner) {
+            let _ = s.ch.complete(id, result);
+        }
+    }
+
+    // --- channels ------------------------------------------------------------------------
+
+    fn poll_channels(&mut self, now: Instant) -> Work {
+        let mut work = 0u32;
+        for owner in 0..self.env.channels.len() as Owner {
+            let Some(slot) = self.env.channels[owner as usize].as_mut() else { continue };
+            if slot.linger.is_some() {
+                self.check_linger(now, owner);
+                continue;
+            }
+            if slot.ch.is_poisoned() {
+                self.env.counters.channels_poisoned += 1;
+                log::warn!(
+                    "shard {}: channel {} of app {} corrupted its shared memory; closing it",
+                    self.index,
+                    slot.id,
+                    slot.app.0
+                );
+                self.remove_owner(now, owner, "closed (corrupted)");
+                continue;
+            }
+            if slot.blocked {
+                slot.blocked = false;
+                self.ep.on_writable(owner);
+                work += 1;
+            }
+            // Control requests first (a connect should not wait behind bulk data).
+            let mut reqs: ArrayVec<CtrlRequest, CTRL_BUDGET> = ArrayVec::new();
+            while !reqs.is_full() {
+                match slot.ch.poll_ctrl() {
+                    Some(Ok(r)) => reqs.push(r),
+                    Some(Err(_)) => self.env.counters.channel_violations += 1,
+                    None => break,
+                }
+            }
+            // Then messages.
+            let msgs = self.take_messages(owner);
+            work += (reqs.len() + msgs.len()) as u32;
+            for r in reqs {
+                self.on_ctrl(now, owner, r);
+            }
+            for (m, tail) in msgs {
+                self.on_message(now, owner, &m, tail);
+            }
+        }
+        if work > 0 {
+            self.ep.flush(now, &mut self.env);
+        }
+        Work(work)
+    }
+
+    /// Takes up to a budget of queued messages from a channel, copying each chain's links and
+    /// fragment flags out of shared memory. Returns each message with its last segment.
+    fn take_messages(&mut self, owner: Owner) -> ArrayVec<(TxMsg, u32), TX_BUDGET> {
+        let mut msgs = ArrayVec::new();
+        let Some(slot) = self.env.channels[owner as usize].as_mut() else { return msgs };
+        while !msgs.is_full() {
+            match slot.ch.poll_tx() {
+                Some(Ok(m)) => {
+                    let mut s = m.head;
+                    let mut tail = m.head;
+                    let count = m.count as usize;
+                    for i in 0..count {
+                        let mut f = MsgFlags::for_fragment(i, count);
+                        if i == 0 && m.flags & u32::from(MsgFlags::NOTIFY_DELIVERY.bits()) != 0 {
+                            f |= MsgFlags::NOTIFY_DELIVERY;
+                        }
+                        slot.tx_flags[s as usize] = f.bits();
+                        let next = if i + 1 < count { slot.ch.seg_next(s) } else { None };
+                        slot.tx_next[s as usize] = next.unwrap_or(NIL);
+                        tail = s;
+                        match next {
+                            Some(n) => s = n,
+                            None => break,
+                        }
+                    }
+                    msgs.push((m, tail));
+                }
+                Some(Err(_)) => self.env.counters.channel_violations += 1,
+                None => break,
+            }
+        }
+        msgs
+    }
+
+    fn on_ctrl(&mut self, now: Instant, owner: Owner, r: CtrlRequest) {
+        let result = match r.op {
+            CtrlOp::Listen { ip, port } => {
+                if ip != self.local.ip && !ip.is_unspecified() {
+                    Err(Status::AddrNotLocal)
+                } else {
+                    match self.ep.listen(owner, port) {
+                        Ok(()) => {
+                            Ok(MachnetFlow { src_ip: self.local.ip.to_bits(), src_port: port, ..Default::default() })
+                        }
+                        Err(machnet_transport::Error::PortInUse) => Err(Status::AddrInUse),
+                        Err(_) => Err(Status::NoResources),
+                    }
+                }
+            }
+            CtrlOp::Connect { local_ip, remote_ip, remote_port } => {
+                if local_ip != self.local.ip {
+                    Err(Status::AddrNotLocal)
+                } else if remote_ip.is_unspecified()
+                    || remote_ip.is_broadcast()
+                    || remote_ip.is_multicast()
+                    || remote_port == 0
+                {
+                    Err(Status::BadRequest)
+                } else {
+                    let p = PendingConnect { owner, id: r.id, remote_ip, remote_port };
+                    match self.arp.resolve(remote_ip, now) {
+                        Resolve::Known(mac) => self.connect_now(now, p, mac),
+                        Resolve::SendRequest => {
+                            self.pending.push(p);
+                            self.send_arp_request(remote_ip);
+                        }
+                        Resolve::InProgress => self.pending.push(p),
+                        Resolve::Full => self.complete(owner, r.id, Err(Status::NoResources)),
+                    }
+                    // Answered when the handshake ends (or ARP fails).
+                    return;
+                }
+            }
+            CtrlOp::Close { flow } => {
+                let tuple = FlowTuple {
+                    local_ip: Ipv4Addr::from_bits(flow.src_ip),
+                    local_port: flow.src_port,
+                    remote_ip: Ipv4Addr::from_bits(flow.dst_ip),
+                    remote_port: flow.dst_port,
+                };
+                match self.ep.lookup(&tuple) {
+                    Some(id) if self.ep.owner_of(id) == Some(owner) => {
+                        let _ = self.ep.close(now, &mut self.env, id);
+                        Ok(flow)
+                    }
+                    Some(_) => Err(Status::NotPermitted),
+                    None => {
+                        // Closing a listener: the flow names only the local side.
+                        if flow.dst_ip == 0 && self.ep.listener(flow.src_port) == Some(owner) {
+                            let _ = self.ep.unlisten(owner, flow.src_port);
+                            Ok(flow)
+                        } else {
+                            Err(Status::NoSuchFlow)
+                        }
+                    }
+                }
+            }
+        };
+        self.complete(owner, r.id, result);
+    }
+
+    fn on_message(&mut self, now: Instant, owner: Owner, m: &TxMsg, tail: u32) {
+        let tuple = FlowTuple {
+            local_ip: Ipv4Addr::from_bits(m.flow.src_ip),
+            local_port: m.flow.src_port,
+            remote_ip: Ipv4Addr::from_bits(m.flow.dst_ip),
+            remote_port: m.flow.dst_port,
+        };
+        // Isolation: only flows this channel created or accepted.
+        let flow = match self.ep.lookup(&tuple) {
+            Some(f) if self.ep.owner_of(f) == Some(owner) => f,
+            other => {
+                self.env.counters.tx_refused += 1;
+                let st = if other.is_some() { Status::NotPermitted } else { Status::NoSuchFlow };
+                if let Some(s) = self.env.slot(owner) {
+                    s.ch.refuse_tx(m, st);
+                }
+                return;
+            }
+        };
+        let msg = OutMsg { head: m.head, tail, count: m.count, len: m.len };
+        if let Err(e) = self.ep.send(now, &mut self.env, flow, &msg) {
+            self.env.counters.tx_rejected += 1;
+            let st = match e {
+                machnet_transport::Error::BadMessage => Status::BadRequest,
+                _ => Status::Closed,
+            };
+            if let Some(s) = self.env.slot(owner) {
+                s.ch.refuse_tx(m, st);
+            }
+        }
+    }
+
+    // --- timers and transmit ---------------------------------------------------------------
+
+    fn poll_timers(&mut self, now: Instant) -> Work {
+        let mut fired = core::mem::take(&mut self.env.fired);
+        self.env.wheel.expire(now, |f| fired.push(f));
+        let mut n = fired.len() as u32;
+        for f in fired.drain(..) {
+            self.env.timers[f.index() as usize] = None;
+            self.ep.on_timer(now, &mut self.env, f);
+        }
+        self.env.fired = fired;
+        if self.arp.next_deadline().is_some_and(|d| d <= now) {
+            n += 1;
+            // Both lists have room for every resolution the table can hold.
+            let (mut send, mut failed) = (core::mem::take(&mut self.arp_send), core::mem::take(&mut self.arp_failed));
+            self.arp.poll(now, |ip| send.push(ip), |ip| failed.push(ip));
+            for ip in send.drain(..) {
+                self.send_arp_request(ip);
+            }
+            for ip in failed.drain(..) {
+                self.run_pending(now, ip, None);
+            }
+            (self.arp_send, self.arp_failed) = (send, failed);
+        }
+        if n > 0 {
+            self.ep.flush(now, &mut self.env);
+        }
+        Work(n)
+    }
+
+    fn poll_tx(&mut self, now: Instant) -> Work {
+        if self.ep.has_work() {
+            self.ep.flush(now, &mut self.env);
+        }
+        let queued = self.env.txq.len();
+        let sent = self.env.flush_tx();
+        for s in self.env.channels.iter_mut().flatten() {
+            s.ch.flush();
+        }
+        if now.as_nanos().saturating_sub(self.last_report.as_nanos()) > 10_000_000 {
+            self.last_report = now;
+            self.publish();
+        }
+        Work(if queued > 0 { sent as u32 } else { 0 })
+    }
+
+    fn publish(&mut self) {
+        if log::log_enabled!(log::Level::Debug) && self.last_report.as_nanos() / 1_000_000_000 != self.last_debug {
+            self.last_debug = self.last_report.as_nanos() / 1_000_000_000;
+            log::debug!(
+                "shard {}: {} channels, {} flows, endpoint {:?}, shard {:?}",
+                self.index,
+                self.env.channels.iter().flatten().count(),
+                self.ep.flow_count(),
+                self.ep.stats(),
+                self.env.counters
+            );
+            for f in self.ep.flows() {
+                log::debug!("shard {}: flow {:?}", self.index, f);
+            }
+        }
+        if let Ok(mut r) = self.report.try_lock() {
+            r.channels = self.env.channels.iter().flatten().count();
+            r.flows = self.ep.flow_count();
+            r.endpoint = *self.ep.stats();
+            r.counters = self.env.counters;
+        }
+    }
+}
+
+impl<P: Port + Send + 'static> Pipeline for EngineShard<P>
+where
+    P::Buf: Send,
+{
+    const STAGES: &'static [&'static str] = &["control", "rx", "channels", "timers", "tx"];
+
+    fn poll(&mut self, now: Instant, rec: &mut Recorder) -> Work {
+        self.last_now = now;
+        let mut w = rec.run(0, now, || self.poll_cmds(now));
+        w += rec.run(1, now, || self.poll_rx(now));
+        w += rec.run(2, now, || self.poll_channels(now));
+        w += rec.run(3, now, || self.poll_timers(now));
+        w += rec.run(4, now, || self.poll_tx(now));
+        w
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut d = self.env.wheel.next_deadline();
+        if let Some(a) = self.arp.next_deadline() {
+            d = Some(d.map_or(a, |x| x.min(a)));
+        }
+        if self.env.blocked || self.ep.has_blocked() {
+            let b = self.last_now + BLOCKED_RECHECK;
+            d = Some(d.map_or(b, |x| x.min(b)));
+        }
+        d
+    }
+
+    fn before_park(&mut self) -> bool {
+        if self.ep.has_work() || !self.env.txq.is_empty() {
+            return false;
+        }
+        for s in self.env.channels.iter_mut().flatten() {
+            s.ch.announce_sleep();
+        }
+        let barrier = machnet::engine::sleep_barrier();
+        self.env.channels.iter_mut().flatten().all(|s| s.ch.is_idle(barrier))
+    }
+
+    fn after_park(&mut self) {
+        for s in self.env.channels.iter_mut().flatten() {
+            s.ch.finish_sleep();
+        }
+        self.env.blocked = false;
+    }
+
+    fn done(&self) -> bool {
+        self.done
+    }
+
+    fn shutdown(&mut self, _now: Instant) {
+        self.publish();
+    }
+}

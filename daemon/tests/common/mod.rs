@@ -1,0 +1,218 @@
+//! Process-level test support: real `machnetd` processes on the UDP backend over loopback.
+#![allow(dead_code)]
+
+use machnet::client::{Channel, Machnet};
+use machnet::layout::MachnetFlow;
+use std::io::Read;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "machnetd-test-{}-{}-{tag}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Two free UDP ports on loopback.
+pub fn free_ports() -> (u16, u16) {
+    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+}
+
+pub const IP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const IP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+/// A running daemon, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub sock: PathBuf,
+    pub log: PathBuf,
+    pub ip: Ipv4Addr,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts `machnetd` for `ip`/`mac` tunnelling on `bind_port` to `peer_port`, with extra
+    /// `machnet_rs` keys (a JSON fragment starting with a comma, or empty).
+    pub fn start(tag: &str, ip: Ipv4Addr, mac: &str, bind_port: u16, peer_port: u16, extra: &str) -> Daemon {
+        let dir = TempDir::new(tag);
+        let cfg = dir.0.join("config.json");
+        let sock = dir.0.join("ctrl.sock");
+        let log = dir.0.join("machnetd.log");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{{"machnet_config": {{"{mac}": {{"ip": "{ip}"}}}},
+                   "machnet_rs": {{"udp": {{"bind": "127.0.0.1:{bind_port}", "peers": ["127.0.0.1:{peer_port}"]}},
+                                  "idle": "adaptive" {extra}}}}}"#
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_machnetd"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--ctrl-sock")
+            .arg(&sock)
+            .arg("--log-level")
+            .arg(std::env::var("MACHNETD_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn machnetd");
+        let d = Daemon { child: Some(child), sock, log, ip, _dir: dir };
+        let t = Instant::now();
+        while !d.sock.exists() {
+            assert!(t.elapsed() < Duration::from_secs(10), "machnetd did not start: {}", d.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// A started pair A (198.18.0.1) and B (198.18.0.2) tunnelling to each other.
+    pub fn pair(extra: &str) -> (Daemon, Daemon) {
+        let (pa, pb) = free_ports();
+        let a = Daemon::start("a", IP_A, "02:00:00:00:00:01", pa, pb, extra);
+        let b = Daemon::start("b", IP_B, "02:00:00:00:00:02", pb, pa, extra);
+        (a, b)
+    }
+
+    pub fn app(&self) -> Machnet {
+        Machnet::connect(&self.sock).expect("register with machnetd")
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// SIGTERM, wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("machnetd did not stop on SIGTERM: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sock_path(&self) -> &Path {
+        &self.sock
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("---- machnetd {} log (last {} lines) ----", self.ip, tail.len());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The reverse of a received flow (to reply).
+pub fn reverse(f: MachnetFlow) -> MachnetFlow {
+    MachnetFlow { src_ip: f.dst_ip, dst_ip: f.src_ip, src_port: f.dst_port, dst_port: f.src_port }
+}
+
+/// Byte `j` of message `k` of stream `s`.
+pub fn pattern(s: u64, k: u64, j: usize) -> u8 {
+    let x = s.wrapping_mul(0x9e37_79b9).wrapping_add(k.wrapping_mul(131)).wrapping_add(j as u64 * 7);
+    (x ^ (x >> 11)) as u8
+}
+
+pub fn fill(buf: &mut [u8], s: u64, k: u64) {
+    for (j, b) in buf.iter_mut().enumerate() {
+        *b = pattern(s, k, j);
+    }
+}
+
+pub fn check(buf: &[u8], s: u64, k: u64) {
+    for (j, b) in buf.iter().enumerate() {
+        if *b != pattern(s, k, j) {
+            panic!("message {k} of stream {s}: byte {j} is {b:#x}, expected {:#x}", pattern(s, k, j));
+        }
+    }
+}
+
+/// Sends, retrying while the local rings or pools are full.
+pub fn send_retry(ch: &mut Channel, flow: MachnetFlow, data: &[u8]) {
+    let t = Instant::now();
+    loop {
+        match ch.send(flow, data) {
+            Ok(()) => return,
+            Err(machnet::client::Error::RingFull) | Err(machnet::client::Error::NoBuffers) => {
+                assert!(t.elapsed() < Duration::from_secs(60), "send blocked for a minute");
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("send failed: {e}"),
+        }
+    }
+}
