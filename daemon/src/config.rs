@@ -112,6 +112,11 @@ pub struct TransportSection {
     pub cc: Option<String>,
     /// Window of the `"fixed"` algorithm, packets (32).
     pub fixed_window: Option<u32>,
+    /// Swift's queueing-delay target at large windows, µs (25 on DPDK ports, 100 on the udp
+    /// backend, whose kernel path adds tens of µs of jitter).
+    pub swift_target_us: Option<u64>,
+    /// Swift's extra target at small windows (flow scaling), µs (50; 100 on the udp backend).
+    pub swift_fs_range_us: Option<u64>,
     /// Receive window and send cap, packets, a power of two ≤ 256 (256).
     pub window: Option<usize>,
     /// Flows per shard (4096).
@@ -159,6 +164,12 @@ pub struct Extension {
     pub udp: Option<UdpSection>,
     /// `"busy"` or `"adaptive"`; default: busy when every shard gets a core, else adaptive.
     pub idle: Option<String>,
+    /// Adaptive idle: µs of spinning before yielding (50).
+    pub idle_spin_us: Option<u64>,
+    /// Adaptive idle: further µs of `sched_yield` before parking (200).
+    pub idle_yield_us: Option<u64>,
+    /// Adaptive idle: longest single park, µs (100000).
+    pub idle_max_park_us: Option<u64>,
     /// Control socket path (the `--ctrl-sock` flag overrides it).
     pub ctrl_sock: Option<String>,
     /// Transport parameters.
@@ -328,7 +339,7 @@ impl Config {
 
     /// Transport parameters with the extension's overrides applied.
     pub fn transport(&self) -> machnet_transport::Config {
-        use machnet_transport::cc::CcConfig;
+        use machnet_transport::cc::{CcConfig, SwiftParams};
         let t = &self.ext.transport;
         let d = machnet_transport::Config::default();
         let us = |v: Option<u64>, dflt: Duration| v.map_or(dflt, Duration::from_micros);
@@ -340,7 +351,18 @@ impl Config {
             syn_retries: t.syn_retries.unwrap_or(d.syn_retries),
             cc: match t.cc.as_deref() {
                 Some("fixed") => CcConfig::Fixed { window: t.fixed_window.unwrap_or(32) },
-                _ => CcConfig::default(),
+                _ => {
+                    let udp = self.ext.backend == Backend::Udp;
+                    let d = SwiftParams::default();
+                    let us = |v: Option<u64>, udp_default: u64, dflt: Duration| {
+                        v.map_or(if udp { Duration::from_micros(udp_default) } else { dflt }, Duration::from_micros)
+                    };
+                    CcConfig::Swift(SwiftParams {
+                        base_target: us(t.swift_target_us, 100, d.base_target),
+                        fs_range: us(t.swift_fs_range_us, 100, d.fs_range),
+                        ..d
+                    })
+                }
             },
             window: t.window.unwrap_or(d.window),
             max_flows: t.max_flows.unwrap_or(d.max_flows),

@@ -101,11 +101,22 @@ where
 {
     let tcfg = cfg.transport();
     let shared_ports = Endpoint::shared_ports();
-    let idle = match cfg.ext.idle.as_deref() {
+    let mut idle = match cfg.ext.idle.as_deref() {
         Some("busy") => IdlePolicy::Busy,
         Some(_) => IdlePolicy::ADAPTIVE,
         None => IdlePolicy::default_for(ports.len()),
     };
+    if let IdlePolicy::Adaptive { spin, yield_for, max_park } = &mut idle {
+        if let Some(us) = cfg.ext.idle_max_park_us {
+            *max_park = Duration::from_micros(us);
+        }
+        if let Some(us) = cfg.ext.idle_spin_us {
+            *spin = Duration::from_micros(us);
+        }
+        if let Some(us) = cfg.ext.idle_yield_us {
+            *yield_for = Duration::from_micros(us);
+        }
+    }
     let arp_cfg = ArpConfig {
         timeout: cfg.ext.arp.timeout_s.map_or(ArpConfig::default().timeout, Duration::from_secs),
         retries: cfg.ext.arp.retries.unwrap_or(ArpConfig::default().retries),

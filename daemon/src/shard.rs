@@ -600,7 +600,10 @@ impl<P: Port> EngineShard<P> {
             match classify(b.frame(), caps) {
                 Ok(Frame::Machnet(m)) => {
                     if m.dst_mac == self.local.mac {
-                        self.ep.handle(now, &mut self.env, &m);
+                        // The kernel's receive time, where the port knows it, keeps the time
+                        // this frame waited for the shard out of round-trip samples.
+                        let rx_at = b.rx_timestamp().unwrap_or(now);
+                        self.ep.handle_at(now, rx_at, &mut self.env, &m);
                     } else {
                         self.env.counters.rx_dropped += 1;
                     }

@@ -206,7 +206,9 @@ impl CongestionControl {
         };
         let mut cwnd = f64::from(*stored);
         let base = base.or(rtt.min()).unwrap_or(sample);
-        let delay = sample.saturating_sub(base);
+        // Queueing is judged on the standing RTT (the window's smallest sample), not the last.
+        let standing = if rtt.standing().is_zero() { sample } else { rtt.standing().min(sample) };
+        let delay = standing.saturating_sub(base);
         let target = p.target(cwnd);
         if delay < target {
             let acked = f64::from(acked);
@@ -223,6 +225,15 @@ impl CongestionControl {
             *last_decrease = now.as_nanos();
         }
         *stored = cwnd.clamp(p.min_cwnd, p.max_cwnd) as f32;
+    }
+
+    /// A retransmission timeout turned out spurious (the ACK echoes the original transmission):
+    /// restore the window saved when it fired.
+    pub fn undo_timeout(&mut self, saved_cwnd: f32) {
+        if let CongestionControl::Swift { cwnd, retx, .. } = self {
+            *cwnd = cwnd.max(saved_cwnd);
+            *retx = 0;
+        }
     }
 
     /// Loss detected by duplicate ACKs or SACK (fast recovery started).
@@ -256,7 +267,7 @@ mod tests {
 
     fn rtt_with(min_us: u64) -> RttEstimator {
         let mut r = RttEstimator::new();
-        r.sample(Duration::from_micros(min_us));
+        r.sample(Instant::ZERO, Duration::from_micros(min_us));
         r
     }
 
@@ -289,20 +300,44 @@ mod tests {
         let p = SwiftParams::default();
         let cfg = CcConfig::Swift(p);
         let mut cc = CongestionControl::new(&cfg);
-        let rtt = rtt_with(10);
+        let base = Duration::from_micros(10);
         let target = p.target(cc.cwnd()).as_secs_f64();
-        // Queueing delay of 2× target: factor = 1 − 0.8 · ½ = 0.6.
-        let delay = Duration::from_secs_f64(2.0 * target);
+        // Queueing delay of 2× target, standing for a whole round trip:
+        // factor = 1 − 0.8 · ½ = 0.6.
+        let queued = base + Duration::from_secs_f64(2.0 * target);
+        let mut rtt = rtt_with(10);
         let now = Instant::from_micros(1000);
-        cc.on_ack(&cfg, now, 1, Some(Duration::from_micros(10) + delay), None, &rtt);
+        rtt.sample(now, queued);
+        cc.on_ack(&cfg, now, 1, Some(queued), None, &rtt);
         assert!((cc.cwnd() - 32.0 * 0.6).abs() < 1e-4, "{}", cc.cwnd());
         // A second overshoot within the same RTT does not decrease again.
-        cc.on_ack(&cfg, now + Duration::from_micros(5), 1, Some(Duration::from_micros(10) + delay), None, &rtt);
+        cc.on_ack(&cfg, now + Duration::from_micros(5), 1, Some(queued), None, &rtt);
         assert!((cc.cwnd() - 32.0 * 0.6).abs() < 1e-4);
         // Huge delay: capped at max_mdf.
         let mut cc2 = CongestionControl::new(&cfg);
-        cc2.on_ack(&cfg, now, 1, Some(Duration::from_millis(10)), None, &rtt);
+        let mut rtt2 = rtt_with(10);
+        let later = Instant::from_micros(20_000);
+        rtt2.sample(later, Duration::from_millis(10));
+        cc2.on_ack(&cfg, later, 1, Some(Duration::from_millis(10)), None, &rtt2);
         assert!((cc2.cwnd() - 16.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn a_spike_within_the_round_trip_is_filtered() {
+        // One late sample among prompt ones (a peer scheduled late) is not queueing.
+        let cfg = CcConfig::default();
+        let mut cc = CongestionControl::new(&cfg);
+        let mut rtt = RttEstimator::new();
+        let t0 = Instant::from_micros(1000);
+        rtt.sample(t0, Duration::from_micros(10));
+        rtt.sample(t0 + Duration::from_micros(5), Duration::from_millis(2));
+        cc.on_ack(&cfg, t0 + Duration::from_micros(5), 1, Some(Duration::from_millis(2)), None, &rtt);
+        assert!(cc.cwnd() >= 32.0, "{}", cc.cwnd());
+        // Undo restores a window cut by a timeout found spurious.
+        cc.on_timeout(&cfg, t0 + Duration::from_millis(1), &rtt);
+        assert!(cc.cwnd() < 32.0);
+        cc.undo_timeout(32.03);
+        assert!(cc.cwnd() >= 32.0);
     }
 
     #[test]

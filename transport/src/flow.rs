@@ -125,6 +125,10 @@ pub(crate) struct Flow {
     pub pend_count: u32,
     pub rto_at: u64,
     pub timer_at: u64,
+    /// µs timestamp of the first retransmission timeout of an unresolved episode (0: none),
+    /// and the window before it, for undoing a spurious timeout (Eifel, RFC 3522).
+    pub rto_mark: u32,
+    pub cwnd_saved: f32,
     /// Low 32 bits of the last echoed timestamp used as an RTT sample.
     pub last_echo: u32,
     pub rtt: RttEstimator,
@@ -133,6 +137,9 @@ pub(crate) struct Flow {
     pub irs: u32,
     pub rcv_nxt: u32,
     pub held: SackBitmap,
+    /// When the packet whose timestamp `echo_ts` holds was received (ns; 0: nothing fresh to
+    /// echo).
+    pub echo_rx: u64,
     /// The message being reassembled, or with `HAS_PENDING` the complete one awaiting delivery
     /// (consumption stops while one waits, so the two never coexist).
     pub train: InMsg,
@@ -169,12 +176,15 @@ impl Flow {
             pend_count: 0,
             rto_at: 0,
             timer_at: 0,
+            rto_mark: 0,
+            cwnd_saved: 0.0,
             last_echo: 0,
             rtt: RttEstimator::new(),
             cc: CongestionControl::Fixed { window: 1 },
             irs: 0,
             rcv_nxt: 0,
             held: SackBitmap::new(),
+            echo_rx: 0,
             train: none,
             echo_ts: 0,
         }
@@ -290,6 +300,8 @@ pub(crate) struct FlowCx<'a, E: Env> {
     pub env: &'a mut E,
     pub stats: &'a mut EndpointStats,
     pub now: Instant,
+    /// When the packet being handled arrived (the kernel's time where known, else `now`).
+    pub rx_at: Instant,
 }
 
 impl<E: Env> FlowCx<'_, E> {
@@ -415,6 +427,14 @@ impl<E: Env> FlowCx<'_, E> {
 
     fn send_ack_now(&mut self) -> bool {
         let held = self.f.held;
+        // The echo carries the sender's timestamp plus the time this end held the packet (from
+        // its arrival to this ACK), so the sender measures network delay only; without a fresh
+        // packet to answer for, no echo at all.
+        let echo = if self.f.echo_ts != 0 && self.f.echo_rx != 0 {
+            self.f.echo_ts.wrapping_add(self.now.as_nanos().saturating_sub(self.f.echo_rx))
+        } else {
+            0
+        };
         let hdr = MachnetRepr {
             packet_type: PacketType::Ack,
             msg_flags: MsgFlags::empty(),
@@ -422,11 +442,12 @@ impl<E: Env> FlowCx<'_, E> {
             ackno: self.f.rcv_nxt,
             sack: held,
             sack_count: held.count() as u16,
-            timestamp: self.f.echo_ts,
+            timestamp: echo,
         };
         let frame = self.frame(hdr);
         if self.env.transmit(NO_OWNER, &frame, None) {
             self.f.clear(fl::ACK_PENDING);
+            self.f.echo_rx = 0;
             self.stats.tx_acks += 1;
             true
         } else {
@@ -450,7 +471,7 @@ impl<E: Env> FlowCx<'_, E> {
         if self.f.rto_shift == 0 {
             let sent = self.tx[(iss & self.mask()) as usize].sent_at;
             let sample = self.now.saturating_since(Instant(sent));
-            self.f.rtt.sample(sample);
+            self.f.rtt.sample(self.now, sample);
             self.path.sample(self.now, sample);
         }
         self.f.rto_shift = 0;
@@ -517,6 +538,7 @@ impl<E: Env> FlowCx<'_, E> {
                 self.f.rcv_nxt = hdr.seqno.wrapping_add(1);
                 self.established_from_handshake();
                 self.f.echo_ts = hdr.timestamp;
+                self.f.echo_rx = self.rx_at.as_nanos();
                 self.send_ack_now();
                 let tuple = self.f.tuple(&self.local);
                 self.env.event(self.f.owner, Event::Connected { flow: self.id, tuple, token });
@@ -525,6 +547,7 @@ impl<E: Env> FlowCx<'_, E> {
             FlowState::Established | FlowState::Closing if hdr.seqno == self.f.irs => {
                 // Our handshake ACK was lost; the server repeats its SYN-ACK.
                 self.f.echo_ts = hdr.timestamp;
+                self.f.echo_rx = self.rx_at.as_nanos();
                 self.send_ack_now();
                 Verdict::Keep
             }
@@ -620,6 +643,7 @@ impl<E: Env> FlowCx<'_, E> {
         // transmission, and echoing it would inflate the sender's RTT estimate (RFC 7323 §4.3).
         if hdr.timestamp != 0 {
             self.f.echo_ts = hdr.timestamp;
+            self.f.echo_rx = self.rx_at.as_nanos();
         }
         let idx = (hdr.seqno & self.mask()) as usize;
         self.rx[idx] = RxSlot { seg, len: payload.len() as u16, flags: flags.bits() };
@@ -750,27 +774,22 @@ impl<E: Env> FlowCx<'_, E> {
             return Verdict::Keep;
         }
         let legacy = self.f.has(fl::LEGACY);
-        // The echoed timestamp is the send time of the newest packet the peer accepted. It is
-        // an RTT sample only if this ACK reports progress and the echoed packet was sent no
-        // earlier than the latest transmission of everything newly covered; otherwise the ACK
-        // may answer an earlier copy of a retransmitted packet (Karn's rule for timestamps).
+        // The echo is the send time of the newest packet the peer accepted plus the time the
+        // peer held it; `rx_at − echo` is then the network delay of that round trip (a fabric
+        // sample, for congestion control). The full round trip behind the RTO comes from Karn
+        // samples of packets sent once.
         let echo = (!legacy && hdr.timestamp != 0 && hdr.timestamp as u32 != self.f.last_echo).then_some(hdr.timestamp);
-        let mut newest_sent = 0u64;
         let mut sample = None;
         let newly = a.wrapping_sub(self.f.snd_una);
         let mask = self.mask();
         if newly > 0 {
-            if legacy {
-                let last = self.tx[(a.wrapping_sub(1) & mask) as usize];
-                if last.state & ts::EVER_RETX == 0 {
-                    sample = Some(self.now.saturating_since(Instant(last.sent_at)));
-                }
-            }
+            let last = self.tx[(a.wrapping_sub(1) & mask) as usize];
             let owner = self.f.owner;
+            let mut any_retx = false;
             let mut s = self.f.snd_una;
             while s != a {
                 let slot = self.tx[(s & mask) as usize];
-                newest_sent = newest_sent.max(slot.sent_at);
+                any_retx |= slot.state & ts::EVER_RETX != 0;
                 if slot.state & ts::SACKED != 0 {
                     self.f.sacked -= 1;
                 }
@@ -782,8 +801,32 @@ impl<E: Env> FlowCx<'_, E> {
                 }
                 s = s.wrapping_add(1);
             }
-            if let Some(e) = echo.filter(|&e| e >= newest_sent) {
+            if let Some(e) = echo {
                 sample = self.echo_sample(e);
+            }
+            if self.f.rto_mark != 0 {
+                // The first progress after a timeout: if it acknowledges the original
+                // transmission (its echo predates the timeout), the timeout was spurious — the
+                // ACK was late. Undo the window cut (RFC 3522's response); retransmissions of
+                // later packets go on, since some of those may really be lost.
+                if let Some(e) = echo {
+                    let e_us = (e / 1000) as u32;
+                    if (self.f.rto_mark.wrapping_sub(e_us) as i32) > 0 {
+                        self.stats.spurious_rto += 1;
+                        self.f.cc.undo_timeout(self.f.cwnd_saved);
+                    }
+                }
+                self.f.rto_mark = 0;
+            }
+            // Karn, as Linux applies it: no full-RTT sample from an ACK that covers any
+            // retransmitted packet (a hole filled by a retransmission makes the cumulative ACK
+            // jump over packets sent long ago, and timing those would measure the recovery).
+            if !any_retx && last.seg != NO_SEG {
+                let full = self.now.saturating_since(Instant(last.sent_at));
+                self.f.rtt.sample_full(full);
+                if legacy {
+                    sample = Some(full);
+                }
             }
             self.f.snd_una = a;
             self.f.dupacks = 0;
@@ -802,7 +845,7 @@ impl<E: Env> FlowCx<'_, E> {
                 self.f.clear(fl::RECOVERY);
             }
             if let Some(s) = sample {
-                self.f.rtt.sample(s);
+                self.f.rtt.sample_fabric(self.now, s);
                 self.path.sample(self.now, s);
                 self.f.last_echo = hdr.timestamp as u32;
             }
@@ -831,7 +874,6 @@ impl<E: Env> FlowCx<'_, E> {
                 }
                 let slot = &mut self.tx[(s & mask) as usize];
                 if slot.state & ts::SACKED == 0 {
-                    newest_sent = newest_sent.max(slot.sent_at);
                     if slot.state & ts::LOST != 0 {
                         slot.state &= !ts::LOST;
                         self.f.lost -= 1;
@@ -847,8 +889,8 @@ impl<E: Env> FlowCx<'_, E> {
             }
             if advanced {
                 if newly == 0 {
-                    if let Some(s) = echo.filter(|&e| e >= newest_sent).and_then(|e| self.echo_sample(e)) {
-                        self.f.rtt.sample(s);
+                    if let Some(s) = echo.and_then(|e| self.echo_sample(e)) {
+                        self.f.rtt.sample_fabric(self.now, s);
                         self.path.sample(self.now, s);
                         self.f.last_echo = hdr.timestamp as u32;
                     }
@@ -879,7 +921,7 @@ impl<E: Env> FlowCx<'_, E> {
     }
 
     fn echo_sample(&self, echo: u64) -> Option<Duration> {
-        let rtt = self.now.as_nanos().checked_sub(echo)?;
+        let rtt = self.rx_at.as_nanos().checked_sub(echo)?;
         (rtt < 10_000_000_000).then(|| Duration::from_nanos(rtt))
     }
 
@@ -1085,6 +1127,10 @@ impl<E: Env> FlowCx<'_, E> {
                     return Verdict::Free(Some(Event::FlowFailed { flow: self.id, tuple }));
                 }
                 self.f.rto_shift = self.f.rto_shift.saturating_add(1);
+                if self.f.rto_mark == 0 {
+                    self.f.rto_mark = ((self.now.as_nanos() / 1000) as u32).max(1);
+                    self.f.cwnd_saved = self.f.cc.cwnd() as f32;
+                }
                 self.f.cc.on_timeout(&self.cfg.cc, self.now, &self.f.rtt);
                 // A new loss episode. The peer may have reneged on SACKed packets (it frees them
                 // when its buffers run out), so the scoreboard is rebuilt from the next ACKs

@@ -1,6 +1,7 @@
 //! Retransmission timeout estimation (RFC 6298) at nanosecond resolution.
 
 use core::time::Duration;
+use machnet_net::time::Instant;
 
 /// Smoothed RTT and variance with the RFC 6298 gains (α = 1/8, β = 1/4), a floor and a cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -9,8 +10,10 @@ pub struct RttEstimator {
     srtt: u32,
     /// RTT variance in ns.
     rttvar: u32,
-    /// Latest sample in ns.
-    latest: u32,
+    /// Smallest sample of the current standing window, ns.
+    standing: u32,
+    /// Start of the standing window, µs (wrapping).
+    standing_start: u32,
     /// Smallest sample seen, in ns (u32::MAX until the first sample).
     min: u32,
 }
@@ -28,14 +31,20 @@ fn ns(d: Duration) -> u32 {
 impl RttEstimator {
     /// No samples yet.
     pub const fn new() -> Self {
-        RttEstimator { srtt: 0, rttvar: 0, latest: 0, min: u32::MAX }
+        RttEstimator { srtt: 0, rttvar: 0, standing: 0, standing_start: 0, min: u32::MAX }
     }
 
-    /// Feeds one RTT sample (samples above ~4.29 s saturate).
-    pub fn sample(&mut self, rtt: Duration) {
+    /// Feeds a sample that is both a full round trip and a network-delay measurement (the
+    /// handshake; peers that echo no timestamps).
+    pub fn sample(&mut self, now: Instant, rtt: Duration) {
+        self.sample_full(rtt);
+        self.sample_fabric(now, rtt);
+    }
+
+    /// Feeds a full round trip (send to acknowledgement, endpoint delays included): the smoothed
+    /// RTT and variance behind the RTO and the tail-loss probe.
+    pub fn sample_full(&mut self, rtt: Duration) {
         let r = ns(rtt).max(1);
-        self.latest = r;
-        self.min = self.min.min(r);
         if self.srtt == 0 {
             self.srtt = r;
             self.rttvar = r / 2;
@@ -43,6 +52,24 @@ impl RttEstimator {
             let err = self.srtt.abs_diff(r);
             self.rttvar = ((3 * u64::from(self.rttvar) + u64::from(err)) / 4) as u32;
             self.srtt = ((7 * u64::from(self.srtt) + u64::from(r)) / 8) as u32;
+        }
+    }
+
+    /// Feeds a network-delay sample (the time endpoints held packets removed): the minimum and
+    /// the standing RTT that congestion control compares.
+    pub fn sample_fabric(&mut self, now: Instant, rtt: Duration) {
+        let r = ns(rtt).max(1);
+        self.min = self.min.min(r);
+        // Standing RTT (after Copa): the smallest sample within the last round trip (at least
+        // 20 µs). Delay added by endpoints (a peer scheduled late, a sleeping core) is one-sided
+        // noise that this minimum filters out; queueing that persists for a round trip stays.
+        let now_us = (now.as_nanos() / 1000) as u32;
+        let window_us = (self.srtt / 1000).max(20);
+        if self.standing == 0 || now_us.wrapping_sub(self.standing_start) > window_us {
+            self.standing = r;
+            self.standing_start = now_us;
+        } else {
+            self.standing = self.standing.min(r);
         }
     }
 
@@ -61,9 +88,9 @@ impl RttEstimator {
         Duration::from_nanos(u64::from(self.rttvar))
     }
 
-    /// Latest sample.
-    pub fn latest(&self) -> Duration {
-        Duration::from_nanos(u64::from(self.latest))
+    /// The standing RTT: the smallest sample within about the last round trip.
+    pub fn standing(&self) -> Duration {
+        Duration::from_nanos(u64::from(self.standing))
     }
 
     /// Smallest sample, if any.
@@ -96,17 +123,21 @@ mod tests {
         let mut e = RttEstimator::new();
         let (init, min, max) = (Duration::from_millis(5), Duration::from_millis(1), Duration::from_millis(100));
         assert_eq!(e.rto(init, min, max), init);
-        e.sample(Duration::from_micros(100));
+        e.sample(Instant::ZERO, Duration::from_micros(100));
         assert_eq!(e.srtt(), Duration::from_micros(100));
         assert_eq!(e.rttvar(), Duration::from_micros(50));
         // 100 + 4·50 = 300 us, below the 1 ms floor.
         assert_eq!(e.rto(init, min, max), min);
-        e.sample(Duration::from_millis(10));
+        e.sample(Instant::ZERO, Duration::from_millis(10));
         // rttvar = (3·50 + 9900)/4 = 2512.5 us; srtt = (7·100 + 10000)/8 = 1337.5 us.
         assert_eq!(e.srtt().as_nanos(), 1_337_500);
         assert_eq!(e.rttvar().as_nanos(), 2_512_500);
         assert_eq!(e.rto(init, min, max).as_nanos(), 1_337_500 + 4 * 2_512_500);
         assert_eq!(e.min(), Some(Duration::from_micros(100)));
+        assert_eq!(e.standing(), Duration::from_micros(100), "the minimum within the window");
+        // A round trip later the window starts over.
+        e.sample(Instant::from_micros(100_000), Duration::from_micros(300));
+        assert_eq!(e.standing(), Duration::from_micros(300));
     }
 
     #[test]

@@ -57,6 +57,11 @@ pub trait PacketBuf {
     fn rx_checksum_good(&self) -> bool {
         false
     }
+    /// When the frame arrived, if the backend knows better than "when it was polled" (the
+    /// kernel's receive time on the UDP backend). On the `CLOCK_MONOTONIC` time base.
+    fn rx_timestamp(&self) -> Option<crate::time::Instant> {
+        None
+    }
 }
 
 /// What a port offers. Missing offloads are handled in software, never fatal.

@@ -7,12 +7,19 @@ use super::PacketBuf;
 pub struct HeapBuf {
     data: Box<[u8]>,
     len: usize,
+    /// Receive time in ns on the monotonic base, 0 if unknown.
+    rx_ns: u64,
 }
 
 impl HeapBuf {
     /// A zeroed buffer of `capacity` bytes (allocates: used only when filling a pool).
     pub fn with_capacity(capacity: usize) -> Self {
-        HeapBuf { data: vec![0u8; capacity].into_boxed_slice(), len: 0 }
+        HeapBuf { data: vec![0u8; capacity].into_boxed_slice(), len: 0, rx_ns: 0 }
+    }
+
+    /// Records when the frame arrived (backends that know).
+    pub fn set_rx_timestamp(&mut self, at: crate::time::Instant) {
+        self.rx_ns = at.as_nanos();
     }
 }
 
@@ -36,6 +43,10 @@ impl PacketBuf for HeapBuf {
     #[inline]
     fn set_len(&mut self, len: usize) {
         self.len = len.min(self.data.len());
+    }
+    #[inline]
+    fn rx_timestamp(&self) -> Option<crate::time::Instant> {
+        (self.rx_ns != 0).then_some(crate::time::Instant(self.rx_ns))
     }
 }
 
@@ -63,6 +74,7 @@ impl Pool {
     pub fn get(&mut self) -> Option<HeapBuf> {
         let mut b = self.free.pop()?;
         b.len = 0;
+        b.rx_ns = 0;
         Some(b)
     }
     /// Returns a buffer. A buffer of another size, or one beyond the pool's limit, is dropped

@@ -15,6 +15,42 @@ use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 
+/// u64 words of control buffer per datagram: room for one `SCM_TIMESTAMPNS` message.
+const CTRL_WORDS: usize = 8;
+
+fn clock_ns(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into a valid, exclusively borrowed value.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// `CLOCK_REALTIME − CLOCK_MONOTONIC`, in ns.
+fn realtime_minus_monotonic() -> i64 {
+    let m0 = clock_ns(libc::CLOCK_MONOTONIC);
+    let r = clock_ns(libc::CLOCK_REALTIME);
+    let m1 = clock_ns(libc::CLOCK_MONOTONIC);
+    r - (m0 + (m1 - m0) / 2)
+}
+
+/// The `SCM_TIMESTAMPNS` of a received message, ns of CLOCK_REALTIME.
+fn rx_realtime_ns(h: &libc::msghdr) -> Option<u64> {
+    // SAFETY: `h` was filled by recvmmsg with `msg_control` pointing at a buffer of
+    // `msg_controllen` bytes that outlives this call; the CMSG macros only walk inside it, and
+    // the timespec is read unaligned from within the message's data.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_TIMESTAMPNS {
+                let ts = core::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                return Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
+}
+
 /// Most peers one port can name.
 pub const MAX_PEERS: usize = 64;
 /// Most datagrams one `sendmmsg` call carries (a broadcast frame takes one per peer).
@@ -132,6 +168,19 @@ impl UdpPort {
         sock.set_nonblocking(true)?;
         set_buf_opt(sock.as_raw_fd(), libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, cfg.socket_buffer);
         set_buf_opt(sock.as_raw_fd(), libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, cfg.socket_buffer);
+        // Kernel receive timestamps: they let the transport tell network delay from the time a
+        // frame waited for this process to be scheduled.
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads one c_int from a valid stack variable; the socket is open.
+        let _ = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                core::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         let peers = cfg.peers.iter().map(|p| Peer { addr: p.addr, sa: sockaddr(p.addr), mac: p.mac }).collect();
         let buf_size = cfg.mtu + 14;
         Ok(UdpPort {
@@ -225,6 +274,8 @@ impl Port for UdpPort {
         let mut addrs: [libc::sockaddr_in; BURST] = unsafe { core::mem::zeroed() };
         // SAFETY: as above.
         let mut hdrs: [libc::mmsghdr; BURST] = unsafe { core::mem::zeroed() };
+        // Control space for one SCM_TIMESTAMPNS per datagram (u64 words keep cmsg alignment).
+        let mut ctrl = [[0u64; CTRL_WORDS]; BURST];
         for i in 0..n {
             let storage = self.scratch[i].storage_mut();
             iov[i] = libc::iovec { iov_base: storage.as_mut_ptr().cast(), iov_len: storage.len() };
@@ -232,6 +283,8 @@ impl Port for UdpPort {
             hdrs[i].msg_hdr.msg_iovlen = 1;
             hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
             hdrs[i].msg_hdr.msg_namelen = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            hdrs[i].msg_hdr.msg_control = ctrl[i].as_mut_ptr().cast();
+            hdrs[i].msg_hdr.msg_controllen = core::mem::size_of_val(&ctrl[i]) as _;
         }
         // SAFETY: `hdrs[..n]` point at `iov[..n]` and `addrs[..n]`, which live on this stack frame
         // for the whole call; each iovec covers exactly the storage of a buffer owned by
@@ -250,6 +303,8 @@ impl Port for UdpPort {
         }
         let r = r as usize;
         let mut delivered = 0;
+        // Kernel timestamps are CLOCK_REALTIME; this shifts them onto CLOCK_MONOTONIC.
+        let offset = realtime_minus_monotonic();
         // Walk the received prefix in order; buffers that are dropped go back to `scratch`'s
         // tail via the pool.
         let mut bufs: Burst<HeapBuf> = self.scratch.drain(..r).collect();
@@ -274,6 +329,9 @@ impl Port for UdpPort {
                 continue;
             };
             b.set_len(len);
+            if let Some(rt) = rx_realtime_ns(&hdrs[i].msg_hdr) {
+                b.set_rx_timestamp(crate::time::Instant((rt as i64 - offset).max(1) as u64));
+            }
             let src = EthernetAddress::from_bytes(&b.frame()[6..12]);
             if src.is_unicast() {
                 self.peers[pi].mac = Some(src);
@@ -433,6 +491,23 @@ mod tests {
         assert_eq!(b.tx_burst(&mut burst), 1);
         assert_eq!(recv_all(&mut a, 1), vec![(7, 100)]);
         assert_eq!(a.peers[0].mac, Some(mac_b));
+
+        // Received frames carry the kernel's receive time on the CLOCK_MONOTONIC base.
+        let sent_at = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        let mut burst = Burst::new();
+        burst.push(frame_to(&mut b, mac_a, 8, 64));
+        assert_eq!(b.tx_burst(&mut burst), 1);
+        let mut rx = Burst::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while rx.is_empty() && std::time::Instant::now() < deadline {
+            a.rx_burst(&mut rx);
+        }
+        let ts = rx[0].rx_timestamp().expect("kernel timestamp").as_nanos();
+        let now = clock_ns(libc::CLOCK_MONOTONIC) as u64;
+        assert!(ts + 2_000_000 >= sent_at && ts <= now + 2_000_000, "rx {ts} sent {sent_at} now {now}");
+        for f in rx.drain(..) {
+            a.free(f);
+        }
 
         // Garbage: short, oversize, unknown sender. All counted and dropped.
         let stranger = UdpSocket::bind(lo(0)).unwrap();
