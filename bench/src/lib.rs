@@ -4,6 +4,8 @@
 //! Benchmarks are programs, not tests: nothing here asserts a time.
 #![warn(missing_docs)]
 
+pub mod rpc;
+
 use std::time::Instant;
 
 /// One measured operation: nanoseconds per operation over several runs.

@@ -1,0 +1,361 @@
+//! scenario: runs a benchmark scenario end to end, with its baselines in the same invocation,
+//! interleaved run by run, and prints medians (min, max) and ratios as markdown.
+//!
+//! ```text
+//! ./scripts/bench.sh udp --runs 3 --seconds 5
+//! ```
+//!
+//! Scenarios:
+//! * `udp` (S3): two machnetd over the udp backend on this machine, msg_gen client and server
+//!   (`--blocking`: they sleep on the doorbell), against kernel UDP ping-pong (blocking and
+//!   busy-poll receive) and kernel TCP request/response on loopback, same loop, same sizes.
+//!
+//! Every configuration runs at window 1 (E1) and 32 (E2), 64 B and 1 KiB, unless narrowed by
+//! `--windows` and `--sizes`. The raw results go to `--out` (JSON) for plotting.
+
+use clap::Parser;
+use machnet_bench::rpc::Totals;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(name = "scenario", version, about = "Run a benchmark scenario with its baselines")]
+struct Args {
+    /// Scenario: udp.
+    scenario: String,
+    /// Interleaved runs (medians over these).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Message sizes, bytes.
+    #[arg(long, value_delimiter = ',', default_value = "64,1024")]
+    sizes: Vec<usize>,
+    /// Windows.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    windows: Vec<u64>,
+    /// Raw results (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Directory holding machnetd, msg_gen and kernel_rpc (default: this program's).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Skip the baselines (quick checks only; the report then has no ratios).
+    #[arg(long)]
+    no_baselines: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Record {
+    system: String,
+    msg_size: usize,
+    window: u64,
+    run: usize,
+    totals: Totals,
+}
+
+/// A child process killed (SIGINT, then SIGKILL) when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command) -> Result<Proc, String> {
+        let child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Proc { name: name.into(), child })
+    }
+
+    fn interrupt(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGINT);
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit; returns its stdout.
+    fn finish(mut self, limit: Duration) -> Result<String, String> {
+        let start = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    let mut out = String::new();
+                    if let Some(mut o) = self.child.stdout.take() {
+                        let _ = o.read_to_string(&mut out);
+                    }
+                    if !status.success() {
+                        return Err(format!("{} exited with {status}", self.name));
+                    }
+                    return Ok(out);
+                }
+                Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(10)),
+                _ => return Err(format!("{} did not finish within {limit:?}", self.name)),
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.interrupt();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("an ephemeral port")
+}
+
+fn parse_totals(out: &str) -> Result<Totals, String> {
+    let line = out.lines().rev().find(|l| l.starts_with('{')).ok_or_else(|| format!("no JSON in output:\n{out}"))?;
+    serde_json::from_str(line).map_err(|e| format!("bad JSON ({e}): {line}"))
+}
+
+fn wait_for(path: &Path, what: &str) -> Result<(), String> {
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!("{what} did not create {}", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+struct Env {
+    bin: PathBuf,
+    work: PathBuf,
+    seconds: f64,
+}
+
+impl Env {
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new(self.bin.join(prog));
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// One client/server measurement: `server` and `client` get the common flags.
+    fn pair(&self, name: &str, server: Command, client: Command) -> Result<Totals, String> {
+        let (mut server, mut client) = (server, client);
+        server.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut srv = Proc::spawn(&format!("{name} server"), &mut server)?;
+        std::thread::sleep(Duration::from_millis(300));
+        client.arg("--duration").arg(self.seconds.to_string()).arg("--json");
+        client.stdout(Stdio::piped()).stderr(Stdio::null());
+        let cl = Proc::spawn(&format!("{name} client"), &mut client)?;
+        let out = cl.finish(Duration::from_secs_f64(self.seconds + 30.0))?;
+        srv.interrupt();
+        let _ = srv.finish(Duration::from_secs(5));
+        parse_totals(&out)
+    }
+
+    fn kernel(&self, proto: &str, busy: bool, size: usize, window: u64) -> Result<Totals, String> {
+        let port = free_udp_port();
+        let common = |c: &mut Command| {
+            c.args(["--proto", proto, "--msg_size", &size.to_string(), "--msg_window", &window.to_string()]);
+            if busy {
+                c.arg("--busy_poll");
+            }
+        };
+        let mut s = self.cmd("kernel_rpc");
+        s.arg("--listen").arg(format!("127.0.0.1:{port}"));
+        common(&mut s);
+        let mut c = self.cmd("kernel_rpc");
+        c.arg("--connect").arg(format!("127.0.0.1:{port}"));
+        common(&mut c);
+        self.pair(&format!("kernel {proto}"), s, c)
+    }
+
+    /// Two machnetd over the udp backend; returns them and their control sockets.
+    fn udp_daemons(&self) -> Result<(Vec<Proc>, [PathBuf; 2]), String> {
+        let ports = [free_udp_port(), free_udp_port()];
+        let mut procs = Vec::new();
+        let mut socks = [PathBuf::new(), PathBuf::new()];
+        for i in 0..2 {
+            let cfg = self.work.join(format!("d{i}.json"));
+            let json = format!(
+                r#"{{"machnet_config": {{"02:00:00:00:00:0{}": {{"ip": "198.18.0.{}"}}}},
+ "machnet_rs": {{"backend": "udp", "udp": {{"bind": "127.0.0.1:{}", "peers": ["127.0.0.1:{}"]}}}}}}"#,
+                i + 1,
+                i + 1,
+                ports[i],
+                ports[1 - i]
+            );
+            std::fs::write(&cfg, json).map_err(|e| format!("cannot write {}: {e}", cfg.display()))?;
+            socks[i] = self.work.join(format!("d{i}.sock"));
+            let _ = std::fs::remove_file(&socks[i]);
+            let mut c = self.cmd("machnetd");
+            c.arg("--config").arg(&cfg).arg("--ctrl-sock").arg(&socks[i]).arg("--log-level").arg("warn");
+            c.stdout(Stdio::null()).stderr(Stdio::inherit());
+            procs.push(Proc::spawn(&format!("machnetd {i}"), &mut c)?);
+        }
+        for s in &socks {
+            wait_for(s, "machnetd")?;
+        }
+        Ok((procs, socks))
+    }
+
+    fn msg_gen(&self, socks: &[PathBuf; 2], size: usize, window: u64) -> Result<Totals, String> {
+        let common = |c: &mut Command| {
+            c.args(["--msg_size", &size.to_string(), "--msg_window", &window.to_string(), "--blocking"]);
+        };
+        let mut s = self.cmd("msg_gen");
+        s.env("MACHNET_CTRL_SOCK", &socks[1]).args(["--local_ip", "198.18.0.2"]);
+        common(&mut s);
+        let mut c = self.cmd("msg_gen");
+        c.env("MACHNET_CTRL_SOCK", &socks[0]).args(["--local_ip", "198.18.0.1", "--remote_ip", "198.18.0.2"]);
+        common(&mut c);
+        self.pair("msg_gen", s, c)
+    }
+}
+
+fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn report(records: &[Record], main: &str) -> String {
+    let mut groups: BTreeMap<(usize, u64), BTreeMap<String, Vec<&Record>>> = BTreeMap::new();
+    for r in records {
+        groups.entry((r.msg_size, r.window)).or_default().entry(r.system.clone()).or_default().push(r);
+    }
+    let mut s = String::new();
+    s.push_str(
+        "| size | window | system | RTT p50 µs (min–max) | p99 | p99.9 | K RPC/s (min–max) | p50 × | RPC/s × |\n",
+    );
+    s.push_str("|---:|---:|---|---:|---:|---:|---:|---:|---:|\n");
+    for ((size, window), systems) in &groups {
+        let stat = |rs: &Vec<&Record>, f: fn(&Totals) -> f64| median_min_max(rs.iter().map(|r| f(&r.totals)).collect());
+        let main_p50 = systems.get(main).map(|rs| stat(rs, |t| t.rtt_p50_us).0);
+        let main_rps = systems.get(main).map(|rs| stat(rs, |t| t.rps).0);
+        let mut names: Vec<&String> = systems.keys().collect();
+        names.sort_by_key(|n| (*n != main, n.to_string()));
+        for name in names {
+            let rs = &systems[name];
+            let p50 = stat(rs, |t| t.rtt_p50_us);
+            let p99 = stat(rs, |t| t.rtt_p99_us).0;
+            let p999 = stat(rs, |t| t.rtt_p999_us).0;
+            let rps = stat(rs, |t| t.rps);
+            // Ratios: the scenario's system against this row (≥ 1 means the system is better).
+            let (rl, rr) = if name == main {
+                ("—".to_string(), "—".to_string())
+            } else {
+                (
+                    main_p50.map_or("—".into(), |m| format!("{:.2}", p50.0 / m)),
+                    main_rps.map_or("—".into(), |m| format!("{:.2}", m / rps.0)),
+                )
+            };
+            s.push_str(&format!(
+                "| {size} | {window} | {name} | {:.1} ({:.1}–{:.1}) | {p99:.1} | {p999:.1} | {:.1} ({:.1}–{:.1}) | {rl} | {rr} |\n",
+                p50.0,
+                p50.1,
+                p50.2,
+                rps.0 / 1e3,
+                rps.1 / 1e3,
+                rps.2 / 1e3
+            ));
+        }
+    }
+    s.push_str(&format!(
+        "\nRatios compare {main} with each baseline: `p50 ×` = baseline p50 / {main} p50, `RPC/s ×` = {main} RPC/s / baseline RPC/s (above 1: {main} is better).\n"
+    ));
+    s
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let bin = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .parent()
+            .ok_or("no directory for this program")?
+            .to_path_buf(),
+    };
+    for prog in ["machnetd", "msg_gen", "kernel_rpc"] {
+        if !bin.join(prog).exists() {
+            return Err(format!(
+                "{} not found in {} (build with: cargo build --release -p machnet-daemon -p machnet-bench)",
+                prog,
+                bin.display()
+            ));
+        }
+    }
+    let work = std::env::temp_dir().join(format!("machnet-scenario-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let env = Env { bin, work: work.clone(), seconds: args.seconds };
+    let main = match args.scenario.as_str() {
+        "udp" => "machnet udp backend",
+        other => return Err(format!("unknown scenario {other:?} (known: udp)")),
+    };
+    eprintln!("machine: {}", machnet_bench::machine_summary());
+    let mut records = Vec::new();
+    let result = (|| -> Result<(), String> {
+        for run in 0..args.runs {
+            let (daemons, socks) = env.udp_daemons()?;
+            for &size in &args.sizes {
+                for &window in &args.windows {
+                    let mut measure = |system: &str, t: Result<Totals, String>| -> Result<(), String> {
+                        let t = t.map_err(|e| format!("{system}, {size} B, window {window}: {e}"))?;
+                        eprintln!(
+                            "run {run} {size:>5} B w{window:<3} {system:<28} p50 {:>8.1} µs  p99 {:>8.1}  p99.9 {:>8.1}  {:>9.1} K RPC/s",
+                            t.rtt_p50_us,
+                            t.rtt_p99_us,
+                            t.rtt_p999_us,
+                            t.rps / 1e3
+                        );
+                        records.push(Record { system: system.into(), msg_size: size, window, run, totals: t });
+                        Ok(())
+                    };
+                    measure(main, env.msg_gen(&socks, size, window))?;
+                    if !args.no_baselines {
+                        measure("kernel UDP, blocking", env.kernel("udp", false, size, window))?;
+                        measure("kernel UDP, busy-poll", env.kernel("udp", true, size, window))?;
+                        measure("kernel TCP, blocking", env.kernel("tcp", false, size, window))?;
+                    }
+                }
+            }
+            drop(daemons);
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result?;
+    println!("{}", report(&records, main));
+    if let Some(out) = &args.out {
+        let doc = serde_json::json!({
+            "scenario": args.scenario,
+            "machine": machnet_bench::machine_summary(),
+            "seconds": args.seconds,
+            "runs": args.runs,
+            "records": records,
+        });
+        std::fs::write(out, serde_json::to_string_pretty(&doc).expect("serialisable"))
+            .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("scenario: {e}");
+        std::process::exit(1);
+    }
+}

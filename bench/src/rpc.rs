@@ -1,0 +1,276 @@
+//! The request/response loop shared by `msg_gen` and the kernel baselines, so that every
+//! transport is measured by the same code: the same window handling, the same clock reads,
+//! the same histogram, the same once-per-second line and the same totals.
+//!
+//! A request carries its window slot in its first 8 bytes; the server copies those 8 bytes
+//! into its response; the client matches the response to the slot and records the round trip
+//! from the moment it handed the request to the transport.
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// An error from a transport, already described.
+#[derive(Debug)]
+pub struct RpcError(pub String);
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+impl From<std::io::Error> for RpcError {
+    fn from(e: std::io::Error) -> Self {
+        RpcError(e.to_string())
+    }
+}
+
+/// A message transport as the RPC loop sees it.
+pub trait RpcIo {
+    /// Where a message came from / goes to.
+    type Peer: Copy;
+    /// Sends one whole message to `to`. `Ok(false)`: no room now, nothing consumed, try again.
+    fn send(&mut self, to: Self::Peer, msg: &[u8]) -> Result<bool, RpcError>;
+    /// Receives one whole message into `buf`: its length and the peer to answer. `Ok(None)`:
+    /// nothing arrived (a blocking transport returns it after a bounded wait).
+    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(usize, Self::Peer)>, RpcError>;
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RpcOptions {
+    /// Message size, bytes (> 8).
+    pub msg_size: usize,
+    /// Requests kept outstanding (client).
+    pub window: u64,
+    /// Stop after this many responses (client) or requests (server).
+    pub msg_nr: u64,
+    /// Check every response's content.
+    pub verify: bool,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Print the per-second lines to stderr instead of stdout (stdout then carries JSON).
+    pub lines_to_stderr: bool,
+}
+
+/// Results of one side of a run; `--json` prints this.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Totals {
+    /// "client" or "server".
+    pub role: String,
+    /// Message size.
+    pub msg_size: usize,
+    /// Window.
+    pub msg_window: u64,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// Messages sent.
+    pub tx_msgs: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Sends the transport refused for lack of room (retried).
+    pub tx_drops: u64,
+    /// Messages received.
+    pub rx_msgs: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Responses per second (client).
+    pub rps: f64,
+    /// Round-trip percentiles over the whole run, µs (client).
+    pub rtt_p50_us: f64,
+    /// 99th percentile.
+    pub rtt_p99_us: f64,
+    /// 99.9th percentile.
+    pub rtt_p999_us: f64,
+    /// Largest.
+    pub rtt_max_us: f64,
+    /// Round trips recorded.
+    pub rtt_samples: u64,
+}
+
+/// Byte `i` of every message (bytes 0..8 carry the slot).
+pub fn pattern_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+fn fill(buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate().skip(8) {
+        *b = pattern_byte(i);
+    }
+}
+
+fn finished(opts: &RpcOptions, start: Instant, stop: &AtomicBool, n: u64) -> bool {
+    stop.load(Ordering::Relaxed) || n >= opts.msg_nr || opts.duration.is_some_and(|d| start.elapsed() >= d)
+}
+
+/// Answers requests until stopped: each response is `msg_size` bytes whose first 8 copy the
+/// request's.
+pub fn serve<T: RpcIo>(io: &mut T, opts: &RpcOptions, stop: &AtomicBool) -> Result<Totals, RpcError> {
+    let mut inb = vec![0u8; (8 << 20).max(opts.msg_size)];
+    let mut out = vec![0u8; opts.msg_size];
+    fill(&mut out);
+    let mut t = Totals { role: "server".into(), msg_size: opts.msg_size, ..Totals::default() };
+    let start = Instant::now();
+    while !finished(opts, start, stop, t.rx_msgs) {
+        if let Some((n, peer)) = io.recv(&mut inb)? {
+            t.rx_msgs += 1;
+            t.rx_bytes += n as u64;
+            out[..8.min(n)].copy_from_slice(&inb[..8.min(n)]);
+            while !io.send(peer, &out)? {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                t.tx_drops += 1;
+                std::hint::spin_loop();
+            }
+            t.tx_msgs += 1;
+            t.tx_bytes += out.len() as u64;
+        }
+    }
+    t.seconds = start.elapsed().as_secs_f64();
+    Ok(t)
+}
+
+struct Second {
+    hist: Histogram<u64>,
+    tx: u64,
+    rx: u64,
+    txb: u64,
+    rxb: u64,
+    drops: u64,
+    at: Instant,
+}
+
+/// The original's per-second line.
+fn second_line(s: &Second, secs: f64) -> String {
+    // Whole microseconds, as the original prints them.
+    let pct = |q: f64| {
+        if s.hist.is_empty() {
+            "N/A".to_string()
+        } else {
+            s.hist.value_at_quantile(q).div_ceil(1000).to_string()
+        }
+    };
+    let mut line = format!(
+        "TX/RX (msg/sec, Gbps): ({:.1}K/{:.1}K, {:.3}/{:.3}). RTT (p50/99/99.9 us): {}/{}/{}",
+        s.tx as f64 / secs / 1e3,
+        s.rx as f64 / secs / 1e3,
+        s.txb as f64 * 8.0 / secs / 1e9,
+        s.rxb as f64 * 8.0 / secs / 1e9,
+        pct(0.5),
+        pct(0.99),
+        pct(0.999)
+    );
+    if s.drops > 0 {
+        line.push_str(&format!(", TX drops: {}", s.drops));
+    }
+    line
+}
+
+/// Keeps `window` requests outstanding to `peer` until stopped, recording round trips.
+pub fn run_client<T: RpcIo>(
+    io: &mut T,
+    peer: T::Peer,
+    opts: &RpcOptions,
+    stop: &AtomicBool,
+) -> Result<Totals, RpcError> {
+    let window = opts.window.max(1);
+    let mut sent_at = vec![Instant::now(); window as usize];
+    let mut out = vec![0u8; opts.msg_size];
+    fill(&mut out);
+    let mut inb = vec![0u8; (8 << 20).max(opts.msg_size)];
+    // Nanoseconds, 3 significant digits: sub-microsecond round trips stay visible.
+    let hist = Histogram::<u64>::new_with_bounds(1, 100_000_000_000, 3).expect("histogram bounds");
+    let mut all = hist.clone();
+    let mut sec = Second { hist, tx: 0, rx: 0, txb: 0, rxb: 0, drops: 0, at: Instant::now() };
+    let mut t = Totals { role: "client".into(), msg_size: opts.msg_size, msg_window: window, ..Totals::default() };
+    // Slots whose send found no room, retried first on every turn (the original counted and
+    // forgot them, shrinking its window).
+    let mut pending: Vec<u64> = (0..window).collect();
+    let start = Instant::now();
+    sec.at = start;
+    let mut handled = false;
+    loop {
+        let mut i = 0;
+        while i < pending.len() && t.tx_msgs < opts.msg_nr {
+            let slot = pending[i];
+            out[..8].copy_from_slice(&slot.to_ne_bytes());
+            sent_at[slot as usize] = Instant::now();
+            if io.send(peer, &out)? {
+                pending.swap_remove(i);
+                t.tx_msgs += 1;
+                t.tx_bytes += out.len() as u64;
+                sec.tx += 1;
+                sec.txb += out.len() as u64;
+            } else {
+                t.tx_drops += 1;
+                sec.drops += 1;
+                i += 1;
+            }
+        }
+        if finished(opts, start, stop, t.rx_msgs) {
+            break;
+        }
+        if let Some((n, _)) = io.recv(&mut inb)? {
+            let now = Instant::now();
+            let slot = u64::from_ne_bytes(inb[..8].try_into().expect("8 bytes"));
+            if slot >= window || n < 8 {
+                return Err(RpcError(format!("response with slot {slot} of {n} bytes: not one of ours")));
+            }
+            let rtt = now.duration_since(sent_at[slot as usize]).as_nanos().max(1) as u64;
+            let _ = sec.hist.record(rtt);
+            let _ = all.record(rtt);
+            if opts.verify {
+                if let Some((i, b)) = inb[8..n].iter().enumerate().find(|&(i, b)| *b != pattern_byte(i + 8)) {
+                    return Err(RpcError(format!(
+                        "response byte {} is {b:#x}, expected {:#x}",
+                        i + 8,
+                        pattern_byte(i + 8)
+                    )));
+                }
+            }
+            t.rx_msgs += 1;
+            t.rx_bytes += n as u64;
+            sec.rx += 1;
+            sec.rxb += n as u64;
+            handled = true;
+            pending.push(slot);
+        }
+        let now = Instant::now();
+        if handled && now.duration_since(sec.at) >= Duration::from_secs(1) {
+            let line = second_line(&sec, now.duration_since(sec.at).as_secs_f64());
+            if opts.lines_to_stderr {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+            sec.hist.reset();
+            (sec.tx, sec.rx, sec.txb, sec.rxb, sec.drops) = (0, 0, 0, 0, 0);
+            sec.at = now;
+            handled = false;
+        }
+    }
+    t.seconds = start.elapsed().as_secs_f64();
+    t.rps = t.rx_msgs as f64 / t.seconds;
+    if !all.is_empty() {
+        t.rtt_p50_us = all.value_at_quantile(0.5) as f64 / 1e3;
+        t.rtt_p99_us = all.value_at_quantile(0.99) as f64 / 1e3;
+        t.rtt_p999_us = all.value_at_quantile(0.999) as f64 / 1e3;
+        t.rtt_max_us = all.max() as f64 / 1e3;
+        t.rtt_samples = all.len();
+    }
+    Ok(t)
+}
+
+/// The original's totals line.
+pub fn totals_line(t: &Totals) -> String {
+    format!(
+        "Application Statistics (TOTAL) - [TX] Sent: {} ({} Bytes), Drops: {}, [RX] Received: {} ({} Bytes)",
+        t.tx_msgs, t.tx_bytes, t.tx_drops, t.rx_msgs, t.rx_bytes
+    )
+}
