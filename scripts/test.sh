@@ -37,6 +37,18 @@ cargo clippy --workspace --all-targets -- -D warnings
 say "cargo test"
 cargo test --workspace
 
+# --- The DPDK backend (needs the system DPDK; the namespace tests need root and iproute2) -------
+DPDK_FEATURES=machnet-net/dpdk,machnet-dpdk-sys/bindings,machnet-bench/dpdk
+if pkg-config --exists libdpdk 2>/dev/null; then
+  say "cargo clippy with the dpdk feature"
+  cargo clippy -p machnet-net -p machnet-dpdk-sys -p machnet-bench --features "$DPDK_FEATURES" --all-targets -- -D warnings
+  say "cargo test with the dpdk feature (memif, af_packet, af_xdp, tap)"
+  cargo test -p machnet-net -p machnet-dpdk-sys --features machnet-net/dpdk,machnet-dpdk-sys/bindings
+else
+  say "DPDK tests FAILED TO RUN: libdpdk not found (install dpdk libdpdk-dev libclang-dev pkg-config)"
+  exit 1
+fi
+
 # --- Miri on the shared-memory ring and pool code ---------------------------------------------------
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   say "miri SKIPPED: no nightly toolchain"

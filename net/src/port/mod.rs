@@ -13,12 +13,14 @@
 //!   seeded [`fault`] injector (loss, duplication, reordering, delay, corruption, rate limit);
 //! * [`udp`]: whole Ethernet frames tunnelled one per kernel UDP datagram; zero setup, no
 //!   privileges;
-//! * DPDK, behind the daemon's `dpdk` feature.
+//! * [`dpdk`]: DPDK ethdev queues (kernel bypass), behind this crate's `dpdk` feature.
 
 use crate::rss::Rss;
 use crate::wire::{ChecksumCaps, EthernetAddress};
 use arrayvec::ArrayVec;
 
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod fault;
 pub mod mem;
 mod pool;

@@ -1,0 +1,313 @@
+//! Shared helpers of the DPDK test binaries.
+//!
+//! DPDK's EAL initialises once per process, and `cargo test` runs a binary's tests as threads
+//! of one process, so every DPDK scenario runs in a child process: the parent test re-runs its
+//! own test binary with `--exact <child test> --ignored` and `MACHNET_DPDK_CHILD=1`. Child
+//! entry points are `#[ignore]`d tests that return at once without that variable. Children talk
+//! to the parent with `MN:<word> ...` lines on stdout and read commands from stdin.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const CHILD_ENV: &str = "MACHNET_DPDK_CHILD";
+
+/// True in a child process started by [`ChildProc::spawn`].
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// An environment variable the parent set for the child.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("child needs {name}"))
+}
+
+/// Prints a protocol line to the parent.
+pub fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "MN:{line}");
+    let _ = out.flush();
+}
+
+/// Lines from the parent on stdin, read by a background thread.
+pub fn stdin_lines() -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line.trim().to_string()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for `word` from the parent (60 s at most).
+#[track_caller]
+pub fn wait_for(rx: &Receiver<String>, word: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l == word => return,
+            Ok(_) => continue,
+            Err(_) => panic!("child: no `{word}` from the parent"),
+        }
+    }
+}
+
+/// A child process running one child test of this binary, killed if still running on drop.
+pub struct ChildProc {
+    pub name: String,
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stdout_log: Arc<Mutex<Vec<String>>>,
+    stderr_log: Arc<Mutex<Vec<String>>>,
+    /// The child's EAL file prefix, if any: its runtime directory is removed if the child has
+    /// to be killed.
+    prefix: Option<String>,
+}
+
+impl ChildProc {
+    /// Runs child test `test` (optionally inside network namespace `netns`) with `envs`.
+    pub fn spawn(test: &str, envs: &[(&str, String)], netns: Option<&str>) -> ChildProc {
+        let exe = std::env::current_exe().expect("test binary path");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {test}: {e}"));
+        let (tx, lines) = mpsc::channel();
+        let stdout_log = Arc::new(Mutex::new(Vec::new()));
+        let stderr_log = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let log = Arc::clone(&stdout_log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                log.lock().unwrap().push(line.clone());
+                // libtest may print `test x ... ` before a child's line on the same line.
+                if let Some(at) = line.find("MN:") {
+                    let _ = tx.send(line[at + 3..].to_string());
+                }
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let log = Arc::clone(&stderr_log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                log.lock().unwrap().push(line);
+            }
+        });
+        let stdin = child.stdin.take();
+        let prefix = envs.iter().find(|(k, _)| *k == "MN_PREFIX").map(|(_, v)| v.clone());
+        ChildProc { name: test.to_string(), child: Some(child), stdin, lines, stdout_log, stderr_log, prefix }
+    }
+
+    /// Everything the child wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr_log.lock().unwrap().join("\n")
+    }
+
+    /// Everything the child wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout_log.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a protocol line starting with `word`; returns the rest of it.
+    #[track_caller]
+    pub fn expect(&mut self, word: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix(word) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "{}: no `{word}` within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                        self.name,
+                        self.stdout(),
+                        self.stderr()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.wait(Duration::from_secs(5));
+                    panic!(
+                        "{}: exited ({status:?}) before `{word}`\nstdout:\n{}\nstderr:\n{}",
+                        self.name,
+                        self.stdout(),
+                        self.stderr()
+                    )
+                }
+            }
+        }
+    }
+
+    /// Sends a command line to the child.
+    pub fn send(&mut self, line: &str) {
+        if let Some(s) = self.stdin.as_mut() {
+            let _ = writeln!(s, "{line}");
+            let _ = s.flush();
+        }
+    }
+
+    /// Waits for the child to exit (killing it after `timeout`).
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("already waited");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return st;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let st = child.wait().expect("wait");
+                panic!("{}: did not exit within {timeout:?}; killed ({st:?})\nstderr:\n{}", self.name, self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for a successful exit, failing with the child's output otherwise. A successful
+    /// child must not have logged an error (EAL runs with `--log-level=error`).
+    #[track_caller]
+    pub fn wait_success(&mut self, timeout: Duration) {
+        let st = self.wait(timeout);
+        assert!(st.success(), "{} failed ({st:?})\nstdout:\n{}\nstderr:\n{}", self.name, self.stdout(), self.stderr());
+        let err = self.stderr();
+        assert!(!err.contains("rror"), "{} logged an error:\n{err}", self.name);
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            if let Some(p) = &self.prefix {
+                let _ = std::fs::remove_dir(Path::new("/var/run/dpdk").join(p));
+            }
+        }
+    }
+}
+
+/// A directory removed (with its contents) on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("machnet-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Fails unless DPDK left nothing behind for `prefix`: no runtime directory under
+/// `/var/run/dpdk` (= `/run/dpdk`), nothing in `/dev/shm` or `/dev/hugepages` naming it.
+#[track_caller]
+pub fn assert_no_dpdk_leftovers(prefix: &str) {
+    let runtime = Path::new("/var/run/dpdk").join(prefix);
+    assert!(!runtime.exists(), "DPDK left {} behind", runtime.display());
+    for dir in ["/dev/shm", "/dev/hugepages", "/run"] {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                assert!(!name.contains(prefix), "DPDK left {dir}/{name} behind");
+            }
+        }
+    }
+}
+
+/// Fails the test, saying what is missing, unless this runs as root with `ip` available.
+#[track_caller]
+pub fn require_root_and_ip() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this DPDK test needs root (network namespaces, veth, raw sockets); the `dpdk` feature is on but the test \
+         runs as uid {euid}"
+    );
+    let ok = Command::new("ip").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "this DPDK test needs the `ip` command (iproute2), which is not available");
+}
+
+/// Runs `ip <args>`, failing the test with its output on error.
+#[track_caller]
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Output of `ip <args>`.
+pub fn ip_output(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Network namespaces created by a test, deleted on drop (which also deletes the interfaces
+/// inside them, veth peers included), even when the test fails.
+pub struct Netns {
+    pub names: Vec<String>,
+}
+
+impl Netns {
+    /// Creates one namespace per tag, named `mn-<tag>-<pid>`, with `lo` up.
+    pub fn create(tags: &[&str]) -> Netns {
+        let mut ns = Netns { names: Vec::new() };
+        for t in tags {
+            let name = format!("mn-{t}-{}", std::process::id());
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+            ip(&["netns", "add", &name]);
+            ns.names.push(name.clone());
+            ip(&["-n", &name, "link", "set", "lo", "up"]);
+        }
+        ns
+    }
+    pub fn name(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
