@@ -38,12 +38,13 @@ say "cargo test"
 cargo test --workspace
 
 # --- The DPDK backend (needs the system DPDK; the namespace tests need root and iproute2) -------
-DPDK_FEATURES=machnet-net/dpdk,machnet-dpdk-sys/bindings,machnet-bench/dpdk
+DPDK_FEATURES=machnet-net/dpdk,machnet-dpdk-sys/bindings,machnet-bench/dpdk,machnet-daemon/dpdk
 if pkg-config --exists libdpdk 2>/dev/null; then
   say "cargo clippy with the dpdk feature"
-  cargo clippy -p machnet-net -p machnet-dpdk-sys -p machnet-bench --features "$DPDK_FEATURES" --all-targets -- -D warnings
-  say "cargo test with the dpdk feature (memif, af_packet, af_xdp, tap)"
+  cargo clippy -p machnet-net -p machnet-dpdk-sys -p machnet-bench -p machnet-daemon --features "$DPDK_FEATURES" --all-targets -- -D warnings
+  say "cargo test with the dpdk feature: ports (memif, af_packet, af_xdp, tap), then machnetd on memif and af_packet"
   cargo test -p machnet-net -p machnet-dpdk-sys --features machnet-net/dpdk,machnet-dpdk-sys/bindings
+  cargo test -p machnet-daemon --features dpdk --test dpdk --test cli
 else
   say "DPDK tests FAILED TO RUN: libdpdk not found (install dpdk libdpdk-dev libclang-dev pkg-config)"
   exit 1

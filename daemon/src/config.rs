@@ -153,6 +153,69 @@ pub struct ArpSection {
     pub retry_ms: Option<u64>,
 }
 
+/// The DPDK backend.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpdkSection {
+    /// The device: a PCI address (`0000:00:04.0`) or a DPDK vdev string
+    /// (`net_memif0,role=server,socket=/run/m.sock`); default: `machnet_config.<MAC>.pcie`.
+    pub device: Option<String>,
+    /// More EAL arguments, appended to machnetd's own (`--no-shconf --file-prefix <unique>
+    /// --no-telemetry --log-level=error`, and `--no-huge -m <memory_mb> --no-pci` without
+    /// hugepages, `--in-memory` with them).
+    #[serde(default)]
+    pub eal_args: Vec<String>,
+    /// Use hugepages (default: yes for a PCI device, no for a vdev).
+    pub hugepages: Option<bool>,
+    /// Memory for DPDK without hugepages, MiB (256).
+    pub memory_mb: Option<u32>,
+    /// Packet buffers per queue (8191).
+    pub mbufs_per_queue: Option<u32>,
+    /// Receive descriptors per queue (1024, adjusted to the device's limits).
+    pub rx_descriptors: Option<u16>,
+    /// Transmit descriptors per queue (1024, adjusted to the device's limits).
+    pub tx_descriptors: Option<u16>,
+    /// IP MTU (1500).
+    pub mtu: Option<u16>,
+    /// How long to wait for the link at start-up, ms (10000; 0: do not wait).
+    pub link_timeout_ms: Option<u64>,
+    /// Receive frames for every MAC (false).
+    pub promiscuous: Option<bool>,
+    /// Use the device's checksum offloads when it has them (true).
+    pub checksum_offload: Option<bool>,
+    /// Spread flows over the shards' queues with RSS when the device has it (true).
+    pub rss: Option<bool>,
+}
+
+/// Fault injection on the port's transmit side (every shard), for testing applications on
+/// an imperfect network. Probabilities are per frame, 0 to 1.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSection {
+    /// Frames dropped.
+    #[serde(default)]
+    pub loss: f64,
+    /// Frames sent twice.
+    #[serde(default)]
+    pub duplicate: f64,
+    /// Frames held back by `reorder_delay_us` (so later frames overtake them).
+    #[serde(default)]
+    pub reorder: f64,
+    /// How long a reordered frame is held, µs (100).
+    pub reorder_delay_us: Option<u64>,
+    /// Frames with one byte flipped after the Ethernet header (checksums catch it).
+    #[serde(default)]
+    pub corrupt: f64,
+    /// Delay added to every frame, µs (0).
+    #[serde(default)]
+    pub delay_us: u64,
+    /// Random extra delay, uniform in [0, jitter_us) µs (0).
+    #[serde(default)]
+    pub jitter_us: u64,
+    /// Seed of the generator (shard i uses seed + i; default: random).
+    pub seed: Option<u64>,
+}
+
 /// Our extension key, `machnet_rs`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,13 +225,18 @@ pub struct Extension {
     pub backend: Backend,
     /// UDP backend settings (required with `"udp"`).
     pub udp: Option<UdpSection>,
+    /// DPDK backend settings.
+    pub dpdk: Option<DpdkSection>,
+    /// Fault injection on transmit (off unless present).
+    pub fault: Option<FaultSection>,
     /// `"busy"` or `"adaptive"`; default: busy when every shard gets a core, else adaptive.
     pub idle: Option<String>,
     /// Adaptive idle: µs of spinning before yielding (50).
     pub idle_spin_us: Option<u64>,
     /// Adaptive idle: further µs of `sched_yield` before parking (200).
     pub idle_yield_us: Option<u64>,
-    /// Adaptive idle: longest single park, µs (100000).
+    /// Adaptive idle: longest single park, µs (100000; 50 on ports that cannot wake a parked
+    /// shard, such as DPDK devices, where parks are short sleeps between polls).
     pub idle_max_park_us: Option<u64>,
     /// Control socket path (the `--ctrl-sock` flag overrides it).
     pub ctrl_sock: Option<String>,
@@ -187,6 +255,23 @@ pub struct Extension {
     pub no_rx_checksum: bool,
 }
 
+/// The PCI address (`PCI_SLOT_NAME` of `device/uevent`) of the interface under `sys_net`
+/// (`/sys/class/net`) whose `address` is `mac`, as the original Machnet finds its NIC.
+pub fn pci_of_mac(sys_net: &Path, mac: &EthernetAddress) -> Option<String> {
+    for entry in std::fs::read_dir(sys_net).ok()?.flatten() {
+        let dir = entry.path();
+        let Ok(addr) = std::fs::read_to_string(dir.join("address")) else { continue };
+        if addr.trim().parse::<EthernetAddress>().ok() != Some(*mac) {
+            continue;
+        }
+        let Ok(uevent) = std::fs::read_to_string(dir.join("device/uevent")) else { continue };
+        if let Some(slot) = uevent.lines().find_map(|l| l.strip_prefix("PCI_SLOT_NAME=")) {
+            return Some(slot.trim().to_string());
+        }
+    }
+    None
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -200,8 +285,10 @@ pub struct Config {
     pub engine_threads: u32,
     /// CPUs the shards may run on (bit i = CPU i); shards are pinned to these in order.
     pub cpu_mask: Option<u64>,
-    /// PCI address or vdev string.
+    /// PCI address or vdev string from `machnet_config`.
     pub pcie: Option<String>,
+    /// The DPDK device to open (validated: present with the dpdk backend).
+    pub dpdk_device: Option<String>,
     /// Extension settings.
     pub ext: Extension,
     /// UDP tunnel endpoints, parsed.
@@ -304,6 +391,59 @@ impl Config {
                 }
             }
         }
+        let dpdk_device = match ext.backend {
+            Backend::Udp => {
+                if ext.dpdk.is_some() {
+                    return Err(err("machnet_rs.dpdk", "only meaningful with \"backend\": \"dpdk\"".into()));
+                }
+                None
+            }
+            Backend::Dpdk => {
+                let d = ext.dpdk.as_ref().and_then(|d| d.device.as_ref());
+                match (d, iface.pcie.as_ref()) {
+                    (Some(d), Some(p)) if d != p => {
+                        return Err(err(
+                            "machnet_rs.dpdk.device",
+                            format!("{d:?} differs from machnet_config.{mac_s}.pcie {p:?}: give the device once"),
+                        ))
+                    }
+                    (Some(d), _) | (None, Some(d)) => {
+                        if d.trim().is_empty() {
+                            return Err(err("machnet_rs.dpdk.device", "empty device string".into()));
+                        }
+                        Some(d.clone())
+                    }
+                    // As the original: the PCI address of the kernel interface with this MAC.
+                    (None, None) => match pci_of_mac(Path::new("/sys/class/net"), &mac) {
+                        Some(pci) => Some(pci),
+                        None => return Err(err(
+                            &key("pcie"),
+                            format!("the dpdk backend needs a device: no PCI network interface has MAC {mac}; give a PCI address or vdev string in \"pcie\" or in \"machnet_rs\": {{\"dpdk\": {{\"device\": ...}}}}"),
+                        )),
+                    },
+                }
+            }
+        };
+        if let Some(d) = &ext.dpdk {
+            if d.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
+                return Err(err("machnet_rs.dpdk.mtu", format!("{} is out of range 576..=9000", d.mtu.unwrap_or(0))));
+            }
+            if d.mbufs_per_queue.is_some_and(|n| n < 1024) {
+                return Err(err("machnet_rs.dpdk.mbufs_per_queue", "at least 1024 buffers per queue".into()));
+            }
+            if d.memory_mb.is_some_and(|m| m < 64) {
+                return Err(err("machnet_rs.dpdk.memory_mb", "at least 64 MiB".into()));
+            }
+        }
+        if let Some(f) = &ext.fault {
+            for (name, p) in
+                [("loss", f.loss), ("duplicate", f.duplicate), ("reorder", f.reorder), ("corrupt", f.corrupt)]
+            {
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(err(&format!("machnet_rs.fault.{name}"), format!("{p} is not a probability (0 to 1)")));
+                }
+            }
+        }
         if let Some(idle) = &ext.idle {
             if idle != "busy" && idle != "adaptive" {
                 return Err(err("machnet_rs.idle", format!("{idle:?}: expected \"busy\" or \"adaptive\"")));
@@ -328,6 +468,7 @@ impl Config {
             engine_threads,
             cpu_mask,
             pcie: iface.pcie,
+            dpdk_device,
             ext,
             udp_bind,
             udp_peers,
@@ -405,8 +546,34 @@ mod tests {
 
     #[test]
     fn the_originals_shipped_example_is_accepted_for_dpdk() {
-        let c = parse(r#"{"machnet_config": {"00:11:22:33:44:55": {"ip": "172.17.0.1", "engine_threads": 1}}, "machnet_rs": {"backend": "dpdk"}}"#).unwrap();
+        let c = parse(r#"{"machnet_config": {"00:11:22:33:44:55": {"ip": "172.17.0.1", "engine_threads": 1, "pcie": "0000:00:05.0"}}, "machnet_rs": {"backend": "dpdk"}}"#).unwrap();
         assert_eq!(c.engine_threads, 1);
+        assert_eq!(c.dpdk_device.as_deref(), Some("0000:00:05.0"));
+        let c = parse(
+            r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "198.18.0.1", "engine_threads": 2}},
+               "machnet_rs": {"backend": "dpdk", "dpdk": {"device": "net_memif0,role=server", "mtu": 1500},
+                              "fault": {"loss": 0.05, "reorder": 0.05, "duplicate": 0.01, "seed": 7}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.dpdk_device.as_deref(), Some("net_memif0,role=server"));
+        assert_eq!(c.engine_threads, 2);
+        let f = c.ext.fault.as_ref().unwrap();
+        assert_eq!((f.loss, f.reorder, f.duplicate, f.seed), (0.05, 0.05, 0.01, Some(7)));
+    }
+
+    #[test]
+    fn pci_address_is_found_by_mac_as_the_original_does() {
+        let root = std::env::temp_dir().join(format!("machnet-sysfs-{}", std::process::id()));
+        let eth1 = root.join("eth1");
+        std::fs::create_dir_all(eth1.join("device")).unwrap();
+        std::fs::create_dir_all(root.join("lo")).unwrap();
+        std::fs::write(root.join("lo/address"), "00:00:00:00:00:00\n").unwrap();
+        std::fs::write(eth1.join("address"), "00:0d:3a:AA:bb:01\n").unwrap();
+        std::fs::write(eth1.join("device/uevent"), "DRIVER=mlx5_core\nPCI_SLOT_NAME=0002:00:02.0\n").unwrap();
+        let mac: EthernetAddress = "00:0d:3a:aa:bb:01".parse().unwrap();
+        assert_eq!(pci_of_mac(&root, &mac).as_deref(), Some("0002:00:02.0"));
+        assert_eq!(pci_of_mac(&root, &"00:0d:3a:aa:bb:02".parse().unwrap()), None);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -447,7 +614,7 @@ mod tests {
                 "not an IPv4 ip:port",
             ),
             (
-                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"backend": "dpdk", "transport": {"window": 300}}}"#,
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4", "pcie": "net_null0"}}, "machnet_rs": {"backend": "dpdk", "transport": {"window": 300}}}"#,
                 "machnet_rs.transport",
                 "power of two",
             ),
@@ -455,6 +622,31 @@ mod tests {
                 r#"{"machnet_config": {"01:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"backend": "dpdk"}}"#,
                 "machnet_config.01:00:00:00:00:01",
                 "unicast",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"backend": "dpdk"}}"#,
+                "machnet_config.02:00:00:00:00:01.pcie",
+                "needs a device",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4", "pcie": "a"}}, "machnet_rs": {"backend": "dpdk", "dpdk": {"device": "b"}}}"#,
+                "machnet_rs.dpdk.device",
+                "give the device once",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"udp": {"bind": "127.0.0.1:1"}, "dpdk": {}}}"#,
+                "machnet_rs.dpdk",
+                "only meaningful",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"udp": {"bind": "127.0.0.1:1"}, "fault": {"loss": 2}}}"#,
+                "machnet_rs.fault.loss",
+                "not a probability",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"udp": {"bind": "127.0.0.1:1"}, "fault": {"los": 0.1}}}"#,
+                "",
+                "unknown field `los`",
             ),
         ];
         for (text, key, reason) in cases {

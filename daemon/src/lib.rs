@@ -8,4 +8,7 @@
 pub mod arp;
 pub mod config;
 pub mod controller;
+#[cfg(feature = "dpdk")]
+pub mod dpdk_backend;
+pub mod mesh;
 pub mod shard;

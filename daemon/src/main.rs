@@ -6,7 +6,9 @@ use machnet::layout::ChannelConfig;
 use machnet_daemon::arp::ArpConfig;
 use machnet_daemon::config::{Backend, Config, DEFAULT_CTRL_SOCK};
 use machnet_daemon::controller::{Controller, ShardLink};
+use machnet_daemon::mesh::Mesh;
 use machnet_daemon::shard::{EngineShard, ShardReport, ShardSetup};
+use machnet_net::port::fault::{FaultConfig, Faulty};
 use machnet_net::port::udp::{UdpConfig, UdpPeer, UdpPort};
 use machnet_net::port::Port;
 use machnet_runtime::idle::{IdlePolicy, Parker};
@@ -42,6 +44,9 @@ struct Cli {
     #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
 }
+
+/// Longest park of an adaptive shard whose port has no file descriptor to wake it, µs.
+const DEFAULT_POLL_PARK_US: u64 = 50;
 
 fn random_seed() -> u64 {
     let mut b = [0u8; 8];
@@ -88,9 +93,66 @@ fn run(cli: &Cli, cfg: Config) -> Result<(), String> {
             let port = UdpPort::new(&UdpConfig::new(bind, cfg.mac, peers))
                 .map_err(|e| format!("udp backend: cannot bind {bind}: {e}"))?;
             let fd = port.raw_fd();
-            serve(&cfg, vec![(port, Some(fd))], &ctrl_path, &term)
+            serve_ports(&cfg, vec![(port, Some(fd))], &ctrl_path, &term)
         }
+        #[cfg(feature = "dpdk")]
+        Backend::Dpdk => {
+            let (backend, ports) = machnet_daemon::dpdk_backend::DpdkBackend::open(&cfg)?;
+            let r = serve_ports(&cfg, ports.into_iter().map(|p| (p, None)).collect(), &ctrl_path, &term);
+            backend.close();
+            r
+        }
+        #[cfg(not(feature = "dpdk"))]
         Backend::Dpdk => Err("the dpdk backend is not built into this machnetd (build with --features dpdk)".into()),
+    }
+}
+
+/// Serves `ports` (one per shard), wrapped by the fault injector if the configuration asks.
+fn serve_ports<P>(
+    cfg: &Config,
+    ports: Vec<(P, Option<RawFd>)>,
+    ctrl_path: &PathBuf,
+    term: &AtomicBool,
+) -> Result<(), String>
+where
+    P: Port + Send + 'static,
+    P::Buf: Send,
+{
+    match &cfg.ext.fault {
+        None => serve(cfg, ports, ctrl_path, term),
+        Some(f) => {
+            let seed = f.seed.unwrap_or_else(random_seed);
+            log::warn!(
+                "fault injection on transmit: loss {}, duplicate {}, reorder {} (by {} us), corrupt {}, delay {} us + jitter {} us, seed {seed}",
+                f.loss,
+                f.duplicate,
+                f.reorder,
+                f.reorder_delay_us.unwrap_or(100),
+                f.corrupt,
+                f.delay_us,
+                f.jitter_us
+            );
+            let faulty = ports
+                .into_iter()
+                .enumerate()
+                .map(|(i, (p, fd))| {
+                    let fc = FaultConfig {
+                        seed: seed.wrapping_add(i as u64),
+                        drop: f.loss,
+                        duplicate: f.duplicate,
+                        corrupt: f.corrupt,
+                        reorder: f.reorder,
+                        reorder_delay: Duration::from_micros(f.reorder_delay_us.unwrap_or(100)),
+                        delay: Duration::from_micros(f.delay_us),
+                        jitter: Duration::from_micros(f.jitter_us),
+                        hold_capacity: 2048,
+                        ..FaultConfig::default()
+                    };
+                    (Faulty::new(p, fc), fd)
+                })
+                .collect();
+            serve(cfg, faulty, ctrl_path, term)
+        }
     }
 }
 
@@ -106,9 +168,14 @@ where
         Some(_) => IdlePolicy::ADAPTIVE,
         None => IdlePolicy::default_for(ports.len()),
     };
+    // A port without a file descriptor (DPDK) cannot wake a parked shard: parks are then
+    // short sleeps between polls.
+    let pollable = ports.iter().all(|(_, fd)| fd.is_some());
     if let IdlePolicy::Adaptive { spin, yield_for, max_park } = &mut idle {
-        if let Some(us) = cfg.ext.idle_max_park_us {
-            *max_park = Duration::from_micros(us);
+        match cfg.ext.idle_max_park_us {
+            Some(us) => *max_park = Duration::from_micros(us),
+            None if !pollable => *max_park = Duration::from_micros(DEFAULT_POLL_PARK_US),
+            None => {}
         }
         if let Some(us) = cfg.ext.idle_spin_us {
             *spin = Duration::from_micros(us);
@@ -134,14 +201,18 @@ where
     let cpus = cfg.cpus();
     let mut shards = Vec::new();
     let mut links = Vec::new();
-    for (i, (port, fd)) in ports.into_iter().enumerate() {
+    let parkers = (0..ports.len())
+        .map(|_| Parker::new().map_err(|e| format!("cannot create a parker: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let wakers: Vec<_> = parkers.iter().map(|p| p.waker()).collect();
+    let meshes = Mesh::build(&wakers);
+    for (i, (((port, fd), parker), mesh)) in ports.into_iter().zip(parkers).zip(meshes).enumerate() {
         let local = LocalAddr { mac: cfg.mac, ip: cfg.ip };
         let mut endpoint =
             Endpoint::new(machnet_transport::Config { seed: random_seed(), ..tcfg }, local, shared_ports.clone())
                 .map_err(|e| format!("transport configuration: {e}"))?;
         endpoint.set_steering(port.capabilities().rss.as_ref().and_then(|r| r.build()), i as u16);
         let (tx, rx) = mpsc::sync_channel(1024);
-        let parker = Parker::new().map_err(|e| format!("cannot create a parker: {e}"))?;
         if let Some(fd) = fd {
             parker.add_fd(fd, u64::MAX - 1).map_err(|e| format!("cannot watch the port: {e}"))?;
         }
@@ -156,6 +227,7 @@ where
             fds: parker.fd_set(),
             report: report.clone(),
             linger: Duration::from_millis(cfg.ext.channel.linger_ms.unwrap_or(2000)),
+            mesh,
         };
         let scfg = ShardConfig {
             name: format!("machnet-shard{i}"),
@@ -209,14 +281,28 @@ where
         let _ = s.join();
         let r = report.lock().map(|r| r.clone()).unwrap_or_default();
         log::info!(
-            "{name}: {} flows opened, {} messages in / {} out, {} retransmissions, {} sends refused (not the sender's flow), {} channel violations",
+            "{name}: {} flows opened, {} messages in / {} out, {} retransmissions, {} sends refused (not the sender's flow), {} channel violations, {} handed to other shards / {} from them / {} dropped",
             r.endpoint.flows_opened,
             r.endpoint.rx_messages,
             r.endpoint.tx_messages,
             r.endpoint.tx_retransmits,
             r.counters.tx_refused,
             r.counters.channel_violations,
+            r.counters.handoff_sent,
+            r.counters.handoff_received,
+            r.counters.handoff_dropped,
         );
+        if let Some(f) = r.faults {
+            log::info!(
+                "{name}: faults injected on transmit: {} of {} frames dropped, {} duplicated, {} reordered, {} corrupted; {} duplicate packets received",
+                f.dropped,
+                f.offered,
+                f.duplicated,
+                f.reordered,
+                f.corrupted,
+                r.endpoint.rx_duplicate
+            );
+        }
     }
     drop(server);
     log::info!("stopped");

@@ -12,12 +12,13 @@
 //! | `tx` | owed ACKs and window-permitted data, the transmit burst, channel doorbells |
 
 use crate::arp::{ArpConfig, ArpTable, Resolve};
+use crate::mesh::{Handoff, Mesh};
 use arrayvec::ArrayVec;
 use machnet::ctrl::AppId;
 use machnet::engine::{CtrlRequest, DeliverError, EngineChannel, TxMsg};
 use machnet::layout::MachnetFlow;
 use machnet::ops::{CtrlOp, Event as ChEvent, EventKind, Status};
-use machnet_net::port::{Burst, PacketBuf, Port};
+use machnet_net::port::{Burst, PacketBuf, Port, BURST};
 use machnet_net::time::Instant;
 use machnet_net::wire::{
     classify, emit_arp, ArpOperation, ArpRepr, ChecksumCaps, EthernetAddress, Frame, FrameRepr, IcmpEchoKind, MsgFlags,
@@ -119,6 +120,12 @@ pub struct ShardCounters {
     pub linger_expired: u64,
     /// Timers that did not fit the wheel.
     pub timer_overflow: u64,
+    /// Frames and ARP mappings handed to other shards.
+    pub handoff_sent: u64,
+    /// Handed in by other shards.
+    pub handoff_received: u64,
+    /// Hand-offs dropped because the other shard's ring was full.
+    pub handoff_dropped: u64,
 }
 
 /// A snapshot a controller can read without stalling the shard.
@@ -132,6 +139,8 @@ pub struct ShardReport {
     pub endpoint: machnet_transport::EndpointStats,
     /// Shard counters.
     pub counters: ShardCounters,
+    /// Fault injection counters, when the port is wrapped by the injector.
+    pub faults: Option<machnet_net::port::fault::FaultStats>,
 }
 
 /// The transport's environment: channel buffers, the port's transmit side, timers, events.
@@ -379,6 +388,8 @@ pub struct ShardSetup<P: Port> {
     pub report: Arc<Mutex<ShardReport>>,
     /// How long a detached channel's flows may take to drain.
     pub linger: Duration,
+    /// Hand-off rings to and from the other shards.
+    pub mesh: Mesh<P::Buf>,
 }
 
 /// The pipeline of one shard.
@@ -401,6 +412,7 @@ pub struct EngineShard<P: Port> {
     last_report: Instant,
     last_debug: u64,
     linger: Duration,
+    mesh: Mesh<P::Buf>,
 }
 
 /// Channels one shard serves at most.
@@ -447,6 +459,7 @@ impl<P: Port> EngineShard<P> {
             last_report: Instant::ZERO,
             last_debug: 0,
             linger: s.linger,
+            mesh: s.mesh,
         }
     }
 
@@ -593,42 +606,79 @@ impl<P: Port> EngineShard<P> {
     // --- receive -------------------------------------------------------------------------
 
     fn poll_rx(&mut self, now: Instant) -> Work {
+        self.env.port.set_time(now);
         let mut rx = core::mem::take(&mut self.rx);
-        let n = self.env.port.rx_burst(&mut rx);
+        let mut n = self.env.port.rx_burst(&mut rx);
         for b in rx.drain(..) {
-            let caps = if b.rx_checksum_good() { self.rx_caps.without_rx() } else { self.rx_caps };
-            match classify(b.frame(), caps) {
-                Ok(Frame::Machnet(m)) => {
-                    if m.dst_mac == self.local.mac {
-                        // The kernel's receive time, where the port knows it, keeps the time
-                        // this frame waited for the shard out of round-trip samples.
-                        let rx_at = b.rx_timestamp().unwrap_or(now);
-                        self.ep.handle_at(now, rx_at, &mut self.env, &m);
-                    } else {
-                        self.env.counters.rx_dropped += 1;
-                    }
-                }
-                Ok(Frame::Arp { arp, .. }) => self.on_arp(now, &arp),
-                Ok(Frame::Icmp(icmp)) => {
-                    if icmp.echo.kind == IcmpEchoKind::Request
-                        && icmp.ip.dst_addr == self.local.ip
-                        && icmp.eth.dst_addr == self.local.mac
-                    {
-                        let (mac, caps) = (self.local.mac, self.env.caps);
-                        if self.env.send_raw(|buf| icmp.emit_reply(buf, mac, caps).ok()) {
-                            self.env.counters.icmp_replies += 1;
-                        }
-                    }
-                }
-                Err(_) => self.env.counters.rx_dropped += 1,
-            }
-            self.env.port.free(b);
+            // The kernel's receive time, where the port knows it, keeps the time this frame
+            // waited for the shard out of round-trip samples.
+            let rx_at = b.rx_timestamp().unwrap_or(now);
+            self.on_frame(now, b, rx_at, false);
         }
         self.rx = rx;
+        if self.mesh.shards() > 1 {
+            let mut frames: ArrayVec<(P::Buf, Instant), BURST> = ArrayVec::new();
+            let mut arps: ArrayVec<(Ipv4Addr, EthernetAddress), BURST> = ArrayVec::new();
+            n += self.mesh.receive(BURST, |h| match h {
+                Handoff::Frame { buf, rx_at } => frames.push((buf, rx_at)),
+                Handoff::Arp { ip, mac } => arps.push((ip, mac)),
+            });
+            for (buf, rx_at) in frames {
+                self.on_frame(now, buf, rx_at, true);
+            }
+            for (ip, mac) in arps {
+                if self.arp.learn(ip, mac, now) {
+                    self.run_pending(now, ip, Some(mac));
+                }
+            }
+        }
         if n > 0 {
             self.ep.flush(now, &mut self.env);
         }
+        self.mesh.wake();
         Work(n as u32)
+    }
+
+    /// One received frame: `handed` frames come from another shard, which verified them and
+    /// found this shard the owner of their destination port.
+    fn on_frame(&mut self, now: Instant, b: P::Buf, rx_at: Instant, handed: bool) {
+        let caps = if handed || b.rx_checksum_good() { self.rx_caps.without_rx() } else { self.rx_caps };
+        let mut forward_to = None;
+        match classify(b.frame(), caps) {
+            Ok(Frame::Machnet(m)) => {
+                if m.dst_mac != self.local.mac {
+                    self.env.counters.rx_dropped += 1;
+                } else {
+                    match self.ep.ports().owner(m.dst_port) {
+                        Some(o) if !handed && usize::from(o) != self.index && self.mesh.shards() > 1 => {
+                            forward_to = Some(usize::from(o));
+                        }
+                        _ => self.ep.handle_at(now, rx_at, &mut self.env, &m),
+                    }
+                }
+            }
+            Ok(Frame::Arp { arp, .. }) => self.on_arp(now, &arp),
+            Ok(Frame::Icmp(icmp)) => {
+                if icmp.echo.kind == IcmpEchoKind::Request
+                    && icmp.ip.dst_addr == self.local.ip
+                    && icmp.eth.dst_addr == self.local.mac
+                {
+                    let (mac, caps) = (self.local.mac, self.env.caps);
+                    if self.env.send_raw(|buf| icmp.emit_reply(buf, mac, caps).ok()) {
+                        self.env.counters.icmp_replies += 1;
+                    }
+                }
+            }
+            Err(_) => self.env.counters.rx_dropped += 1,
+        }
+        match forward_to {
+            Some(to) => {
+                if let Err(Handoff::Frame { buf, .. }) = self.mesh.send(to, Handoff::Frame { buf: b, rx_at }) {
+                    self.env.port.free(buf);
+                }
+            }
+            None => self.env.port.free(b),
+        }
     }
 
     fn on_arp(&mut self, now: Instant, arp: &ArpRepr) {
@@ -636,6 +686,10 @@ impl<P: Port> EngineShard<P> {
             return;
         }
         let resolved = self.arp.learn(arp.source_protocol_addr, arp.source_hardware_addr, now);
+        if self.mesh.shards() > 1 {
+            // A connect waiting for this address may be on another shard.
+            self.mesh.broadcast_arp(arp.source_protocol_addr, arp.source_hardware_addr);
+        }
         if arp.operation == ArpOperation::Request {
             let reply = ArpRepr::reply_to(arp, self.local.mac);
             if self
@@ -926,6 +980,9 @@ impl<P: Port> EngineShard<P> {
     }
 
     fn publish(&mut self) {
+        self.env.counters.handoff_sent = self.mesh.sent;
+        self.env.counters.handoff_received = self.mesh.received;
+        self.env.counters.handoff_dropped = self.mesh.dropped;
         if log::log_enabled!(log::Level::Debug) && self.last_report.as_nanos() / 1_000_000_000 != self.last_debug {
             self.last_debug = self.last_report.as_nanos() / 1_000_000_000;
             log::debug!(
@@ -945,6 +1002,7 @@ impl<P: Port> EngineShard<P> {
             r.flows = self.ep.flow_count();
             r.endpoint = *self.ep.stats();
             r.counters = self.env.counters;
+            r.faults = self.env.port.fault_stats();
         }
     }
 }
@@ -974,11 +1032,14 @@ where
             let b = self.last_now + BLOCKED_RECHECK;
             d = Some(d.map_or(b, |x| x.min(b)));
         }
+        if let Some(p) = self.env.port.next_event() {
+            d = Some(d.map_or(p, |x| x.min(p)));
+        }
         d
     }
 
     fn before_park(&mut self) -> bool {
-        if self.ep.has_work() || !self.env.txq.is_empty() {
+        if self.ep.has_work() || !self.env.txq.is_empty() || self.mesh.has_input() {
             return false;
         }
         for s in self.env.channels.iter_mut().flatten() {

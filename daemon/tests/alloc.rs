@@ -7,6 +7,7 @@ use machnet::ctrl::AppId;
 use machnet::engine::EngineChannel;
 use machnet::layout::{ChannelConfig, MachnetFlow};
 use machnet_daemon::arp::ArpConfig;
+use machnet_daemon::mesh::Mesh;
 use machnet_daemon::shard::{ChannelSlot, EngineShard, ShardCmd, ShardReport, ShardSetup};
 use machnet_net::port::mem::{pair, MemConfig, MemPort};
 use machnet_net::testutil::{count_allocs, CountingAlloc};
@@ -28,29 +29,44 @@ const IP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const MAC_A: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 1]);
 const MAC_B: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
 
-fn shard(
-    port: MemPort,
-    mac: EthernetAddress,
-    ip: Ipv4Addr,
-    peer: (Ipv4Addr, EthernetAddress),
-    parker: &Parker,
-) -> (EngineShard<MemPort>, mpsc::SyncSender<ShardCmd>) {
-    let endpoint =
-        Endpoint::new(Config { max_flows: 64, ..Config::default() }, LocalAddr { mac, ip }, Endpoint::shared_ports())
-            .unwrap();
-    let (tx, rx) = mpsc::sync_channel(16);
-    let s = EngineShard::new(ShardSetup {
-        index: 0,
-        port,
-        endpoint,
-        arp: (ArpConfig::default(), vec![peer]),
-        rx_caps: ChecksumCaps::software(),
-        cmds: rx,
-        fds: parker.fd_set(),
-        report: Arc::new(Mutex::new(ShardReport::default())),
-        linger: Duration::from_millis(100),
-    });
-    (s, tx)
+/// One daemon's shards, over one memory port each, sharing a port space and a hand-off mesh
+/// (as `machnetd` wires them).
+struct Side {
+    shards: Vec<EngineShard<MemPort>>,
+    cmds: Vec<mpsc::SyncSender<ShardCmd>>,
+    reports: Vec<Arc<Mutex<ShardReport>>>,
+    _parkers: Vec<Parker>,
+}
+
+fn side(ports: Vec<MemPort>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr, EthernetAddress)) -> Side {
+    let parkers: Vec<Parker> = ports.iter().map(|_| Parker::new().unwrap()).collect();
+    let wakers: Vec<_> = parkers.iter().map(|p| p.waker()).collect();
+    let meshes = Mesh::build(&wakers);
+    let space = Endpoint::shared_ports();
+    let mut s = Side { shards: Vec::new(), cmds: Vec::new(), reports: Vec::new(), _parkers: Vec::new() };
+    for (i, ((port, mesh), parker)) in ports.into_iter().zip(meshes).zip(&parkers).enumerate() {
+        let mut endpoint =
+            Endpoint::new(Config { max_flows: 64, ..Config::default() }, LocalAddr { mac, ip }, space.clone()).unwrap();
+        endpoint.set_steering(None, i as u16);
+        let (tx, rx) = mpsc::sync_channel(16);
+        let report = Arc::new(Mutex::new(ShardReport::default()));
+        s.shards.push(EngineShard::new(ShardSetup {
+            index: i,
+            port,
+            endpoint,
+            arp: (ArpConfig::default(), vec![peer]),
+            rx_caps: ChecksumCaps::software(),
+            cmds: rx,
+            fds: parker.fd_set(),
+            report: report.clone(),
+            linger: Duration::from_millis(100),
+            mesh,
+        }));
+        s.cmds.push(tx);
+        s.reports.push(report);
+    }
+    s._parkers = parkers;
+    s
 }
 
 fn channel(id: u64, cmds: &mpsc::SyncSender<ShardCmd>) -> Channel {
@@ -60,14 +76,22 @@ fn channel(id: u64, cmds: &mpsc::SyncSender<ShardCmd>) -> Channel {
     Channel::from_fds(fds).unwrap()
 }
 
-#[test]
-fn shard_steady_state_allocates_nothing() {
-    let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
-    let (parker_a, parker_b) = (Parker::new().unwrap(), Parker::new().unwrap());
-    let (mut a, cmds_a) = shard(pa, MAC_A, IP_A, (IP_B, MAC_B), &parker_a);
-    let (mut b, cmds_b) = shard(pb, MAC_B, IP_B, (IP_A, MAC_A), &parker_b);
-    let mut server = channel(1, &cmds_b);
-    let mut client = channel(2, &cmds_a);
+/// Request/response between an application on shard `client_shard` of A and one listening on
+/// shard `server_shard` of B, every shard polled by this thread; returns the allocations
+/// counted over 20,000 round trips in steady state, and the two sides.
+fn steady_state(shards: usize, client_shard: usize, server_shard: usize) -> (u64, Side, Side) {
+    let (mut pas, mut pbs) = (Vec::new(), Vec::new());
+    for _ in 0..shards {
+        // One pair per queue: what shard i of A sends arrives at shard i of B (as memif's
+        // queues do), so flows whose owners sit on different shards need the hand-off.
+        let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
+        pas.push(pa);
+        pbs.push(pb);
+    }
+    let mut a = side(pas, MAC_A, IP_A, (IP_B, MAC_B));
+    let mut b = side(pbs, MAC_B, IP_B, (IP_A, MAC_A));
+    let mut server = channel(1, &b.cmds[server_shard]);
+    let mut client = channel(2, &a.cmds[client_shard]);
     let done = Arc::new(AtomicBool::new(false));
     let round_trips = Arc::new(AtomicU64::new(0));
     let (d1, d2, rt) = (done.clone(), done.clone(), round_trips.clone());
@@ -100,16 +124,18 @@ fn shard_steady_state_allocates_nothing() {
         }
     });
     let mut clock = Clock::new();
-    let (mut ra, mut rb) = (
-        Recorder::standalone(EngineShard::<MemPort>::STAGES.len()),
-        Recorder::standalone(EngineShard::<MemPort>::STAGES.len()),
-    );
-    let mut run_until = |target: u64, a: &mut EngineShard<MemPort>, b: &mut EngineShard<MemPort>| {
+    let mut recs: Vec<Recorder> =
+        (0..2 * shards).map(|_| Recorder::standalone(EngineShard::<MemPort>::STAGES.len())).collect();
+    let mut poll_all = |a: &mut Side, b: &mut Side| {
+        let now = clock.now();
+        for (s, r) in a.shards.iter_mut().chain(b.shards.iter_mut()).zip(recs.iter_mut()) {
+            s.poll(now, r);
+        }
+    };
+    let mut run_until = |target: u64, a: &mut Side, b: &mut Side| {
         let t = Instant::now();
         while round_trips.load(Ordering::Relaxed) < target {
-            let now = clock.now();
-            a.poll(now, &mut ra);
-            b.poll(now, &mut rb);
+            poll_all(a, b);
             assert!(
                 t.elapsed() < Duration::from_secs(60),
                 "stuck at {} round trips",
@@ -124,15 +150,40 @@ fn shard_steady_state_allocates_nothing() {
     assert_eq!(count_allocs(|| std::hint::black_box(vec![1u8; 3])).0, 1);
     let (allocs, ()) = count_allocs(|| run_until(before + 20_000, &mut a, &mut b));
     done.store(true, Ordering::Relaxed);
-    // Keep polling so the applications can finish their last calls.
+    // Keep polling so the applications can finish their last calls (and reports refresh).
     let t = Instant::now();
     while !(srv.is_finished() && cli.is_finished()) && t.elapsed() < Duration::from_secs(10) {
-        let now = clock.now();
-        a.poll(now, &mut ra);
-        b.poll(now, &mut rb);
+        poll_all(&mut a, &mut b);
     }
     srv.join().unwrap();
     cli.join().unwrap();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(30) {
+        poll_all(&mut a, &mut b);
+    }
+    (allocs, a, b)
+}
+
+#[test]
+fn shard_steady_state_allocates_nothing() {
+    let (allocs, _a, _b) = steady_state(1, 0, 0);
     assert_eq!(allocs, 0, "{allocs} allocations in 20000 round trips through two shards");
-    drop((cmds_a, cmds_b));
+}
+
+#[test]
+fn hand_off_between_shards_allocates_nothing() {
+    // The client's channel on A's shard 1, the listener on B's shard 0: every request lands on
+    // B's shard 1 and every response on A's shard 0, and each is handed to its owner.
+    let (allocs, a, b) = steady_state(2, 1, 0);
+    assert_eq!(allocs, 0, "{allocs} allocations in 20000 round trips handed between shards");
+    let r = |s: &Side, i: usize| s.reports[i].lock().unwrap().counters;
+    assert!(r(&b, 1).handoff_sent >= 20_000, "B shard 1 hands requests over: {:?}", r(&b, 1));
+    assert!(r(&b, 0).handoff_received >= 20_000, "{:?}", r(&b, 0));
+    assert!(r(&a, 0).handoff_sent >= 20_000, "A shard 0 hands responses over: {:?}", r(&a, 0));
+    assert!(r(&a, 1).handoff_received >= 20_000, "{:?}", r(&a, 1));
+    for s in [&a, &b] {
+        for i in 0..2 {
+            assert_eq!(r(s, i).handoff_dropped, 0);
+        }
+    }
 }

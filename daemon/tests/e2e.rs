@@ -17,50 +17,8 @@ use std::time::{Duration, Instant};
 
 const PORT: u16 = 888;
 
-/// An echo server on B: every message goes back on the reversed flow, until `count` messages
-/// (or 30 s of silence, or its daemon going away). Returns how many it echoed.
 fn echo_server(b: &Daemon, count: u64) -> std::thread::JoinHandle<u64> {
-    let m = b.app();
-    let mut ch = m.attach().unwrap();
-    ch.listen(IP_B, PORT).unwrap();
-    std::thread::spawn(move || {
-        let _m = m;
-        let mut buf = vec![0u8; 9 << 20];
-        let mut n = 0;
-        while n < count {
-            match ch.recv_blocking(&mut buf, Some(Duration::from_secs(30))) {
-                Ok(Some((len, flow))) => {
-                    send_retry(&mut ch, reverse(flow), &buf[..len]);
-                    n += 1;
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        n
-    })
-}
-
-/// Sends `n` messages of `size` on `flow` with `window` outstanding, verifying each echo.
-fn ping_pong(ch: &mut Channel, flow: MachnetFlow, stream: u64, size: usize, n: u64, window: u64) {
-    let mut out = vec![0u8; size];
-    let mut inb = vec![0u8; size.max(1) + 1];
-    let (mut sent, mut got) = (0u64, 0u64);
-    while got < n {
-        while sent < n && sent - got < window {
-            fill(&mut out, stream, sent);
-            send_retry(ch, flow, &out);
-            sent += 1;
-        }
-        match ch.recv_blocking(&mut inb, Some(Duration::from_secs(30))).unwrap() {
-            Some((len, from)) => {
-                assert_eq!(len, size, "echo length");
-                assert_eq!(reverse(from), flow, "echo arrives on the flow it was sent on");
-                check(&inb[..len], stream, got);
-                got += 1;
-            }
-            None => panic!("no echo for 30 s ({got}/{n} of {size} B)"),
-        }
-    }
+    echo_server_on(b, PORT, count)
 }
 
 #[test]

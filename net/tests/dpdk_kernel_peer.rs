@@ -18,7 +18,8 @@
 mod dpdk_common;
 
 use dpdk_common::{
-    assert_no_dpdk_leftovers, env, ip, ip_output, is_child, require_root_and_ip, say, stdin_lines, ChildProc, Netns,
+    assert_no_dpdk_leftovers, env, ip, ip_output, is_child, raw_socket, recv_raw, require_root_and_ip, say, send_raw,
+    stdin_lines, ChildProc, Netns,
 };
 use machnet_net::port::dpdk::{
     af_packet_vdev, af_xdp_vdev, unique_file_prefix, DeviceConfig, DeviceSpec, DpdkDevice, Eal, EalArgs,
@@ -380,55 +381,6 @@ fn ethtool_set(iface: &str, cmd: u32, value: u32) {
     unsafe { libc::close(fd) };
     // A device without the feature (tap) refuses to change it: nothing to switch off.
     assert!(rc == 0 || err.raw_os_error() == Some(libc::EOPNOTSUPP), "ethtool {cmd:#x} on {iface}: {err}");
-}
-
-fn raw_socket(proto: i32) -> i32 {
-    // SAFETY: plain socket creation; the descriptor is closed by the caller.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, proto) };
-    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-    // SAFETY: `tv` is a valid timeval for SO_RCVTIMEO.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            core::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    fd
-}
-
-fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-        sin_zero: [0; 8],
-    }
-}
-
-fn send_raw(fd: i32, to: Ipv4Addr, data: &[u8]) {
-    let sa = sockaddr(to);
-    // SAFETY: `data` and `sa` are valid for the call.
-    let n = unsafe {
-        libc::sendto(
-            fd,
-            data.as_ptr().cast(),
-            data.len(),
-            0,
-            (&sa as *const libc::sockaddr_in).cast(),
-            core::mem::size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    assert_eq!(n, data.len() as isize, "sendto: {}", std::io::Error::last_os_error());
-}
-
-fn recv_raw(fd: i32, buf: &mut [u8]) -> Option<usize> {
-    // SAFETY: `buf` is valid for writes of its length.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-    (n > 0).then_some(n as usize)
 }
 
 #[test]

@@ -216,6 +216,18 @@ fn child_ring_and_null() {
     assert!(e.to_string().contains("data room"), "{e}");
     dev3.close().expect("close");
 
+    // A configured MAC (Machnet names the port by it) replaces the device's own.
+    let want = machnet_net::wire::EthernetAddress([0x02, 0x00, 0x5e, 0x10, 0x20, 0x30]);
+    let null3 = DeviceSpec::parse("net_null3");
+    let mut dev5 = DpdkDevice::open(&eal, &null3, &DeviceConfig { mac: Some(want), ..DeviceConfig::default() })
+        .expect("open with a MAC");
+    assert_eq!(dev5.capabilities().mac, want);
+    let ports5 = dev5.take_ports();
+    assert_eq!(ports5[0].capabilities().mac, want, "the ports build frames from it");
+    drop(ports5);
+    dev5.stop().expect("stop");
+    dev5.close().expect("close");
+
     // Shutdown with a device open is refused; then it works.
     let dev4 = DpdkDevice::open(&eal, &null2, &DeviceConfig::default()).expect("reopen after failed opens");
     let eal2 = eal.clone();

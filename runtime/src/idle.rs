@@ -188,9 +188,20 @@ impl Parker {
     /// drains the eventfd. Returns true if woken by an fd.
     pub fn park(&self, timeout: Duration) -> bool {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
-        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: `evs` has room for 8 events, as passed.
-        let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), evs.as_mut_ptr(), 8, ms) };
+        // Microsecond timeouts (a port without an fd is polled by short parks) need
+        // epoll_pwait2 (Linux 5.11); epoll_wait rounds up to milliseconds.
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: `evs` has room for 8 events, as passed; `ts` is a valid timespec; a null
+        // signal mask leaves the mask unchanged.
+        let mut n = unsafe { libc::epoll_pwait2(self.epfd.as_raw_fd(), evs.as_mut_ptr(), 8, &ts, core::ptr::null()) };
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+            // SAFETY: as above.
+            n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), evs.as_mut_ptr(), 8, ms) };
+        }
         self.sleeping.store(false, Ordering::Relaxed);
         let mut drain = [0u8; 8];
         // SAFETY: reads at most 8 bytes into a valid buffer from the non-blocking eventfd.

@@ -7,15 +7,15 @@ use core::hash::{BuildHasher, Hasher};
 use core::net::Ipv4Addr;
 use core::time::Duration;
 use hashbrown::HashMap;
-use machnet_net::rss::{search_source_port, PortBitmap, Rss};
+use machnet_net::rss::{search_source_port, Rss};
 use machnet_net::time::Instant;
 use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetFrame, MachnetRepr, PacketType};
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-/// The port space of one local IP, shared by the endpoints (shards) that use that IP. Locked
-/// only on listen, connect and flow teardown, never per packet.
-pub type SharedPorts = Arc<Mutex<PortBitmap>>;
+/// The port space of one local IP, shared by the endpoints (shards) that use that IP (see
+/// [`PortSpace`](crate::PortSpace)).
+pub type SharedPorts = Arc<crate::ports::PortSpace>;
 
 /// Endpoint-wide counters. Plain integers; the daemon publishes snapshots.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -193,6 +193,9 @@ pub struct Endpoint {
     path_map: HashMap<u32, u32, KeyedHash>,
     path_free: Vec<u32>,
     listeners: HashMap<u16, Owner, KeyedHash>,
+    /// Accepted flows per local port: a listener's port stays taken (and owned by this shard)
+    /// until its last accepted flow is gone, even after the listener closes.
+    server_refs: Vec<u32>,
     ports: SharedPorts,
     rss: Option<Rss>,
     queue: u16,
@@ -218,7 +221,7 @@ pub const MAX_LISTENERS: usize = 1024;
 impl Endpoint {
     /// A fresh port space for one local IP.
     pub fn shared_ports() -> SharedPorts {
-        Arc::new(Mutex::new(PortBitmap::new()))
+        crate::ports::PortSpace::shared()
     }
 
     /// Creates an endpoint, reserving memory for `cfg.max_flows` flows and their windows.
@@ -242,6 +245,7 @@ impl Endpoint {
             path_map: HashMap::with_capacity_and_hasher(n, KeyedHash(seed.rotate_left(31))),
             path_free: (0..n as u32).rev().collect(),
             listeners: HashMap::with_capacity_and_hasher(MAX_LISTENERS, KeyedHash(seed.rotate_left(17))),
+            server_refs: vec![0; 1 << 16],
             ports,
             rss: None,
             queue: 0,
@@ -253,11 +257,17 @@ impl Endpoint {
         })
     }
 
-    /// Steering for client source ports: the device's RSS state and this shard's queue.
-    /// Without RSS every port is acceptable.
+    /// Steering for client source ports: the device's RSS state and this shard's queue, which
+    /// is also the shard's name in the shared port space's owner table. Without RSS every port
+    /// is acceptable.
     pub fn set_steering(&mut self, rss: Option<Rss>, queue: u16) {
         self.rss = rss;
         self.queue = queue;
+    }
+
+    /// The shared port space (taken ports and their owning shards).
+    pub fn ports(&self) -> &SharedPorts {
+        &self.ports
     }
 
     /// Local addresses.
@@ -388,7 +398,14 @@ impl Endpoint {
         f.owner = NO_OWNER;
         self.free.push(i as u32);
         if client {
-            self.ports.lock().unwrap_or_else(|e| e.into_inner()).release(local_port);
+            self.ports.lock().release(local_port);
+        } else {
+            let refs = &mut self.server_refs[usize::from(local_port)];
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 && !self.listeners.contains_key(&local_port) {
+                // The listener closed earlier; its last flow is gone.
+                self.ports.lock().release(local_port);
+            }
         }
         if let Some(ev) = event {
             env.event(owner, ev);
@@ -439,7 +456,13 @@ impl Endpoint {
         if self.listeners.len() >= MAX_LISTENERS {
             return Err(Error::TableFull);
         }
-        if !self.ports.lock().unwrap_or_else(|e| e.into_inner()).take(port) {
+        if self.listeners.contains_key(&port) {
+            return Err(Error::PortInUse);
+        }
+        // A port whose listener closed while its flows live on is still this shard's: listening
+        // on it again is allowed.
+        let ours = self.server_refs[usize::from(port)] > 0;
+        if !ours && !self.ports.lock().take(port, self.queue) {
             return Err(Error::PortInUse);
         }
         self.listeners.insert(port, owner);
@@ -451,7 +474,9 @@ impl Endpoint {
         match self.listeners.get(&port) {
             Some(&o) if o == owner => {
                 self.listeners.remove(&port);
-                self.ports.lock().unwrap_or_else(|e| e.into_inner()).release(port);
+                if self.server_refs[usize::from(port)] == 0 {
+                    self.ports.lock().release(port);
+                }
                 Ok(())
             }
             Some(_) => Err(Error::NotOwner),
@@ -482,10 +507,11 @@ impl Endpoint {
             return Err(Error::TooManyFlows);
         }
         let port = {
-            let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
-            let p = search_source_port(self.rss.as_ref(), self.queue, self.local.ip, remote_ip, remote_port, &ports)
-                .map_err(|_| Error::NoPortAvailable)?;
-            ports.take(p);
+            let mut ports = self.ports.lock();
+            let p =
+                search_source_port(self.rss.as_ref(), self.queue, self.local.ip, remote_ip, remote_port, ports.bits())
+                    .map_err(|_| Error::NoPortAvailable)?;
+            ports.take(p, self.queue);
             p
         };
         let i = self.alloc_flow(owner, remote_ip, remote_mac, remote_port, port).ok_or(Error::TooManyFlows)?;
@@ -565,10 +591,13 @@ impl Endpoint {
 
     /// Closes every listener of `owner`.
     pub fn unlisten_owner(&mut self, owner: Owner) {
-        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ports = self.ports.lock();
+        let refs = &self.server_refs;
         self.listeners.retain(|port, o| {
             if *o == owner {
-                ports.release(*port);
+                if refs[usize::from(*port)] == 0 {
+                    ports.release(*port);
+                }
                 false
             } else {
                 true
@@ -641,6 +670,7 @@ impl Endpoint {
                         self.stats.syn_table_full += 1;
                         return;
                     };
+                    self.server_refs[usize::from(pkt.dst_port)] += 1;
                     let iss = self.next_isn();
                     let mut cx = self.cx(i, env, now);
                     cx.start_accept(&pkt.hdr, iss);

@@ -48,12 +48,14 @@ pub mod cc;
 mod endpoint;
 mod env;
 mod flow;
+mod ports;
 pub mod seq;
 pub mod timer;
 
 pub use endpoint::{Endpoint, EndpointStats, FlowInfo, SharedPorts};
 pub use env::Env;
 pub use flow::FlowState;
+pub use ports::{PortSpace, MAX_SHARDS};
 
 use core::fmt;
 use core::net::Ipv4Addr;

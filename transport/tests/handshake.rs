@@ -217,3 +217,32 @@ fn connect_and_close_many_reuses_ports_and_slots() {
     }
     assert_eq!(sim.sides[A].ep.stats().flows_opened, 50);
 }
+
+#[test]
+fn ports_name_their_shard_and_a_closed_listeners_port_stays_while_its_flows_live() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    sim.sides[A].ep.set_steering(None, 2);
+    sim.sides[B].ep.set_steering(None, 3);
+    let (pa, pb) = (sim.sides[A].ep.ports().clone(), sim.sides[B].ep.ports().clone());
+    let (fa, fb) = sim.connect(888);
+    assert_eq!(pb.owner(888), Some(3), "the listener's shard owns its port");
+    let client_port = sim.sides[A].ep.flow_info(fa).unwrap().tuple.local_port;
+    assert_eq!(pa.owner(client_port), Some(2), "the client flow's shard owns its source port");
+    sim.sides[B].ep.unlisten(OWNER, 888).unwrap();
+    assert_eq!(pb.owner(888), Some(3), "the accepted flow still uses the port");
+    assert_eq!(pb.in_use(), 1);
+    exchange_some(&mut sim, fa, fb);
+    // The port is still this shard's: listening on it again works, and so does closing that.
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    sim.sides[B].ep.unlisten(OWNER, 888).unwrap();
+    let now = sim.now;
+    let side = &mut sim.sides[A];
+    side.ep.close(now, &mut side.env, fa).unwrap();
+    assert!(
+        sim.run_until(Duration::from_secs(1), |s| s.sides[B].ep.flow_count() == 0 && s.sides[A].ep.flow_count() == 0)
+    );
+    assert_eq!(pb.owner(888), None, "released with the last flow");
+    assert_eq!(pb.in_use(), 0);
+    assert_eq!(pa.owner(client_port), None);
+    assert_eq!(pa.in_use(), 0);
+}

@@ -117,6 +117,11 @@ pub struct DeviceConfig {
     pub tx_descriptors: u16,
     /// Receive frames for every MAC address.
     pub promiscuous: bool,
+    /// The MAC address the port should have (Machnet's configuration names the port by it).
+    /// If the device has another, it is set with `rte_eth_dev_default_mac_addr_set`; when the
+    /// device refuses, promiscuous mode is turned on instead so that frames for this address
+    /// still arrive, and [`Capabilities::mac`](super::Capabilities) reports this address.
+    pub mac: Option<EthernetAddress>,
     /// Use the device's IPv4/UDP checksum offloads when it has them.
     pub checksum_offload: bool,
     /// Spread received IPv4/UDP flows over the queues with RSS when the device has it.
@@ -140,6 +145,7 @@ impl Default for DeviceConfig {
             rx_descriptors: 1024,
             tx_descriptors: 1024,
             promiscuous: false,
+            mac: None,
             checksum_offload: true,
             rss: true,
             link_timeout: Some(Duration::from_secs(10)),
@@ -479,6 +485,27 @@ impl DpdkDevice {
         let mut mac = sys::rte_ether_addr::default();
         // SAFETY: valid out-pointer.
         check("rte_eth_macaddr_get", unsafe { sys::rte_eth_macaddr_get(port_id, &mut mac) })?;
+        if let Some(want) = cfg.mac.filter(|m| m.0 != mac.addr_bytes) {
+            let mut addr = sys::rte_ether_addr { addr_bytes: want.0 };
+            // SAFETY: a started port and a valid address.
+            let rc = unsafe { sys::rte_eth_dev_default_mac_addr_set(port_id, &mut addr) };
+            if rc < 0 {
+                log::warn!(
+                    "DPDK port {port_id} ({driver}): cannot change its MAC {} to {want} (errno {}); \
+                     receiving in promiscuous mode instead",
+                    EthernetAddress(mac.addr_bytes),
+                    -rc
+                );
+                if !cfg.promiscuous {
+                    // SAFETY: a started port.
+                    let rc = unsafe { sys::rte_eth_promiscuous_enable(port_id) };
+                    if rc < 0 {
+                        log::warn!("DPDK port {port_id} ({driver}): promiscuous mode unavailable (errno {})", -rc);
+                    }
+                }
+            }
+            mac.addr_bytes = want.0;
+        }
         let mut mtu = cfg.mtu;
         // SAFETY: valid out-pointer.
         check("rte_eth_dev_get_mtu", unsafe { sys::rte_eth_dev_get_mtu(port_id, &mut mtu) })?;

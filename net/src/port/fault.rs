@@ -303,6 +303,15 @@ impl<P: Port> Port for Faulty<P> {
     fn stats(&self) -> PortStats {
         self.inner.stats()
     }
+    fn set_time(&mut self, now: Instant) {
+        self.set_now(now);
+    }
+    fn next_event(&self) -> Option<Instant> {
+        self.next_release()
+    }
+    fn fault_stats(&self) -> Option<FaultStats> {
+        Some(self.fstats)
+    }
 }
 
 #[cfg(test)]

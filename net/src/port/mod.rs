@@ -134,4 +134,16 @@ pub trait Port {
     fn tx_burst(&mut self, pkts: &mut Burst<Self::Buf>) -> usize;
     /// Counters.
     fn stats(&self) -> PortStats;
+    /// Tells a port that keeps time (a fault injector's delay line) what time it is; called
+    /// by the poller every turn. Others ignore it.
+    fn set_time(&mut self, _now: crate::time::Instant) {}
+    /// When a port that keeps time next needs [`set_time`](Self::set_time) even without
+    /// traffic (a delayed frame is due).
+    fn next_event(&self) -> Option<crate::time::Instant> {
+        None
+    }
+    /// What a fault injector wrapping this port did, if one does.
+    fn fault_stats(&self) -> Option<fault::FaultStats> {
+        None
+    }
 }

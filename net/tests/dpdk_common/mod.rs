@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -310,4 +311,57 @@ impl Drop for Netns {
             let _ = Command::new("ip").args(["netns", "del", n]).output();
         }
     }
+}
+
+/// A raw IPv4 socket for `proto` with a 200 ms receive timeout.
+pub fn raw_socket(proto: i32) -> i32 {
+    // SAFETY: plain socket creation; the descriptor is closed by the caller.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, proto) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+    // SAFETY: `tv` is a valid timeval for SO_RCVTIMEO.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            core::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    fd
+}
+
+/// An IPv4 socket address with port 0.
+pub fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Sends `data` to `to` on a raw socket.
+pub fn send_raw(fd: i32, to: Ipv4Addr, data: &[u8]) {
+    let sa = sockaddr(to);
+    // SAFETY: `data` and `sa` are valid for the call.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            0,
+            (&sa as *const libc::sockaddr_in).cast(),
+            core::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    assert_eq!(n, data.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+}
+
+/// Receives from a raw socket (`None` on timeout).
+pub fn recv_raw(fd: i32, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    (n > 0).then_some(n as usize)
 }
