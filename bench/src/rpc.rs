@@ -7,10 +7,12 @@
 //! from the moment it handed the request to the transport.
 
 use hdrhistogram::Histogram;
+use machnet_net::time::Instant;
+use machnet_runtime::clock::Clock;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// An error from a transport, already described.
 #[derive(Debug)]
@@ -39,6 +41,10 @@ pub trait RpcIo {
     /// Receives one whole message into `buf`: its length and the peer to answer. `Ok(None)`:
     /// nothing arrived (a blocking transport returns it after a bounded wait).
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(usize, Self::Peer)>, RpcError>;
+    /// A server whose transport can tell that every client has gone stops serving.
+    fn peer_gone(&self) -> bool {
+        false
+    }
 }
 
 /// What to run.
@@ -104,8 +110,11 @@ fn fill(buf: &mut [u8]) {
     }
 }
 
-fn finished(opts: &RpcOptions, start: Instant, stop: &AtomicBool, n: u64) -> bool {
-    stop.load(Ordering::Relaxed) || n >= opts.msg_nr || opts.duration.is_some_and(|d| start.elapsed() >= d)
+/// When the run ends: `deadline` from `--duration`, checked against a clock reading the caller
+/// already has (the loop reads the TSC clock once per turn; `clock_gettime` costs 25–35 ns
+/// on this kind of VM, more than a small message's whole protocol processing).
+fn finished(opts: &RpcOptions, now: Instant, deadline: Option<Instant>, stop: &AtomicBool, n: u64) -> bool {
+    n >= opts.msg_nr || deadline.is_some_and(|d| now >= d) || stop.load(Ordering::Relaxed)
 }
 
 /// Answers requests until stopped: each response is `msg_size` bytes whose first 8 copy the
@@ -115,8 +124,20 @@ pub fn serve<T: RpcIo>(io: &mut T, opts: &RpcOptions, stop: &AtomicBool) -> Resu
     let mut out = vec![0u8; opts.msg_size];
     fill(&mut out);
     let mut t = Totals { role: "server".into(), msg_size: opts.msg_size, ..Totals::default() };
-    let start = Instant::now();
-    while !finished(opts, start, stop, t.rx_msgs) {
+    let mut clock = Clock::new();
+    let start = clock.now();
+    let deadline = opts.duration.map(|d| start + d);
+    let mut turns = 0u32;
+    let mut now = start;
+    loop {
+        // The deadline is checked every 16 turns (a clock read costs more than a message).
+        turns = turns.wrapping_add(1);
+        if turns % 16 == 0 {
+            now = clock.now();
+        }
+        if finished(opts, now, deadline, stop, t.rx_msgs) || io.peer_gone() {
+            break;
+        }
         if let Some((n, peer)) = io.recv(&mut inb)? {
             t.rx_msgs += 1;
             t.rx_bytes += n as u64;
@@ -132,7 +153,7 @@ pub fn serve<T: RpcIo>(io: &mut T, opts: &RpcOptions, stop: &AtomicBool) -> Resu
             t.tx_bytes += out.len() as u64;
         }
     }
-    t.seconds = start.elapsed().as_secs_f64();
+    t.seconds = (clock.now() - start).as_secs_f64();
     Ok(t)
 }
 
@@ -172,6 +193,20 @@ fn second_line(s: &Second, secs: f64) -> String {
     line
 }
 
+/// Counts a send of `len` bytes that went out (`sent`) or found no room; returns `sent`.
+fn count_send(sent: bool, len: usize, t: &mut Totals, sec: &mut Second) -> bool {
+    if sent {
+        t.tx_msgs += 1;
+        t.tx_bytes += len as u64;
+        sec.tx += 1;
+        sec.txb += len as u64;
+    } else {
+        t.tx_drops += 1;
+        sec.drops += 1;
+    }
+    sent
+}
+
 /// Keeps `window` requests outstanding to `peer` until stopped, recording round trips.
 pub fn run_client<T: RpcIo>(
     io: &mut T,
@@ -180,70 +215,86 @@ pub fn run_client<T: RpcIo>(
     stop: &AtomicBool,
 ) -> Result<Totals, RpcError> {
     let window = opts.window.max(1);
-    let mut sent_at = vec![Instant::now(); window as usize];
+    let mut clock = Clock::new();
+    let mut sent_at = vec![clock.now(); window as usize];
     let mut out = vec![0u8; opts.msg_size];
     fill(&mut out);
     let mut inb = vec![0u8; (8 << 20).max(opts.msg_size)];
     // Nanoseconds, 3 significant digits: sub-microsecond round trips stay visible.
     let hist = Histogram::<u64>::new_with_bounds(1, 100_000_000_000, 3).expect("histogram bounds");
     let mut all = hist.clone();
-    let mut sec = Second { hist, tx: 0, rx: 0, txb: 0, rxb: 0, drops: 0, at: Instant::now() };
+    let mut sec = Second { hist, tx: 0, rx: 0, txb: 0, rxb: 0, drops: 0, at: clock.now() };
     let mut t = Totals { role: "client".into(), msg_size: opts.msg_size, msg_window: window, ..Totals::default() };
     // Slots whose send found no room, retried first on every turn (the original counted and
     // forgot them, shrinking its window).
     let mut pending: Vec<u64> = (0..window).collect();
-    let start = Instant::now();
+    let start = clock.now();
+    let deadline = opts.duration.map(|d| start + d);
     sec.at = start;
     let mut handled = false;
+    let mut now = start;
+    let mut idle = 0u32;
     loop {
+        // Slots without a request in flight: at start, and after a refused send.
         let mut i = 0;
         while i < pending.len() && t.tx_msgs < opts.msg_nr {
             let slot = pending[i];
             out[..8].copy_from_slice(&slot.to_ne_bytes());
-            sent_at[slot as usize] = Instant::now();
-            if io.send(peer, &out)? {
+            sent_at[slot as usize] = clock.now();
+            if count_send(io.send(peer, &out)?, out.len(), &mut t, &mut sec) {
                 pending.swap_remove(i);
-                t.tx_msgs += 1;
-                t.tx_bytes += out.len() as u64;
-                sec.tx += 1;
-                sec.txb += out.len() as u64;
             } else {
-                t.tx_drops += 1;
-                sec.drops += 1;
                 i += 1;
             }
         }
-        if finished(opts, start, stop, t.rx_msgs) {
-            break;
-        }
-        if let Some((n, _)) = io.recv(&mut inb)? {
-            let now = Instant::now();
-            let slot = u64::from_ne_bytes(inb[..8].try_into().expect("8 bytes"));
-            if slot >= window || n < 8 {
-                return Err(RpcError(format!("response with slot {slot} of {n} bytes: not one of ours")));
-            }
-            let rtt = now.duration_since(sent_at[slot as usize]).as_nanos().max(1) as u64;
-            let _ = sec.hist.record(rtt);
-            let _ = all.record(rtt);
-            if opts.verify {
-                if let Some((i, b)) = inb[8..n].iter().enumerate().find(|&(i, b)| *b != pattern_byte(i + 8)) {
-                    return Err(RpcError(format!(
-                        "response byte {} is {b:#x}, expected {:#x}",
-                        i + 8,
-                        pattern_byte(i + 8)
-                    )));
+        match io.recv(&mut inb)? {
+            Some((n, _)) => {
+                // One clock read per response: it ends this round trip and starts the slot's
+                // next one (the request goes out right away, as in the original).
+                now = clock.now();
+                idle = 0;
+                let slot = u64::from_ne_bytes(inb[..8].try_into().expect("8 bytes"));
+                if slot >= window || n < 8 {
+                    return Err(RpcError(format!("response with slot {slot} of {n} bytes: not one of ours")));
+                }
+                let rtt = now.as_nanos().saturating_sub(sent_at[slot as usize].as_nanos()).max(1);
+                let _ = sec.hist.record(rtt);
+                let _ = all.record(rtt);
+                if opts.verify {
+                    if let Some((i, b)) = inb[8..n].iter().enumerate().find(|&(i, b)| *b != pattern_byte(i + 8)) {
+                        return Err(RpcError(format!(
+                            "response byte {} is {b:#x}, expected {:#x}",
+                            i + 8,
+                            pattern_byte(i + 8)
+                        )));
+                    }
+                }
+                t.rx_msgs += 1;
+                t.rx_bytes += n as u64;
+                sec.rx += 1;
+                sec.rxb += n as u64;
+                handled = true;
+                if t.tx_msgs < opts.msg_nr {
+                    out[..8].copy_from_slice(&slot.to_ne_bytes());
+                    sent_at[slot as usize] = now;
+                    if !count_send(io.send(peer, &out)?, out.len(), &mut t, &mut sec) {
+                        pending.push(slot);
+                    }
                 }
             }
-            t.rx_msgs += 1;
-            t.rx_bytes += n as u64;
-            sec.rx += 1;
-            sec.rxb += n as u64;
-            handled = true;
-            pending.push(slot);
+            None => {
+                // Idle turns read the clock now and then (for the deadline and the report).
+                idle += 1;
+                if idle % 16 == 1 {
+                    now = clock.now();
+                }
+            }
         }
-        let now = Instant::now();
-        if handled && now.duration_since(sec.at) >= Duration::from_secs(1) {
-            let line = second_line(&sec, now.duration_since(sec.at).as_secs_f64());
+        if finished(opts, now, deadline, stop, t.rx_msgs) {
+            break;
+        }
+        if handled && now - sec.at >= Duration::from_secs(1) {
+            let line = second_line(&sec, (now - sec.at).as_secs_f64());
             if opts.lines_to_stderr {
                 eprintln!("{line}");
             } else {
@@ -255,7 +306,7 @@ pub fn run_client<T: RpcIo>(
             handled = false;
         }
     }
-    t.seconds = start.elapsed().as_secs_f64();
+    t.seconds = (clock.now() - start).as_secs_f64();
     t.rps = t.rx_msgs as f64 / t.seconds;
     if !all.is_empty() {
         t.rtt_p50_us = all.value_at_quantile(0.5) as f64 / 1e3;

@@ -321,9 +321,31 @@ impl CtrlServer {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = UnixListener::bind(&path)?;
+        // Bind, listen and set the mode under a temporary name, then rename: the socket appears
+        // at `path` only when it accepts connections with its final permissions (a client
+        // that sees the file never gets "connection refused" or "permission denied" from a
+        // half-made socket). Paths too long for the temporary name are bound in place.
+        let tmp = {
+            let mut t = path.clone().into_os_string();
+            t.push(format!(".{}.tmp", std::process::id()));
+            PathBuf::from(t)
+        };
+        let listener = if tmp.as_os_str().len() < 100 {
+            let _ = std::fs::remove_file(&tmp);
+            let l = UnixListener::bind(&tmp)?;
+            let staged = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = staged {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            l
+        } else {
+            let l = UnixListener::bind(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            l
+        };
         listener.set_nonblocking(true)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
         let md = std::fs::symlink_metadata(&path)?;
         Ok(CtrlServer { path, ino: (md.dev(), md.ino()), listener, conns: Vec::new(), next_app: 1 })
     }

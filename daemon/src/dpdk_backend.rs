@@ -1,8 +1,9 @@
 //! The DPDK backend: EAL start-up, the device with one queue pair per shard, and the ordered
 //! shutdown (built with the `dpdk` feature).
 
-use crate::config::Config;
+use crate::config::{Config, DpdkSection};
 use machnet_net::port::dpdk::{unique_file_prefix, DeviceConfig, DeviceSpec, DpdkDevice, DpdkPort, Eal, EalArgs};
+use machnet_net::wire::EthernetAddress;
 use std::time::Duration;
 
 /// A running DPDK device and its EAL; the ports go to the shards.
@@ -33,10 +34,23 @@ impl DpdkBackend {
     /// returns the backend and one port per shard. Errors carry DPDK's own text.
     pub fn open(cfg: &Config) -> Result<(DpdkBackend, Vec<DpdkPort>), String> {
         let d = cfg.ext.dpdk.clone().unwrap_or_default();
-        let mut device = cfg.dpdk_device.clone().ok_or("the dpdk backend has no device configured")?;
+        let device = cfg.dpdk_device.as_deref().ok_or("the dpdk backend has no device configured")?;
+        let queues = u16::try_from(cfg.engine_threads).unwrap_or(u16::MAX);
+        Self::open_device(device, &d, queues, cfg.mac)
+    }
+
+    /// Starts the EAL and opens `device` (PCI address or vdev string) with `queues` queue pairs
+    /// and MAC `mac`, set up as `d` says.
+    pub fn open_device(
+        device: &str,
+        d: &DpdkSection,
+        queues: u16,
+        mac: EthernetAddress,
+    ) -> Result<(DpdkBackend, Vec<DpdkPort>), String> {
+        let mut device = device.to_string();
         if device.starts_with("net_memif") && !device.contains("mac=") {
             // memif cannot change its MAC once started, but takes one at creation.
-            device = format!("{device},mac={}", cfg.mac);
+            device = format!("{device},mac={mac}");
         }
         let device = device.as_str();
         let spec = DeviceSpec::parse(device);
@@ -59,13 +73,13 @@ impl DpdkBackend {
             set_affinity(&s);
         }
         let dc = DeviceConfig {
-            queues: u16::try_from(cfg.engine_threads).unwrap_or(u16::MAX),
+            queues,
             mtu: d.mtu.unwrap_or(1500),
             mbufs_per_queue: d.mbufs_per_queue.unwrap_or(8191),
             rx_descriptors: d.rx_descriptors.unwrap_or(1024),
             tx_descriptors: d.tx_descriptors.unwrap_or(1024),
             promiscuous: d.promiscuous.unwrap_or(false),
-            mac: Some(cfg.mac),
+            mac: Some(mac),
             checksum_offload: d.checksum_offload.unwrap_or(true),
             rss: d.rss.unwrap_or(true),
             link_timeout: match d.link_timeout_ms.unwrap_or(10_000) {

@@ -10,5 +10,7 @@ pub mod config;
 pub mod controller;
 #[cfg(feature = "dpdk")]
 pub mod dpdk_backend;
+pub mod embedded;
 pub mod mesh;
+pub mod nic;
 pub mod shard;

@@ -13,6 +13,7 @@
 
 use crate::arp::{ArpConfig, ArpTable, Resolve};
 use crate::mesh::{Handoff, Mesh};
+use crate::nic::{handle_frame, FlowTimers, PortTx, Rx};
 use arrayvec::ArrayVec;
 use machnet::ctrl::AppId;
 use machnet::engine::{CtrlRequest, DeliverError, EngineChannel, TxMsg};
@@ -20,14 +21,10 @@ use machnet::layout::MachnetFlow;
 use machnet::ops::{CtrlOp, Event as ChEvent, EventKind, Status};
 use machnet_net::port::{Burst, PacketBuf, Port, BURST};
 use machnet_net::time::Instant;
-use machnet_net::wire::{
-    classify, emit_arp, ArpOperation, ArpRepr, ChecksumCaps, EthernetAddress, Frame, FrameRepr, IcmpEchoKind, MsgFlags,
-    FRAME_HEADER_LEN,
-};
+use machnet_net::wire::{ChecksumCaps, EthernetAddress, FrameRepr, MsgFlags};
 use machnet_runtime::idle::FdSet;
 use machnet_runtime::shard::{Pipeline, Recorder};
 use machnet_runtime::stage::Work;
-use machnet_runtime::wheel::{TimerId, TimerWheel};
 use machnet_transport::{ConnectError, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, Seg};
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -145,13 +142,9 @@ pub struct ShardReport {
 
 /// The transport's environment: channel buffers, the port's transmit side, timers, events.
 pub struct ShardEnv<P: Port> {
-    port: P,
-    txq: Burst<P::Buf>,
-    caps: ChecksumCaps,
+    nic: PortTx<P>,
     channels: Vec<Option<ChannelSlot>>,
-    wheel: TimerWheel<FlowId>,
-    timers: Vec<Option<TimerId>>,
-    fired: Vec<FlowId>,
+    timers: FlowTimers,
     blocked: bool,
     counters: ShardCounters,
 }
@@ -159,52 +152,6 @@ pub struct ShardEnv<P: Port> {
 impl<P: Port> ShardEnv<P> {
     fn slot(&mut self, owner: Owner) -> Option<&mut ChannelSlot> {
         self.channels.get_mut(owner as usize)?.as_mut()
-    }
-
-    /// Sends what is queued; what the device refuses stays queued (the caller retries).
-    fn flush_tx(&mut self) -> usize {
-        let mut sent = 0;
-        for _ in 0..4 {
-            if self.txq.is_empty() {
-                break;
-            }
-            let n = self.port.tx_burst(&mut self.txq);
-            sent += n;
-            if n == 0 {
-                break;
-            }
-        }
-        sent
-    }
-
-    /// A buffer to build a frame in, flushing first if the burst is full.
-    fn tx_buf(&mut self) -> Option<P::Buf> {
-        if self.txq.is_full() {
-            self.flush_tx();
-            if self.txq.is_full() {
-                return None;
-            }
-        }
-        self.port.alloc()
-    }
-
-    /// Builds and queues a frame with `build` (returns the length, or `None` to drop it).
-    fn send_raw(&mut self, build: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {
-        let Some(mut buf) = self.tx_buf() else {
-            self.counters.tx_dropped += 1;
-            return false;
-        };
-        match build(buf.storage_mut()) {
-            Some(len) => {
-                buf.set_len(len);
-                self.txq.push(buf);
-                true
-            }
-            None => {
-                self.port.free(buf);
-                false
-            }
-        }
     }
 }
 
@@ -291,39 +238,14 @@ impl<P: Port> Env for ShardEnv<P> {
         }
     }
     fn transmit(&mut self, owner: Owner, frame: &FrameRepr, payload: Option<Seg>) -> bool {
-        let Some(mut buf) = self.tx_buf() else { return false };
-        let storage = buf.storage_mut();
-        let n = match payload {
-            None => 0,
-            Some(seg) => match self.channels.get(owner as usize).and_then(|s| s.as_ref()) {
-                Some(s) => s.ch.read_seg(seg, &mut storage[FRAME_HEADER_LEN..]),
-                None => 0,
-            },
-        };
-        match frame.emit(storage, n, self.caps) {
-            Ok(len) => {
-                buf.set_len(len);
-                self.txq.push(buf);
-                true
-            }
-            Err(_) => {
-                self.port.free(buf);
-                self.counters.tx_dropped += 1;
-                true
-            }
-        }
+        let slot = self.channels.get(owner as usize).and_then(|s| s.as_ref());
+        self.nic.send_frame(frame, |out| match (payload, slot) {
+            (Some(seg), Some(s)) => s.ch.read_seg(seg, out),
+            _ => 0,
+        })
     }
     fn set_timer(&mut self, flow: FlowId, at: Option<Instant>) {
-        let i = flow.index() as usize;
-        if let Some(id) = self.timers[i].take() {
-            self.wheel.cancel(id);
-        }
-        if let Some(at) = at {
-            match self.wheel.insert(at, flow) {
-                Ok(id) => self.timers[i] = Some(id),
-                Err(_) => self.counters.timer_overflow += 1,
-            }
-        }
+        self.timers.set(flow, at);
     }
     fn event(&mut self, owner: Owner, event: Event) {
         let Some(s) = self.slot(owner) else { return };
@@ -405,7 +327,9 @@ pub struct EngineShard<P: Port> {
     pending: Vec<PendingConnect>,
     arp_send: Vec<Ipv4Addr>,
     arp_failed: Vec<Ipv4Addr>,
-    rx: Burst<P::Buf>,
+    /// The receive burst, boxed so that taking it out for a loop moves a pointer, not 32
+    /// buffers (`None` only while the loop runs).
+    rx: Option<Box<Burst<P::Buf>>>,
     last_now: Instant,
     done: bool,
     report: Arc<Mutex<ShardReport>>,
@@ -428,18 +352,13 @@ impl<P: Port> EngineShard<P> {
         for (ip, mac) in s.arp.1 {
             arp.add_static(ip, mac);
         }
-        let caps = s.port.capabilities().checksum;
         EngineShard {
             index: s.index,
             env: ShardEnv {
-                port: s.port,
-                txq: Burst::new(),
-                caps,
+                nic: PortTx::new(s.port),
                 channels: Vec::with_capacity(MAX_CHANNELS_PER_SHARD),
                 // Anchored at the current time (the shard's clock is CLOCK_MONOTONIC-based).
-                wheel: TimerWheel::new(max_flows + 64, Instant(machnet_runtime::clock::monotonic_ns())),
-                timers: vec![None; max_flows],
-                fired: Vec::with_capacity(max_flows + 64),
+                timers: FlowTimers::new(max_flows, Instant(machnet_runtime::clock::monotonic_ns())),
                 blocked: false,
                 counters: ShardCounters::default(),
             },
@@ -452,7 +371,7 @@ impl<P: Port> EngineShard<P> {
             pending: Vec::with_capacity(256),
             arp_send: Vec::with_capacity(arp_capacity),
             arp_failed: Vec::with_capacity(arp_capacity),
-            rx: Burst::new(),
+            rx: Some(Box::new(Burst::new())),
             last_now: Instant::ZERO,
             done: false,
             report: s.report,
@@ -565,7 +484,7 @@ impl<P: Port> EngineShard<P> {
     fn remove_owner(&mut self, now: Instant, owner: Owner, why: &str) {
         let flows = self.ep.close_owner(now, &mut self.env, owner);
         self.ep.flush(now, &mut self.env);
-        self.env.flush_tx();
+        self.env.nic.flush();
         self.pending.retain(|p| p.owner != owner);
         if let Some(mut slot) = self.env.channels[owner as usize].take() {
             let _ = self.fds.remove(slot.ch.engine_bell().as_raw_fd());
@@ -599,23 +518,23 @@ impl<P: Port> EngineShard<P> {
             }
         }
         self.ep.flush(now, &mut self.env);
-        self.env.flush_tx();
+        self.env.nic.flush();
         self.done = true;
     }
 
     // --- receive -------------------------------------------------------------------------
 
     fn poll_rx(&mut self, now: Instant) -> Work {
-        self.env.port.set_time(now);
-        let mut rx = core::mem::take(&mut self.rx);
-        let mut n = self.env.port.rx_burst(&mut rx);
+        self.env.nic.port.set_time(now);
+        let mut rx = self.rx.take().expect("the receive burst is put back after every loop");
+        let mut n = self.env.nic.port.rx_burst(&mut rx);
         for b in rx.drain(..) {
             // The kernel's receive time, where the port knows it, keeps the time this frame
             // waited for the shard out of round-trip samples.
             let rx_at = b.rx_timestamp().unwrap_or(now);
             self.on_frame(now, b, rx_at, false);
         }
-        self.rx = rx;
+        self.rx = Some(rx);
         if self.mesh.shards() > 1 {
             let mut frames: ArrayVec<(P::Buf, Instant), BURST> = ArrayVec::new();
             let mut arps: ArrayVec<(Ipv4Addr, EthernetAddress), BURST> = ArrayVec::new();
@@ -644,70 +563,38 @@ impl<P: Port> EngineShard<P> {
     fn on_frame(&mut self, now: Instant, b: P::Buf, rx_at: Instant, handed: bool) {
         let caps = if handed || b.rx_checksum_good() { self.rx_caps.without_rx() } else { self.rx_caps };
         let mut forward_to = None;
-        match classify(b.frame(), caps) {
-            Ok(Frame::Machnet(m)) => {
-                if m.dst_mac != self.local.mac {
-                    self.env.counters.rx_dropped += 1;
-                } else {
-                    match self.ep.ports().owner(m.dst_port) {
-                        Some(o) if !handed && usize::from(o) != self.index && self.mesh.shards() > 1 => {
-                            forward_to = Some(usize::from(o));
-                        }
-                        _ => self.ep.handle_at(now, rx_at, &mut self.env, &m),
-                    }
+        match handle_frame(&mut self.env.nic, &mut self.arp, self.local, b.frame(), caps, now) {
+            Rx::Machnet(m) => match self.ep.ports().owner(m.dst_port) {
+                Some(o) if !handed && usize::from(o) != self.index && self.mesh.shards() > 1 => {
+                    forward_to = Some(usize::from(o));
+                }
+                _ => self.ep.handle_at(now, rx_at, &mut self.env, &m),
+            },
+            Rx::Arp { ip, mac, resolved, replied } => {
+                self.env.counters.arp_replies += u64::from(replied);
+                if self.mesh.shards() > 1 {
+                    // A connect waiting for this address may be on another shard.
+                    self.mesh.broadcast_arp(ip, mac);
+                }
+                if resolved {
+                    self.run_pending(now, ip, Some(mac));
                 }
             }
-            Ok(Frame::Arp { arp, .. }) => self.on_arp(now, &arp),
-            Ok(Frame::Icmp(icmp)) => {
-                if icmp.echo.kind == IcmpEchoKind::Request
-                    && icmp.ip.dst_addr == self.local.ip
-                    && icmp.eth.dst_addr == self.local.mac
-                {
-                    let (mac, caps) = (self.local.mac, self.env.caps);
-                    if self.env.send_raw(|buf| icmp.emit_reply(buf, mac, caps).ok()) {
-                        self.env.counters.icmp_replies += 1;
-                    }
-                }
-            }
-            Err(_) => self.env.counters.rx_dropped += 1,
+            Rx::Icmp(replied) => self.env.counters.icmp_replies += u64::from(replied),
+            Rx::Dropped => self.env.counters.rx_dropped += 1,
         }
         match forward_to {
             Some(to) => {
                 if let Err(Handoff::Frame { buf, .. }) = self.mesh.send(to, Handoff::Frame { buf: b, rx_at }) {
-                    self.env.port.free(buf);
+                    self.env.nic.port.free(buf);
                 }
             }
-            None => self.env.port.free(b),
-        }
-    }
-
-    fn on_arp(&mut self, now: Instant, arp: &ArpRepr) {
-        if arp.target_protocol_addr != self.local.ip {
-            return;
-        }
-        let resolved = self.arp.learn(arp.source_protocol_addr, arp.source_hardware_addr, now);
-        if self.mesh.shards() > 1 {
-            // A connect waiting for this address may be on another shard.
-            self.mesh.broadcast_arp(arp.source_protocol_addr, arp.source_hardware_addr);
-        }
-        if arp.operation == ArpOperation::Request {
-            let reply = ArpRepr::reply_to(arp, self.local.mac);
-            if self
-                .env
-                .send_raw(|buf| emit_arp(buf, reply.source_hardware_addr, reply.target_hardware_addr, &reply).ok())
-            {
-                self.env.counters.arp_replies += 1;
-            }
-        }
-        if resolved {
-            self.run_pending(now, arp.source_protocol_addr, Some(arp.source_hardware_addr));
+            None => self.env.nic.port.free(b),
         }
     }
 
     fn send_arp_request(&mut self, ip: Ipv4Addr) {
-        let req = ArpRepr::request(self.local.mac, self.local.ip, ip);
-        let mac = self.local.mac;
-        if self.env.send_raw(|buf| emit_arp(buf, mac, EthernetAddress::BROADCAST, &req).ok()) {
+        if self.env.nic.send_arp_request(self.local, ip) {
             self.env.counters.arp_requests += 1;
         }
     }
@@ -936,14 +823,12 @@ impl<P: Port> EngineShard<P> {
     // --- timers and transmit ---------------------------------------------------------------
 
     fn poll_timers(&mut self, now: Instant) -> Work {
-        let mut fired = core::mem::take(&mut self.env.fired);
-        self.env.wheel.expire(now, |f| fired.push(f));
+        let fired = self.env.timers.expire(now);
         let mut n = fired.len() as u32;
-        for f in fired.drain(..) {
-            self.env.timers[f.index() as usize] = None;
+        for &f in &fired {
             self.ep.on_timer(now, &mut self.env, f);
         }
-        self.env.fired = fired;
+        self.env.timers.done(fired);
         if self.arp.next_deadline().is_some_and(|d| d <= now) {
             n += 1;
             // Both lists have room for every resolution the table can hold.
@@ -967,8 +852,8 @@ impl<P: Port> EngineShard<P> {
         if self.ep.has_work() {
             self.ep.flush(now, &mut self.env);
         }
-        let queued = self.env.txq.len();
-        let sent = self.env.flush_tx();
+        let queued = self.env.nic.txq.len();
+        let sent = self.env.nic.flush();
         for s in self.env.channels.iter_mut().flatten() {
             s.ch.flush();
         }
@@ -983,6 +868,8 @@ impl<P: Port> EngineShard<P> {
         self.env.counters.handoff_sent = self.mesh.sent;
         self.env.counters.handoff_received = self.mesh.received;
         self.env.counters.handoff_dropped = self.mesh.dropped;
+        self.env.counters.tx_dropped = self.env.nic.dropped;
+        self.env.counters.timer_overflow = self.env.timers.overflow;
         if log::log_enabled!(log::Level::Debug) && self.last_report.as_nanos() / 1_000_000_000 != self.last_debug {
             self.last_debug = self.last_report.as_nanos() / 1_000_000_000;
             log::debug!(
@@ -1002,7 +889,7 @@ impl<P: Port> EngineShard<P> {
             r.flows = self.ep.flow_count();
             r.endpoint = *self.ep.stats();
             r.counters = self.env.counters;
-            r.faults = self.env.port.fault_stats();
+            r.faults = self.env.nic.port.fault_stats();
         }
     }
 }
@@ -1024,7 +911,7 @@ where
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let mut d = self.env.wheel.next_deadline();
+        let mut d = self.env.timers.next_deadline();
         if let Some(a) = self.arp.next_deadline() {
             d = Some(d.map_or(a, |x| x.min(a)));
         }
@@ -1032,14 +919,14 @@ where
             let b = self.last_now + BLOCKED_RECHECK;
             d = Some(d.map_or(b, |x| x.min(b)));
         }
-        if let Some(p) = self.env.port.next_event() {
+        if let Some(p) = self.env.nic.port.next_event() {
             d = Some(d.map_or(p, |x| x.min(p)));
         }
         d
     }
 
     fn before_park(&mut self) -> bool {
-        if self.ep.has_work() || !self.env.txq.is_empty() || self.mesh.has_input() {
+        if self.ep.has_work() || !self.env.nic.txq.is_empty() || self.mesh.has_input() {
             return false;
         }
         for s in self.env.channels.iter_mut().flatten() {

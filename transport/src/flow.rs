@@ -519,9 +519,9 @@ impl<E: Env> FlowCx<'_, E> {
                     self.f.irs = hdr.seqno;
                     self.f.rcv_nxt = hdr.seqno.wrapping_add(1);
                 }
-                // Our SYN-ACK was lost (or went to a wrong MAC): answer again from here.
+                // Our SYN-ACK was lost (or went to a wrong MAC): answer again from here. Only
+                // our own timer counts towards giving up: a client's retries must not hasten it.
                 self.f.remote_mac = src_mac;
-                self.f.rto_shift = self.f.rto_shift.saturating_add(1);
                 self.send_synack();
             }
             _ => self.stats.rx_unexpected += 1,
@@ -1094,7 +1094,11 @@ impl<E: Env> FlowCx<'_, E> {
                 Verdict::Keep
             }
             FlowState::SynReceived => {
-                if u32::from(self.f.rto_shift) + 1 >= self.cfg.syn_retries {
+                // The client is established as soon as a SYN-ACK reaches it, so the server
+                // waits longer than a client would for it: its SYN tries and then as long as
+                // an established flow waits for a silent peer. A server shard that was not
+                // scheduled for a while must not drop connections its clients already use.
+                if u32::from(self.f.rto_shift) + 1 >= self.cfg.syn_retries + self.cfg.max_rto_retries {
                     self.stats.accept_timeouts += 1;
                     return Verdict::Free(None);
                 }

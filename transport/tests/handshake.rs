@@ -246,3 +246,22 @@ fn ports_name_their_shard_and_a_closed_listeners_port_stays_while_its_flows_live
     assert_eq!(pa.owner(client_port), None);
     assert_eq!(pa.in_use(), 0);
 }
+
+#[test]
+fn server_keeps_a_half_open_flow_longer_than_a_client_waits() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    // A's first 7 handshake ACKs are lost: the server sees nothing for longer than a client's
+    // whole SYN budget (≈ 0.35 s) while A already uses the flow.
+    sim.drop_from(A, drop_first(7, PacketType::Ack));
+    let fa = sim.start_connect(888, 5);
+    assert!(sim.run_until(Duration::from_secs(1), connected));
+    assert!(
+        sim.run_until(Duration::from_secs(3), |s| s.event(B, |e| matches!(e, Event::Accepted { .. })).is_some()),
+        "the server gave up on a connection its client had: {:?}",
+        sim.sides[B].ep.stats()
+    );
+    assert_eq!(sim.sides[B].ep.stats().accept_timeouts, 0);
+    let fb = accepted_flow(&sim);
+    exchange_some(&mut sim, fa, fb);
+}

@@ -13,7 +13,11 @@
 //!
 //! Additions: `--msg_nr` is honoured, `--duration`, `--json` (one JSON object at exit with the
 //! totals and whole-run percentiles), `--blocking` (sleep on the doorbell instead of spinning,
-//! for machines with fewer cores than busy pollers).
+//! for machines with fewer cores than busy pollers), and `--embedded DEVICE`: no daemon, the
+//! Machnet stack runs in this thread on its own port (`machnet_daemon::embedded`), a DPDK
+//! device (vdev string or PCI address; needs the `dpdk` build) or `udp:BIND,PEER[,PEER...]`
+//! (Ethernet frames in kernel UDP datagrams, like the daemon's udp backend). With
+//! `--embedded`, the server exits once every client that connected has closed its flows.
 
 use clap::Parser;
 use machnet::client::{Channel, Error, Machnet};
@@ -60,6 +64,38 @@ struct Args {
     /// Wait on the doorbell when idle instead of spinning.
     #[arg(long)]
     blocking: bool,
+    /// Run the stack in this process on DEVICE instead of talking to machnetd: a DPDK vdev
+    /// string or PCI address, or udp:BIND,PEER[,PEER...].
+    #[arg(long, value_name = "DEVICE")]
+    embedded: Option<String>,
+    /// MAC of the embedded stack (default 02:00 followed by the local IP's four bytes).
+    #[arg(long = "local_mac")]
+    local_mac: Option<String>,
+    /// Pin this thread to CPU N.
+    #[arg(long)]
+    cpu: Option<usize>,
+}
+
+/// Listens (server) or connects (client) with `connect`, then runs the RPC loop.
+fn run_rpc<T: RpcIo<Peer = MachnetFlow>>(
+    args: &Args,
+    io: &mut T,
+    remote: Option<Ipv4Addr>,
+    opts: &RpcOptions,
+    stop: &AtomicBool,
+    connect: impl FnOnce(&mut T, Ipv4Addr, Ipv4Addr, u16) -> Result<MachnetFlow, Error>,
+) -> Result<rpc::Totals, RpcError> {
+    match remote {
+        None => {
+            eprintln!("msg_gen server: listening on {}:{}", args.local_ip, args.local_port);
+            rpc::serve(io, opts, stop)
+        }
+        Some(ip) => {
+            let flow = connect(io, args.local_ip, ip, args.remote_port).map_err(rpc_err)?;
+            eprintln!("msg_gen client: connected {}:{} -> {ip}:{}", args.local_ip, flow.src_port, args.remote_port);
+            rpc::run_client(io, flow, opts, stop)
+        }
+    }
 }
 
 /// The client library as the RPC loop's transport.
@@ -127,25 +163,27 @@ fn main() {
         duration: args.duration.map(Duration::from_secs_f64),
         lines_to_stderr: args.json,
     };
-    let result = (|| -> Result<rpc::Totals, RpcError> {
-        let machnet = Machnet::init().map_err(rpc_err)?;
-        let mut ch = machnet.attach().map_err(rpc_err)?;
-        let t = match remote {
-            None => {
+    if let Some(cpu) = args.cpu {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+            eprintln!("msg_gen: cannot pin to CPU {cpu}");
+            std::process::exit(2);
+        }
+    }
+    let result = match &args.embedded {
+        Some(device) => embedded::run(&args, device, remote, &opts, &stop),
+        None => (|| -> Result<rpc::Totals, RpcError> {
+            let machnet = Machnet::init().map_err(rpc_err)?;
+            let mut ch = machnet.attach().map_err(rpc_err)?;
+            if remote.is_none() {
                 ch.listen(args.local_ip, args.local_port).map_err(rpc_err)?;
-                eprintln!("msg_gen server: listening on {}:{}", args.local_ip, args.local_port);
-                rpc::serve(&mut Io { ch: &mut ch, blocking: args.blocking }, &opts, &stop)?
             }
-            Some(ip) => {
-                let flow = ch.connect(args.local_ip, ip, args.remote_port).map_err(rpc_err)?;
-                eprintln!("msg_gen client: connected {}:{} -> {ip}:{}", args.local_ip, flow.src_port, args.remote_port);
-                rpc::run_client(&mut Io { ch: &mut ch, blocking: args.blocking }, flow, &opts, &stop)?
-            }
-        };
-        // Let the last replies leave before the channel goes.
-        std::thread::sleep(Duration::from_millis(20));
-        Ok(t)
-    })();
+            let mut io = Io { ch: &mut ch, blocking: args.blocking };
+            let t = run_rpc(&args, &mut io, remote, &opts, &stop, |io, l, r, p| io.ch.connect(l, r, p))?;
+            // Let the last replies leave before the channel goes.
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(t)
+        })(),
+    };
     match result {
         Ok(t) => {
             println!("{}", rpc::totals_line(&t));
@@ -157,5 +195,133 @@ fn main() {
             eprintln!("msg_gen: {e}");
             std::process::exit(1);
         }
+    }
+}
+
+mod embedded {
+    //! `--embedded`: the stack in this thread.
+
+    use super::*;
+    use machnet_daemon::embedded::{Embedded, EmbeddedConfig};
+    use machnet_net::port::udp::{UdpConfig, UdpPeer, UdpPort};
+    use machnet_net::port::Port;
+    use machnet_net::wire::EthernetAddress;
+
+    struct EmbIo<P: Port> {
+        stack: Embedded<P>,
+        /// The server saw a connection, and every flow has closed since.
+        accepted: bool,
+    }
+
+    impl<P: Port> RpcIo for EmbIo<P> {
+        type Peer = MachnetFlow;
+
+        fn send(&mut self, to: MachnetFlow, msg: &[u8]) -> Result<bool, RpcError> {
+            match self.stack.send(to, msg) {
+                Ok(()) => Ok(true),
+                Err(Error::NoBuffers) => {
+                    self.stack.poll();
+                    Ok(false)
+                }
+                Err(e) => Err(rpc_err(e)),
+            }
+        }
+
+        fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(usize, MachnetFlow)>, RpcError> {
+            let r = self.stack.recv(buf).map_err(rpc_err)?;
+            self.accepted |= r.is_some();
+            Ok(r.map(|(n, flow)| (n, reverse(flow))))
+        }
+
+        fn peer_gone(&self) -> bool {
+            self.accepted && self.stack.flow_count() == 0
+        }
+    }
+
+    fn mac_for(args: &Args) -> Result<EthernetAddress, RpcError> {
+        match &args.local_mac {
+            Some(m) => m.parse().map_err(|e| RpcError(format!("--local_mac {m:?}: {e}"))),
+            None => {
+                let o = args.local_ip.octets();
+                Ok(EthernetAddress([0x02, 0x00, o[0], o[1], o[2], o[3]]))
+            }
+        }
+    }
+
+    fn go<P: Port>(
+        args: &Args,
+        port: P,
+        remote: Option<Ipv4Addr>,
+        opts: &RpcOptions,
+        stop: &AtomicBool,
+    ) -> Result<rpc::Totals, RpcError> {
+        let stack = Embedded::new(port, EmbeddedConfig::new(args.local_ip)).map_err(RpcError)?;
+        let mut io = EmbIo { stack, accepted: false };
+        if remote.is_none() {
+            io.stack.listen(args.local_ip, args.local_port).map_err(rpc_err)?;
+        }
+        let t = run_rpc(args, &mut io, remote, opts, stop, |io, l, r, p| io.stack.connect(l, r, p))?;
+        // Let the last replies leave, then close (dropping the stack resets its flows).
+        let until = std::time::Instant::now() + Duration::from_millis(20);
+        while std::time::Instant::now() < until {
+            io.stack.poll();
+        }
+        Ok(t)
+    }
+
+    pub(super) fn run(
+        args: &Args,
+        device: &str,
+        remote: Option<Ipv4Addr>,
+        opts: &RpcOptions,
+        stop: &AtomicBool,
+    ) -> Result<rpc::Totals, RpcError> {
+        let mac = mac_for(args)?;
+        if let Some(spec) = device.strip_prefix("udp:") {
+            let mut addrs = spec.split(',').map(|a| a.trim().parse::<std::net::SocketAddrV4>());
+            let bind = addrs
+                .next()
+                .and_then(|a| a.ok())
+                .ok_or_else(|| RpcError(format!("--embedded udp:{spec}: expected udp:BIND,PEER[,PEER...]")))?;
+            let peers = addrs
+                .map(|a| a.map(|addr| UdpPeer { addr, mac: None }))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| RpcError(format!("--embedded udp:{spec}: {e}")))?;
+            let port = UdpPort::new(&UdpConfig::new(bind, mac, peers))
+                .map_err(|e| RpcError(format!("cannot bind {bind}: {e}")))?;
+            return go(args, port, remote, opts, stop);
+        }
+        dpdk(args, device, mac, remote, opts, stop)
+    }
+
+    #[cfg(feature = "dpdk")]
+    fn dpdk(
+        args: &Args,
+        device: &str,
+        mac: EthernetAddress,
+        remote: Option<Ipv4Addr>,
+        opts: &RpcOptions,
+        stop: &AtomicBool,
+    ) -> Result<rpc::Totals, RpcError> {
+        use machnet_daemon::dpdk_backend::DpdkBackend;
+        let (backend, mut ports) = DpdkBackend::open_device(device, &Default::default(), 1, mac).map_err(RpcError)?;
+        let port = ports.pop().expect("one queue");
+        let r = go(args, port, remote, opts, stop);
+        backend.close();
+        r
+    }
+
+    #[cfg(not(feature = "dpdk"))]
+    fn dpdk(
+        _args: &Args,
+        device: &str,
+        _mac: EthernetAddress,
+        _remote: Option<Ipv4Addr>,
+        _opts: &RpcOptions,
+        _stop: &AtomicBool,
+    ) -> Result<rpc::Totals, RpcError> {
+        Err(RpcError(format!(
+            "--embedded {device:?}: this msg_gen is built without DPDK (build with --features dpdk), and the device is not udp:BIND,PEER"
+        )))
     }
 }

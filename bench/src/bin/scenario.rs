@@ -9,6 +9,14 @@
 //! * `udp` (S3): two machnetd over the udp backend on this machine, msg_gen client and server
 //!   (`--blocking`: they sleep on the doorbell), against kernel UDP ping-pong (blocking and
 //!   busy-poll receive) and kernel TCP request/response on loopback, same loop, same sizes.
+//! * `memif` (S1, needs binaries built with the `dpdk` feature): two machnetd joined by DPDK
+//!   memif, daemon A pinned to CPU 0 and B to CPU 1 with adaptive idle, msg_gen `--blocking`
+//!   client on CPU 0 and server on CPU 1; against a raw memif ping-pong of frames of the same
+//!   wire size with no protocol (the physical reference, both CPUs busy-polling) and the
+//!   kernel baselines.
+//! * `embedded` (S2, `dpdk` build): two `msg_gen --embedded` joined by memif, no daemon, the
+//!   client busy-polling on CPU 0 and the server on CPU 1; against raw memif and the kernel
+//!   baselines.
 //!
 //! Every configuration runs at window 1 (E1) and 32 (E2), 64 B and 1 KiB, unless narrowed by
 //! `--windows` and `--sizes`. The raw results go to `--out` (JSON) for plotting.
@@ -26,7 +34,7 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(name = "scenario", version, about = "Run a benchmark scenario with its baselines")]
 struct Args {
-    /// Scenario: udp.
+    /// Scenario: udp (S3), memif (S1) or embedded (S2).
     scenario: String,
     /// Interleaved runs (medians over these).
     #[arg(long, default_value_t = 3)]
@@ -81,6 +89,10 @@ impl Proc {
 
     /// Waits up to `limit` for the process to exit; returns its stdout.
     fn finish(mut self, limit: Duration) -> Result<String, String> {
+        self.finish_ref(limit)
+    }
+
+    fn finish_ref(&mut self, limit: Duration) -> Result<String, String> {
         let start = Instant::now();
         loop {
             match self.child.try_wait() {
@@ -153,9 +165,17 @@ impl Env {
 
     /// One client/server measurement: `server` and `client` get the common flags.
     fn pair(&self, name: &str, server: Command, client: Command) -> Result<Totals, String> {
+        self.pair_ready(name, server, client, None)
+    }
+
+    /// As [`pair`](Self::pair), starting the client once `ready` exists (if given).
+    fn pair_ready(&self, name: &str, server: Command, client: Command, ready: Option<&Path>) -> Result<Totals, String> {
         let (mut server, mut client) = (server, client);
         server.stdout(Stdio::null()).stderr(Stdio::null());
         let mut srv = Proc::spawn(&format!("{name} server"), &mut server)?;
+        if let Some(p) = ready {
+            wait_for(p, name)?;
+        }
         std::thread::sleep(Duration::from_millis(300));
         client.arg("--duration").arg(self.seconds.to_string()).arg("--json");
         client.stdout(Stdio::piped()).stderr(Stdio::null());
@@ -212,17 +232,124 @@ impl Env {
         Ok((procs, socks))
     }
 
-    fn msg_gen(&self, socks: &[PathBuf; 2], size: usize, window: u64) -> Result<Totals, String> {
-        let common = |c: &mut Command| {
+    /// Two machnetd joined by memif: A (the memif server) on CPU 0, B on CPU 1.
+    fn memif_daemons(&self) -> Result<(Vec<Proc>, [PathBuf; 2]), String> {
+        let memif = self.work.join("memif.sock");
+        let _ = std::fs::remove_file(&memif);
+        let mut procs = Vec::new();
+        let socks = [self.work.join("m0.sock"), self.work.join("m1.sock")];
+        for (i, sock) in socks.iter().enumerate() {
+            let cfg = self.work.join(format!("m{i}.json"));
+            let role = if i == 0 { "server" } else { "client" };
+            let json = format!(
+                r#"{{"machnet_config": {{"02:00:00:00:00:0{}": {{"ip": "198.18.0.{}", "cpu_mask": "{}"}}}},
+ "machnet_rs": {{"backend": "dpdk", "idle": "adaptive",
+                "dpdk": {{"device": "net_memif0,role={role},id=0,socket={},socket-abstract=no"}}}}}}"#,
+                i + 1,
+                i + 1,
+                if i == 0 { "0x1" } else { "0x2" },
+                memif.display()
+            );
+            std::fs::write(&cfg, json).map_err(|e| format!("cannot write {}: {e}", cfg.display()))?;
+            let _ = std::fs::remove_file(sock);
+            let mut c = self.cmd("machnetd");
+            c.arg("--config").arg(&cfg).arg("--ctrl-sock").arg(sock).arg("--log-level").arg("warn");
+            c.stdout(Stdio::null()).stderr(Stdio::inherit());
+            procs.push(Proc::spawn(&format!("machnetd {i}"), &mut c)?);
+            if i == 0 {
+                wait_for(&memif, "the memif server machnetd")?;
+            }
+        }
+        for s in &socks {
+            wait_for(s, "machnetd")?;
+        }
+        Ok((procs, socks))
+    }
+
+    /// msg_gen client on daemon 0 and server on daemon 1, pinned to `cpus` if given.
+    fn msg_gen(
+        &self,
+        socks: &[PathBuf; 2],
+        size: usize,
+        window: u64,
+        cpus: Option<[u32; 2]>,
+    ) -> Result<Totals, String> {
+        let prog = |side: usize| {
+            let mut c = match cpus {
+                Some(cpus) => {
+                    let mut c = Command::new("taskset");
+                    c.arg("-c").arg(cpus[side].to_string()).arg(self.bin.join("msg_gen"));
+                    c.stdin(Stdio::null());
+                    c
+                }
+                None => self.cmd("msg_gen"),
+            };
+            c.env("MACHNET_CTRL_SOCK", &socks[side]);
             c.args(["--msg_size", &size.to_string(), "--msg_window", &window.to_string(), "--blocking"]);
+            c
         };
-        let mut s = self.cmd("msg_gen");
-        s.env("MACHNET_CTRL_SOCK", &socks[1]).args(["--local_ip", "198.18.0.2"]);
-        common(&mut s);
-        let mut c = self.cmd("msg_gen");
-        c.env("MACHNET_CTRL_SOCK", &socks[0]).args(["--local_ip", "198.18.0.1", "--remote_ip", "198.18.0.2"]);
-        common(&mut c);
+        let mut s = prog(1);
+        s.args(["--local_ip", "198.18.0.2"]);
+        let mut c = prog(0);
+        c.args(["--local_ip", "198.18.0.1", "--remote_ip", "198.18.0.2"]);
         self.pair("msg_gen", s, c)
+    }
+
+    /// Two `msg_gen --embedded` over memif: server on CPU 1, client on CPU 0.
+    fn embedded(&self, size: usize, window: u64) -> Result<Totals, String> {
+        let sock = self.work.join("emb.sock");
+        let _ = std::fs::remove_file(&sock);
+        let dev = |role: &str| format!("net_memif0,role={role},id=0,socket={},socket-abstract=no", sock.display());
+        let mut s = self.cmd("msg_gen");
+        s.args(["--embedded", &dev("server"), "--local_ip", "198.18.0.2", "--cpu", "1"]);
+        s.args(["--msg_size", &size.to_string()]);
+        let mut c = self.cmd("msg_gen");
+        c.args(["--embedded", &dev("client"), "--local_ip", "198.18.0.1", "--remote_ip", "198.18.0.2", "--cpu", "0"]);
+        c.args(["--msg_size", &size.to_string(), "--msg_window", &window.to_string()]);
+        self.pair_ready("msg_gen --embedded", s, c, Some(&sock))
+    }
+
+    /// Raw memif ping-pong of frames as long as a Machnet frame carrying `size` bytes, server
+    /// on CPU 0 and client on CPU 1, both busy-polling.
+    fn raw_memif(&self, size: usize, window: u64) -> Result<Totals, String> {
+        let sock = self.work.join("raw.sock");
+        let frame = (size + 96).clamp(60, 1514);
+        let mut s = self.cmd("memif_pingpong");
+        s.args(["--role", "server", "--cpu", "0", "--socket"]).arg(&sock);
+        s.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut srv = Proc::spawn("memif_pingpong server", &mut s)?;
+        wait_for(&sock, "memif_pingpong server")?;
+        let mut c = self.cmd("memif_pingpong");
+        c.args(["--role", "client", "--cpu", "1", "--json", "--warmup", "0.5"])
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--size", &frame.to_string(), "--window", &window.to_string()])
+            .arg("--seconds")
+            .arg(self.seconds.to_string());
+        c.stdout(Stdio::piped()).stderr(Stdio::null());
+        let out = Proc::spawn("memif_pingpong client", &mut c)?.finish(Duration::from_secs_f64(self.seconds + 30.0))?;
+        // The client tells the server to stop in-band; wait for it.
+        let _ = srv.finish_ref(Duration::from_secs(5));
+        let line = out
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .ok_or_else(|| format!("no JSON from memif_pingpong:\n{out}"))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("bad JSON ({e}): {line}"))?;
+        let ns = |k: &str| v["rtt_ns"][k].as_f64().unwrap_or(0.0) / 1e3;
+        Ok(Totals {
+            role: "client".into(),
+            msg_size: size,
+            msg_window: window,
+            seconds: v["seconds"].as_f64().unwrap_or(0.0),
+            rx_msgs: v["round_trips"].as_u64().unwrap_or(0),
+            rps: v["round_trips_per_s"].as_f64().unwrap_or(0.0),
+            rtt_p50_us: ns("p50"),
+            rtt_p99_us: ns("p99"),
+            rtt_p999_us: ns("p999"),
+            rtt_max_us: ns("max"),
+            ..Totals::default()
+        })
     }
 }
 
@@ -302,36 +429,69 @@ fn run(args: &Args) -> Result<(), String> {
     let env = Env { bin, work: work.clone(), seconds: args.seconds };
     let main = match args.scenario.as_str() {
         "udp" => "machnet udp backend",
-        other => return Err(format!("unknown scenario {other:?} (known: udp)")),
+        "memif" => "machnet memif (DPDK)",
+        "embedded" => "machnet embedded, memif",
+        other => return Err(format!("unknown scenario {other:?} (known: udp, memif, embedded)")),
     };
+    let embedded = args.scenario == "embedded";
+    let memif = args.scenario == "memif" || embedded;
+    if memif && !env.bin.join("memif_pingpong").exists() {
+        return Err("memif_pingpong not found: build with --features machnet-daemon/dpdk,machnet-bench/dpdk".into());
+    }
     eprintln!("machine: {}", machnet_bench::machine_summary());
     let mut records = Vec::new();
     let result = (|| -> Result<(), String> {
         for run in 0..args.runs {
-            let (daemons, socks) = env.udp_daemons()?;
-            for &size in &args.sizes {
-                for &window in &args.windows {
-                    let mut measure = |system: &str, t: Result<Totals, String>| -> Result<(), String> {
-                        let t = t.map_err(|e| format!("{system}, {size} B, window {window}: {e}"))?;
-                        eprintln!(
-                            "run {run} {size:>5} B w{window:<3} {system:<28} p50 {:>8.1} µs  p99 {:>8.1}  p99.9 {:>8.1}  {:>9.1} K RPC/s",
-                            t.rtt_p50_us,
-                            t.rtt_p99_us,
-                            t.rtt_p999_us,
-                            t.rps / 1e3
-                        );
-                        records.push(Record { system: system.into(), msg_size: size, window, run, totals: t });
-                        Ok(())
-                    };
-                    measure(main, env.msg_gen(&socks, size, window))?;
-                    if !args.no_baselines {
-                        measure("kernel UDP, blocking", env.kernel("udp", false, size, window))?;
-                        measure("kernel UDP, busy-poll", env.kernel("udp", true, size, window))?;
-                        measure("kernel TCP, blocking", env.kernel("tcp", false, size, window))?;
+            let mut measure = |system: &str,
+                               size: usize,
+                               window: u64,
+                               t: Result<Totals, String>|
+             -> Result<(), String> {
+                let t = t.map_err(|e| format!("{system}, {size} B, window {window}: {e}"))?;
+                eprintln!(
+                    "run {run} {size:>5} B w{window:<3} {system:<28} p50 {:>8.1} µs  p99 {:>8.1}  p99.9 {:>8.1}  {:>9.1} K RPC/s",
+                    t.rtt_p50_us,
+                    t.rtt_p99_us,
+                    t.rtt_p999_us,
+                    t.rps / 1e3
+                );
+                records.push(Record { system: system.into(), msg_size: size, window, run, totals: t });
+                Ok(())
+            };
+            // The system under test, then (with its daemons stopped) the baselines.
+            if embedded {
+                for &size in &args.sizes {
+                    for &window in &args.windows {
+                        measure(main, size, window, env.embedded(size, window))?;
                     }
                 }
+            } else {
+                let (mut daemons, socks) = if memif { env.memif_daemons()? } else { env.udp_daemons()? };
+                let cpus = memif.then_some([0, 1]);
+                for &size in &args.sizes {
+                    for &window in &args.windows {
+                        measure(main, size, window, env.msg_gen(&socks, size, window, cpus))?;
+                    }
+                }
+                // Both at once: a memif peer must not poll while the other unmaps the rings.
+                for d in &mut daemons {
+                    d.interrupt();
+                }
+                drop(daemons);
             }
-            drop(daemons);
+            if args.no_baselines {
+                continue;
+            }
+            for &size in &args.sizes {
+                for &window in &args.windows {
+                    if memif {
+                        measure("raw memif, no protocol", size, window, env.raw_memif(size, window))?;
+                    }
+                    measure("kernel UDP, blocking", size, window, env.kernel("udp", false, size, window))?;
+                    measure("kernel UDP, busy-poll", size, window, env.kernel("udp", true, size, window))?;
+                    measure("kernel TCP, blocking", size, window, env.kernel("tcp", false, size, window))?;
+                }
+            }
         }
         Ok(())
     })();

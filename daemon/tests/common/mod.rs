@@ -184,6 +184,12 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // MACHNETD_KEEP_LOGS=<dir>: keep every daemon's whole log there (for debugging).
+        if let Some(dir) = std::env::var_os("MACHNETD_KEEP_LOGS") {
+            let name =
+                format!("machnetd-{}-{}-{}.log", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), self.ip);
+            let _ = std::fs::copy(&self.log, Path::new(&dir).join(name));
+        }
         if std::thread::panicking() {
             let log = self.log_text();
             let tail: Vec<&str> = log.lines().rev().take(60).collect();

@@ -1,0 +1,213 @@
+//! Embedded mode: two stacks in this process over an in-memory port pair (one with a fault
+//! injector), driven by the application's own calls: the client API's operations and errors,
+//! every message size, recovery from loss, and no allocation per message.
+
+use machnet::client::Error;
+use machnet::layout::MachnetFlow;
+use machnet::ops::Status;
+use machnet_daemon::embedded::{Embedded, EmbeddedConfig};
+use machnet_net::port::fault::{FaultConfig, Faulty};
+use machnet_net::port::mem::{pair, MemConfig, MemPort};
+use machnet_net::port::Port;
+use machnet_net::testutil::{count_allocs, CountingAlloc};
+use machnet_net::wire::EthernetAddress;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+const IP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const IP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const MAC_A: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 1]);
+const MAC_B: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
+
+fn reverse(f: MachnetFlow) -> MachnetFlow {
+    MachnetFlow { src_ip: f.dst_ip, dst_ip: f.src_ip, src_port: f.dst_port, dst_port: f.src_port }
+}
+
+fn stacks<P: Port, Q: Port>(pa: P, pb: Q) -> (Embedded<P>, Embedded<Q>) {
+    (Embedded::new(pa, EmbeddedConfig::new(IP_A)).unwrap(), Embedded::new(pb, EmbeddedConfig::new(IP_B)).unwrap())
+}
+
+/// Connects A to B's listener on `port`, both polled by this thread.
+fn connect<P: Port, Q: Port>(a: &mut Embedded<P>, b: &mut Embedded<Q>, port: u16) -> Result<MachnetFlow, Error> {
+    let token = a.start_connect(IP_A, IP_B, port)?;
+    let t = Instant::now();
+    loop {
+        a.poll();
+        b.poll();
+        if let Some(r) = a.connect_result(token) {
+            return r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "connect did not finish");
+    }
+}
+
+fn pattern(k: u64, j: usize) -> u8 {
+    (k.wrapping_mul(131) as usize + j * 7) as u8
+}
+
+/// A sends `n` messages of `size` with `window` outstanding; B echoes each; A checks them.
+fn echo<P: Port, Q: Port>(
+    a: &mut Embedded<P>,
+    b: &mut Embedded<Q>,
+    flow: MachnetFlow,
+    size: usize,
+    n: u64,
+    window: u64,
+) {
+    let mut out = vec![0u8; size];
+    let mut buf = vec![0u8; size + 1];
+    let (mut sent, mut got) = (0u64, 0u64);
+    let t = Instant::now();
+    while got < n {
+        while sent < n && sent - got < window {
+            for (j, x) in out.iter_mut().enumerate() {
+                *x = pattern(sent, j);
+            }
+            match a.send(flow, &out) {
+                Ok(()) => sent += 1,
+                Err(Error::NoBuffers) => break,
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+        if let Some((len, from)) = b.recv(&mut buf).unwrap() {
+            loop {
+                match b.send(reverse(from), &buf[..len]) {
+                    Ok(()) => break,
+                    Err(Error::NoBuffers) => {
+                        a.poll();
+                        b.poll();
+                    }
+                    Err(e) => panic!("echo: {e}"),
+                }
+            }
+        }
+        if let Some((len, from)) = a.recv(&mut buf).unwrap() {
+            assert_eq!(len, size);
+            assert_eq!(reverse(from), flow, "the echo arrives on the flow it was sent on");
+            for (j, x) in buf[..len].iter().enumerate() {
+                assert_eq!(*x, pattern(got, j), "message {got} of {size} B, byte {j}: in order, intact");
+            }
+            got += 1;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "stuck at {got}/{n} of {size} B");
+    }
+}
+
+#[test]
+fn every_size_class_echoes_through_two_embedded_stacks() {
+    let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
+    let (mut a, mut b) = stacks(pa, pb);
+    b.listen(IP_B, 888).unwrap();
+    let flow = connect(&mut a, &mut b, 888).unwrap();
+    assert_eq!((flow.src_ip, flow.dst_ip, flow.dst_port), (IP_A.to_bits(), IP_B.to_bits(), 888));
+    for (size, n, window) in [(1, 2000, 32), (1024, 2000, 32), (65_536, 200, 8), (8 << 20, 3, 1)] {
+        echo(&mut a, &mut b, flow, size, n, window);
+    }
+    // Nothing more arrives (exactly once).
+    let mut buf = [0u8; 16];
+    for _ in 0..100 {
+        a.poll();
+        assert!(b.recv(&mut buf).unwrap().is_none());
+        assert!(a.recv(&mut buf).unwrap().is_none());
+    }
+    assert_eq!(b.stats().arp_replies, 1, "A resolved B by ARP, once");
+}
+
+#[test]
+fn loss_reordering_and_duplication_are_recovered() {
+    let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
+    let faults = FaultConfig { seed: 9, drop: 0.05, reorder: 0.05, duplicate: 0.01, ..FaultConfig::default() };
+    let (mut a, mut b) = stacks(Faulty::new(pa, faults), Faulty::new(pb, FaultConfig { seed: 10, ..faults }));
+    b.listen(IP_B, 888).unwrap();
+    let flow = connect(&mut a, &mut b, 888).unwrap();
+    for (size, n, window) in [(100, 1000, 16), (20_000, 200, 8)] {
+        echo(&mut a, &mut b, flow, size, n, window);
+    }
+    let f = a.port().fault_stats();
+    assert!(f.dropped > 10 && f.duplicated > 0 && f.reordered > 10, "{f:?}");
+    assert!(a.endpoint_stats().tx_retransmits > 0);
+}
+
+#[test]
+fn operations_fail_clearly() {
+    let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
+    let (mut a, mut b) = stacks(pa, pb);
+    b.listen(IP_B, 888).unwrap();
+    assert_eq!(b.listen(IP_B, 888), Err(Error::Daemon(Status::AddrInUse)));
+    assert_eq!(b.listen(IP_A, 889), Err(Error::Daemon(Status::AddrNotLocal)));
+    assert_eq!(a.start_connect(IP_B, IP_B, 888).unwrap_err(), Error::Daemon(Status::AddrNotLocal));
+    assert_eq!(a.start_connect(IP_A, Ipv4Addr::BROADCAST, 888).unwrap_err(), Error::InvalidAddress);
+    // Nobody listens on 999: refused by the peer's RST, promptly.
+    assert_eq!(connect(&mut a, &mut b, 999), Err(Error::Daemon(Status::Refused)));
+    let flow = connect(&mut a, &mut b, 888).unwrap();
+    assert_eq!(a.send(flow, &[]), Err(Error::InvalidLength));
+    assert_eq!(a.send(flow, &vec![0u8; (8 << 20) + 1]), Err(Error::InvalidLength));
+    let stranger = MachnetFlow { dst_port: 4242, ..flow };
+    assert_eq!(a.send(stranger, b"x"), Err(Error::Daemon(Status::NoSuchFlow)));
+    // A message larger than the buffer is discarded with its size.
+    a.send(flow, &[7u8; 100]).unwrap();
+    let mut small = [0u8; 10];
+    let t = Instant::now();
+    let r = loop {
+        a.poll();
+        match b.recv(&mut small) {
+            Ok(None) => assert!(t.elapsed() < Duration::from_secs(5)),
+            other => break other,
+        }
+    };
+    assert_eq!(r, Err(Error::TooSmall { needed: 100 }));
+    // Graceful close: what was queued arrives, then the flow is gone on both sides.
+    a.send(flow, b"last").unwrap();
+    a.close(flow).unwrap();
+    let mut buf = [0u8; 16];
+    let t = Instant::now();
+    loop {
+        a.poll();
+        if let Some((n, _)) = b.recv(&mut buf).unwrap() {
+            assert_eq!(&buf[..n], b"last");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+    while a.flow_count() + b.flow_count() > 0 {
+        a.poll();
+        b.poll();
+        assert!(t.elapsed() < Duration::from_secs(5), "flows did not close");
+    }
+    assert_eq!(a.send(flow, b"after"), Err(Error::Daemon(Status::NoSuchFlow)));
+}
+
+#[test]
+fn steady_state_allocates_nothing() {
+    let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
+    let (mut a, mut b): (Embedded<MemPort>, Embedded<MemPort>) = stacks(pa, pb);
+    b.listen(IP_B, 888).unwrap();
+    let flow = connect(&mut a, &mut b, 888).unwrap();
+    echo(&mut a, &mut b, flow, 1000, 2000, 8);
+    // Positive control: the counter sees this thread.
+    assert_eq!(count_allocs(|| std::hint::black_box(vec![1u8; 3])).0, 1);
+    let mut out = [0x42u8; 1000];
+    let mut buf = [0u8; 2048];
+    let (allocs, ()) = count_allocs(|| {
+        for k in 0..20_000u32 {
+            out[..4].copy_from_slice(&k.to_le_bytes());
+            a.send(flow, &out).unwrap();
+            let (n, from) = loop {
+                if let Some(m) = b.recv(&mut buf).unwrap() {
+                    break m;
+                }
+            };
+            b.send(reverse(from), &buf[..n]).unwrap();
+            loop {
+                if let Some((n, _)) = a.recv(&mut buf).unwrap() {
+                    assert_eq!(&buf[..n], &out[..]);
+                    break;
+                }
+            }
+        }
+    });
+    assert_eq!(allocs, 0, "{allocs} allocations in 20000 embedded round trips");
+}
