@@ -50,6 +50,12 @@ pub const KIND_REGISTER: u16 = 1;
 pub const KIND_CREATE_CHANNEL: u16 = 2;
 /// Kind: detach (destroy) a channel.
 pub const KIND_DETACH_CHANNEL: u16 = 3;
+/// Request: the daemon's statistics (no registration needed). `channel` carries a selector
+/// the handler interprets; the reply carries one descriptor, a sealed memfd holding the
+/// answer (JSON), whose length is in the reply's `channel` field.
+pub const KIND_STATS: u16 = 4;
+/// Largest statistics reply a client accepts.
+pub const STATS_LIMIT: usize = 64 << 20;
 /// Bit set in the kind of every reply.
 pub const KIND_REPLY: u16 = 0x8000;
 /// Kind of the reply to a message that could not be parsed (bad magic or version).
@@ -268,6 +274,12 @@ pub trait CtrlHandler {
     fn detach_channel(&mut self, app: AppId, channel: u64) -> Result<(), Status>;
     /// The registration connection closed: the application is gone. Reclaim all it had.
     fn app_gone(&mut self, app: AppId);
+    /// A statistics request (`KIND_STATS`) from a peer with credentials `cred`: the reply
+    /// bytes, or an error status (for example `NotPermitted`). Not supported by default.
+    fn stats(&mut self, cred: PeerCred, selector: u64) -> Result<Vec<u8>, Status> {
+        let _ = (cred, selector);
+        Err(Status::BadRequest)
+    }
 }
 
 struct Conn {
@@ -304,6 +316,12 @@ impl CtrlServer {
     /// on; a live one is `AddrInUse`, a non-socket file `AlreadyExists`), binds, and sets the
     /// socket file's permissions to `mode`. The file is removed on drop.
     pub fn bind_with_mode(path: impl AsRef<Path>, mode: u32) -> io::Result<CtrlServer> {
+        Self::bind_with(path, mode, None)
+    }
+
+    /// As [`CtrlServer::bind_with_mode`], the socket also owned by group `group` (if given)
+    /// before it appears at `path`.
+    pub fn bind_with(path: impl AsRef<Path>, mode: u32, group: Option<u32>) -> io::Result<CtrlServer> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
@@ -334,6 +352,7 @@ impl CtrlServer {
             let _ = std::fs::remove_file(&tmp);
             let l = UnixListener::bind(&tmp)?;
             let staged = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                .and_then(|()| std::os::unix::fs::chown(&tmp, None, group))
                 .and_then(|()| std::fs::rename(&tmp, &path));
             if let Err(e) = staged {
                 let _ = std::fs::remove_file(&tmp);
@@ -343,6 +362,7 @@ impl CtrlServer {
         } else {
             let l = UnixListener::bind(&path)?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            std::os::unix::fs::chown(&path, None, group)?;
             l
         };
         listener.set_nonblocking(true)?;
@@ -494,6 +514,18 @@ impl CtrlServer {
                 }
                 Err(s) => send_all(&c.stream, &req.reply(s).encode(), &[]),
             },
+            KIND_STATS => match handler.stats(c.cred, req.channel) {
+                Ok(bytes) => match crate::shm::sealed_bytes("machnet-stats", &bytes) {
+                    Ok(fd) => {
+                        let mut m = req.reply(Status::Ok);
+                        m.channel = bytes.len() as u64;
+                        m.nfds = 1;
+                        send_all(&c.stream, &m.encode(), &[fd.as_fd()])
+                    }
+                    Err(_) => send_all(&c.stream, &req.reply(Status::NoResources).encode(), &[]),
+                },
+                Err(s) => send_all(&c.stream, &req.reply(s).encode(), &[]),
+            },
             KIND_DETACH_CHANNEL if c.registered => {
                 let status = match handler.detach_channel(c.app, req.channel) {
                     Ok(()) => Status::Ok,
@@ -564,6 +596,18 @@ impl CtrlClient {
     /// The socket descriptor.
     pub fn fd(&self) -> RawFd {
         self.stream.as_raw_fd()
+    }
+
+    /// Asks for the daemon's statistics (`selector` as the daemon defines it); returns the
+    /// reply's bytes.
+    pub fn stats(&mut self, selector: u64) -> Result<Vec<u8>, CallError> {
+        let (m, fds) = self.call(KIND_STATS, selector)?;
+        let fd = fds.first().ok_or(CallError::Protocol)?;
+        let bytes = crate::shm::read_all_at(fd.as_fd(), STATS_LIMIT).map_err(CallError::Io)?;
+        if bytes.len() as u64 != m.channel {
+            return Err(CallError::Protocol);
+        }
+        Ok(bytes)
     }
 
     /// Sends a request of `kind` (with `channel`) and waits for its reply and descriptors.

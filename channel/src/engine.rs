@@ -966,6 +966,12 @@ impl EngineChannel {
         }
     }
 
+    /// The first reason (in [`Violation::ALL`] order) the application violated the protocol
+    /// for, if it ever did. Cheap: reads counters.
+    pub fn first_violation(&self) -> Option<Violation> {
+        Violation::ALL.into_iter().find(|v| self.stats.violations[*v as usize] > 0)
+    }
+
     /// Whether [`EngineChannel::reclaim_all`] ran.
     pub fn is_dead(&self) -> bool {
         self.dead

@@ -130,6 +130,42 @@ fn try_create(name: &CString, len: usize, extra: libc::c_uint) -> io::Result<(Ow
     Ok((fd, map))
 }
 
+/// A read-only memfd holding `data` (written, then sealed against any change), for handing
+/// a variable-length reply to a peer with `SCM_RIGHTS`.
+pub fn sealed_bytes(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
+    use std::io::Write;
+    let cname = CString::new(name.replace('\0', "_")).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `cname` is NUL-terminated; flags are valid memfd flags.
+    let raw = cvt(unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) })?;
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut f = std::fs::File::from(fd);
+    f.write_all(data)?;
+    let fd = OwnedFd::from(f);
+    // SAFETY: plain fcntl on an fd we own.
+    cvt(unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    })?;
+    Ok(fd)
+}
+
+/// The whole content of a file descriptor (from offset 0, whatever its file position).
+pub fn read_all_at(fd: BorrowedFd<'_>, limit: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::from(fd.try_clone_to_owned()?);
+    let len = f.metadata()?.len() as usize;
+    if len > limit {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "reply larger than the limit"));
+    }
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
 /// The seals on `fd` (`F_GET_SEALS`).
 pub fn seals(fd: BorrowedFd<'_>) -> io::Result<i32> {
     // SAFETY: plain fcntl.

@@ -106,8 +106,10 @@ pub struct TransportSection {
     pub rto_max_us: Option<u64>,
     /// Consecutive timeouts before a flow fails (10).
     pub max_rto_retries: Option<u32>,
-    /// SYN transmissions before a connect fails (7).
+    /// SYN transmissions before a connect fails (9).
     pub syn_retries: Option<u32>,
+    /// Cap of the handshake's backed-off timeout, µs (1000000).
+    pub syn_rto_max_us: Option<u64>,
     /// `"swift"` (default) or `"fixed"`.
     pub cc: Option<String>,
     /// Window of the `"fixed"` algorithm, packets (32).
@@ -216,6 +218,35 @@ pub struct FaultSection {
     pub seed: Option<u64>,
 }
 
+/// Who may use the daemon.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessSection {
+    /// File mode of the control socket, octal (`"0660"`); default `"0666"`: every local user.
+    pub socket_mode: Option<String>,
+    /// Group owning the control socket: a name from /etc/group or a number.
+    pub socket_group: Option<String>,
+    /// Users allowed to register and read statistics (root always is). With both lists
+    /// empty, everyone who can open the socket is.
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// Groups allowed (primary or supplementary).
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
+}
+
+/// A group's id from its name (`/etc/group`) or number.
+pub fn group_id(name: &str) -> Option<u32> {
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok()).flatten()
+    })
+}
+
 /// Our extension key, `machnet_rs`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -229,6 +260,9 @@ pub struct Extension {
     pub dpdk: Option<DpdkSection>,
     /// Fault injection on transmit (off unless present).
     pub fault: Option<FaultSection>,
+    /// Access control.
+    #[serde(default)]
+    pub access: AccessSection,
     /// `"busy"` or `"adaptive"`; default: busy when every shard gets a core, else adaptive.
     pub idle: Option<String>,
     /// Adaptive idle: µs of spinning before yielding (50).
@@ -435,6 +469,20 @@ impl Config {
                 return Err(err("machnet_rs.dpdk.memory_mb", "at least 64 MiB".into()));
             }
         }
+        if let Some(m) = &ext.access.socket_mode {
+            let ok = u32::from_str_radix(m.trim_start_matches("0o"), 8).is_ok_and(|v| v <= 0o777);
+            if !ok {
+                return Err(err(
+                    "machnet_rs.access.socket_mode",
+                    format!("{m:?} is not an octal file mode like \"0660\""),
+                ));
+            }
+        }
+        if let Some(g) = &ext.access.socket_group {
+            if group_id(g).is_none() {
+                return Err(err("machnet_rs.access.socket_group", format!("no group {g:?} (not in /etc/group)")));
+            }
+        }
         if let Some(f) = &ext.fault {
             for (name, p) in
                 [("loss", f.loss), ("duplicate", f.duplicate), ("reorder", f.reorder), ("corrupt", f.corrupt)]
@@ -490,6 +538,7 @@ impl Config {
             rto_max: us(t.rto_max_us, d.rto_max),
             max_rto_retries: t.max_rto_retries.unwrap_or(d.max_rto_retries),
             syn_retries: t.syn_retries.unwrap_or(d.syn_retries),
+            syn_rto_max: us(t.syn_rto_max_us, d.syn_rto_max),
             cc: match t.cc.as_deref() {
                 Some("fixed") => CcConfig::Fixed { window: t.fixed_window.unwrap_or(32) },
                 _ => {
@@ -509,6 +558,16 @@ impl Config {
             max_flows: t.max_flows.unwrap_or(d.max_flows),
             ..d
         }
+    }
+
+    /// The control socket's file mode.
+    pub fn socket_mode(&self) -> u32 {
+        self.ext
+            .access
+            .socket_mode
+            .as_deref()
+            .and_then(|m| u32::from_str_radix(m.trim_start_matches("0o"), 8).ok())
+            .unwrap_or(0o666)
     }
 
     /// CPUs selected by `cpu_mask`, in order.
@@ -559,6 +618,15 @@ mod tests {
         assert_eq!(c.engine_threads, 2);
         let f = c.ext.fault.as_ref().unwrap();
         assert_eq!((f.loss, f.reorder, f.duplicate, f.seed), (0.05, 0.05, 0.01, Some(7)));
+    }
+
+    #[test]
+    fn the_shipped_sample_configuration_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/config.json");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.ext.backend, Backend::Dpdk);
+        assert_eq!(c.engine_threads, 2);
+        assert_eq!(c.socket_mode(), 0o666);
     }
 
     #[test]

@@ -1,15 +1,82 @@
 //! The controller: the control socket's handler. It registers applications, creates their
 //! channels and hands each to the least loaded shard, and when an application goes away has
-//! its shard close everything it owned.
+//! its shard close everything it owned. It also answers statistics requests (`machnetctl`)
+//! from the snapshots the shards publish, and applies the access list.
 
-use crate::shard::{ChannelSlot, ShardCmd};
+use crate::shard::{ChannelSlot, Reporting, ShardCmd, ShardReport};
 use hashbrown::HashMap;
 use machnet::ctrl::{AppId, ChannelGrant, CtrlHandler, PeerCred};
-use machnet::engine::EngineChannel;
+use machnet::engine::{EngineChannel, Violation};
 use machnet::layout::ChannelConfig;
 use machnet::ops::Status;
 use machnet_runtime::idle::Waker;
+use machnet_runtime::shard::ShardStats;
+use serde_json::{json, Value};
 use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Statistics selector bits (`machnetctl`): list the flows.
+pub const STATS_FLOWS: u64 = 1;
+/// List the channels.
+pub const STATS_CHANNELS: u64 = 2;
+/// List the ARP tables.
+pub const STATS_ARP: u64 = 4;
+/// Version of the statistics document.
+pub const STATS_VERSION: u32 = 1;
+
+/// What the controller reads about one shard.
+pub struct ShardView {
+    /// The shard's own report (counters; lists on request).
+    pub report: Arc<Reporting>,
+    /// The runtime's statistics of the shard thread (stages, loops, parks).
+    pub stats: Arc<Mutex<ShardStats>>,
+    /// The core it is pinned to.
+    pub core: Option<usize>,
+}
+
+/// What `machnetctl status` shows about the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonInfo {
+    /// IP address.
+    pub ip: std::net::Ipv4Addr,
+    /// MAC address.
+    pub mac: String,
+    /// "udp" or "dpdk".
+    pub backend: String,
+    /// The port: tunnel address or DPDK device.
+    pub port: String,
+    /// Idle policy.
+    pub idle: String,
+    /// The configuration file.
+    pub config: String,
+}
+
+/// Who may use the daemon (beyond the control socket's file permissions).
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Allowed user ids (root is always allowed). Empty with `allow_gids` empty: everyone.
+    pub allow_uids: Vec<u32>,
+    /// Allowed group ids (primary or supplementary).
+    pub allow_gids: Vec<u32>,
+}
+
+impl Access {
+    /// Whether `cred` may register or read statistics.
+    pub fn allows(&self, cred: &PeerCred) -> bool {
+        if (self.allow_uids.is_empty() && self.allow_gids.is_empty()) || cred.uid == 0 {
+            return true;
+        }
+        if self.allow_uids.contains(&cred.uid) || self.allow_gids.contains(&cred.gid) {
+            return true;
+        }
+        // Supplementary groups are not in SO_PEERCRED: read them from /proc.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", cred.pid)).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("Groups:")).is_some_and(|g| {
+            g.split_whitespace().filter_map(|x| x.parse().ok()).any(|g: u32| self.allow_gids.contains(&g))
+        })
+    }
+}
 
 /// The controller's handle on one shard.
 pub struct ShardLink {
@@ -24,6 +91,7 @@ pub struct ShardLink {
 struct App {
     cred: PeerCred,
     channels: Vec<(u64, usize)>,
+    since: Instant,
 }
 
 /// Serves the control protocol for the daemon.
@@ -34,12 +102,219 @@ pub struct Controller {
     max_channels: usize,
     next_channel: u64,
     hugepages: bool,
+    views: Vec<ShardView>,
+    info: Option<DaemonInfo>,
+    access: Access,
+    started: Instant,
+    /// Registrations and statistics requests refused by the access list.
+    refused: u64,
 }
 
 impl Controller {
     /// A controller for `shards`, creating channels of `channel_cfg`, at most `max_channels`.
     pub fn new(shards: Vec<ShardLink>, channel_cfg: ChannelConfig, max_channels: usize) -> Self {
-        Controller { shards, apps: HashMap::new(), channel_cfg, max_channels, next_channel: 1, hugepages: true }
+        Controller {
+            shards,
+            apps: HashMap::new(),
+            channel_cfg,
+            max_channels,
+            next_channel: 1,
+            hugepages: true,
+            views: Vec::new(),
+            info: None,
+            access: Access::default(),
+            started: Instant::now(),
+            refused: 0,
+        }
+    }
+
+    /// What statistics requests report: the daemon and its shards (in shard order).
+    pub fn with_stats(mut self, info: DaemonInfo, views: Vec<ShardView>) -> Self {
+        self.info = Some(info);
+        self.views = views;
+        self
+    }
+
+    /// The access list.
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// Asks every shard for a fresh report with its lists and waits (briefly) until each has
+    /// published it.
+    fn refresh_detail(&self) {
+        let mut targets = Vec::with_capacity(self.views.len());
+        for v in &self.views {
+            let mut r = v.report.report.lock().unwrap_or_else(|e| e.into_inner());
+            r.detail_wanted = r.detail.seq + 1;
+            targets.push(r.detail_wanted);
+            v.report.asked.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        for l in &self.shards {
+            l.waker.wake();
+        }
+        let deadline = Instant::now() + Duration::from_millis(250);
+        for (v, t) in self.views.iter().zip(targets) {
+            while v.report.report.lock().map(|r| r.detail.seq < t).unwrap_or(false) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+    }
+
+    /// The statistics document (`machnetctl`'s input).
+    pub fn stats_json(&self, selector: u64) -> Value {
+        // A parked shard publishes nothing: wake every shard and wait for a fresh report.
+        self.refresh_detail();
+        let reports: Vec<ShardReport> = self.views.iter().map(|v| v.report.snapshot()).collect();
+        let stats: Vec<ShardStats> =
+            self.views.iter().map(|v| v.stats.lock().map(|s| s.clone()).unwrap_or_default()).collect();
+        // Channel id -> (app, shard), and the shards' owner index -> channel.
+        let mut channel_of = HashMap::new();
+        for (aid, a) in &self.apps {
+            for &(id, shard) in &a.channels {
+                channel_of.insert(id, (aid.0, shard));
+            }
+        }
+        let flows: usize = reports.iter().map(|r| r.flows).sum();
+        let channels: usize = reports.iter().map(|r| r.channels).sum();
+        let mut doc = json!({
+            "version": STATS_VERSION,
+            "status": {
+                "pid": std::process::id(),
+                "ip": self.info.as_ref().map(|i| i.ip.to_string()),
+                "mac": self.info.as_ref().map(|i| i.mac.clone()),
+                "backend": self.info.as_ref().map(|i| i.backend.clone()),
+                "port": self.info.as_ref().map(|i| i.port.clone()),
+                "idle": self.info.as_ref().map(|i| i.idle.clone()),
+                "config": self.info.as_ref().map(|i| i.config.clone()),
+                "shards": self.views.len(),
+                "uptime_s": self.started.elapsed().as_secs_f64(),
+                "apps": self.apps.len(),
+                "channels": channels,
+                "flows": flows,
+                "access_refused": self.refused,
+            },
+        });
+        let shards: Vec<Value> = reports
+            .iter()
+            .zip(&stats)
+            .zip(&self.views)
+            .enumerate()
+            .map(|(i, ((r, st), v))| {
+                let up = st.uptime.as_nanos().max(1) as f64;
+                let stages: Vec<Value> = st
+                    .stages
+                    .iter()
+                    .map(|(name, s)| {
+                        json!({"name": name, "polls": s.polls, "busy_polls": s.busy_polls, "work": s.work,
+                               "busy_ns": s.busy_ns, "idle_ns": s.idle_ns, "stalls": s.stalls, "max_poll_ns": s.max_poll_ns})
+                    })
+                    .collect();
+                let violations: serde_json::Map<String, Value> = Violation::ALL
+                    .iter()
+                    .map(|v| (format!("{v:?}"), json!(r.counters.violations_by_reason[*v as usize])))
+                    .collect();
+                let c = &r.counters;
+                json!({
+                    "index": i,
+                    "core": v.core,
+                    "uptime_s": st.uptime.as_secs_f64(),
+                    "loops": st.loops.loops,
+                    "idle_loops": st.loops.idle_loops,
+                    "yields": st.loops.yields,
+                    "parks": st.loops.parks,
+                    "woken": st.loops.woken,
+                    "parked_share": st.loops.parked_ns as f64 / up,
+                    "stalls": st.loops.stalls,
+                    "max_loop_us": st.loops.max_loop_ns as f64 / 1e3,
+                    "stages": stages,
+                    "channels": r.channels,
+                    "flows": r.flows,
+                    "endpoint": r.endpoint,
+                    "counters": {
+                        "rx_dropped": c.rx_dropped, "arp_replies": c.arp_replies, "arp_requests": c.arp_requests,
+                        "icmp_replies": c.icmp_replies, "tx_refused": c.tx_refused, "tx_rejected": c.tx_rejected,
+                        "channel_violations": c.channel_violations, "violations": violations,
+                        "channels_closed_violation": c.channels_closed_violation,
+                        "channels_poisoned": c.channels_poisoned, "tx_dropped": c.tx_dropped,
+                        "rx_orphaned": c.rx_orphaned, "linger_expired": c.linger_expired,
+                        "timer_overflow": c.timer_overflow, "handoff_sent": c.handoff_sent,
+                        "handoff_received": c.handoff_received, "handoff_dropped": c.handoff_dropped,
+                    },
+                    "faults": r.faults.map(|f| json!({"offered": f.offered, "dropped": f.dropped,
+                        "duplicated": f.duplicated, "reordered": f.reordered, "corrupted": f.corrupted})),
+                })
+            })
+            .collect();
+        doc["shards"] = Value::Array(shards);
+        let mut apps: Vec<(&AppId, &App)> = self.apps.iter().collect();
+        apps.sort_by_key(|(id, _)| id.0);
+        doc["apps"] = Value::Array(
+            apps.iter()
+                .map(|(id, a)| {
+                    json!({"id": id.0, "pid": a.cred.pid, "uid": a.cred.uid, "gid": a.cred.gid,
+                           "registered_s": a.since.elapsed().as_secs_f64(),
+                           "channels": a.channels.iter().map(|c| c.0).collect::<Vec<_>>()})
+                })
+                .collect(),
+        );
+        let pid_of = |app: u64| self.apps.get(&AppId(app)).map(|a| a.cred.pid);
+        if selector & STATS_CHANNELS != 0 {
+            let mut list = Vec::new();
+            for (shard, r) in reports.iter().enumerate() {
+                for c in &r.detail.channels {
+                    let s = &c.stats;
+                    list.push(json!({
+                        "id": c.id, "app": c.app, "pid": pid_of(c.app), "shard": shard,
+                        "lingering": c.lingering, "blocked": c.blocked,
+                        "tx_bufs": s.tx_bufs, "tx_app": s.tx_app, "tx_engine": s.tx_engine + s.tx_returning,
+                        "rx_bufs": s.rx_bufs, "rx_app": s.rx_app, "rx_engine": s.rx_engine, "rx_free": s.rx_free,
+                        "tx_msgs": s.tx_msgs, "tx_bytes": s.tx_bytes, "rx_msgs": s.rx_msgs, "rx_bytes": s.rx_bytes,
+                        "rx_full": s.rx_full, "refused": s.refused, "violations": s.violations_total(),
+                    }));
+                }
+            }
+            doc["channels"] = Value::Array(list);
+        }
+        if selector & STATS_FLOWS != 0 {
+            let mut list = Vec::new();
+            for (shard, r) in reports.iter().enumerate() {
+                for f in &r.detail.flows {
+                    let ch = r.detail.channels.iter().find(|c| c.owner == f.owner);
+                    let t = &f.tuple;
+                    list.push(json!({
+                        "shard": shard,
+                        "local": format!("{}:{}", t.local_ip, t.local_port),
+                        "remote": format!("{}:{}", t.remote_ip, t.remote_port),
+                        "state": format!("{:?}", f.state),
+                        "channel": ch.map(|c| c.id),
+                        "app": ch.map(|c| c.app),
+                        "pid": ch.and_then(|c| pid_of(c.app)),
+                        "cwnd": f.cwnd,
+                        "srtt_us": f.srtt.as_secs_f64() * 1e6,
+                        "min_rtt_us": f.min_rtt.as_secs_f64() * 1e6,
+                        "in_flight": f.in_flight,
+                        "queued": f.queued,
+                        "legacy_peer": f.legacy_peer,
+                        "retransmits": f.counters.retransmits,
+                        "tx_msgs": f.counters.tx_messages, "tx_bytes": f.counters.tx_bytes,
+                        "rx_msgs": f.counters.rx_messages, "rx_bytes": f.counters.rx_bytes,
+                    }));
+                }
+            }
+            doc["flows"] = Value::Array(list);
+        }
+        if selector & STATS_ARP != 0 {
+            let mut list = Vec::new();
+            for (shard, r) in reports.iter().enumerate() {
+                for (ip, mac, st) in &r.detail.arp {
+                    list.push(json!({"shard": shard, "ip": ip.to_string(), "mac": mac.to_string(), "static": st}));
+                }
+            }
+            doc["arp"] = Value::Array(list);
+        }
+        doc
     }
 
     /// Channels served.
@@ -69,9 +344,33 @@ impl Controller {
 
 impl CtrlHandler for Controller {
     fn register(&mut self, app: AppId, cred: PeerCred) -> Result<(), Status> {
+        if !self.access.allows(&cred) {
+            self.refused += 1;
+            log::warn!(
+                "registration refused: pid {} uid {} gid {} is not on the access list (machnet_rs.access)",
+                cred.pid,
+                cred.uid,
+                cred.gid
+            );
+            return Err(Status::NotPermitted);
+        }
         log::info!("app {} registered: pid {} uid {} gid {}", app.0, cred.pid, cred.uid, cred.gid);
-        self.apps.insert(app, App { cred, channels: Vec::new() });
+        self.apps.insert(app, App { cred, channels: Vec::new(), since: Instant::now() });
         Ok(())
+    }
+
+    fn stats(&mut self, cred: PeerCred, selector: u64) -> Result<Vec<u8>, Status> {
+        if !self.access.allows(&cred) {
+            self.refused += 1;
+            log::warn!(
+                "statistics refused: pid {} uid {} gid {} is not on the access list",
+                cred.pid,
+                cred.uid,
+                cred.gid
+            );
+            return Err(Status::NotPermitted);
+        }
+        serde_json::to_vec(&self.stats_json(selector)).map_err(|_| Status::Internal)
     }
 
     fn create_channel(&mut self, app: AppId) -> Result<ChannelGrant, Status> {

@@ -10,7 +10,8 @@ use std::time::Duration;
 pub struct DpdkBackend {
     eal: Eal,
     dev: DpdkDevice,
-    memif: bool,
+    /// A memif device: `Some(true)` in the client role.
+    memif: Option<bool>,
 }
 
 /// The calling thread's CPU affinity.
@@ -114,18 +115,26 @@ impl DpdkBackend {
                 Err(e) => format!("unknown ({e})"),
             }
         );
-        let memif = dev.driver() == "net_memif";
+        let memif = (dev.driver() == "net_memif")
+            .then(|| device.split(',').any(|a| a.trim() == "role=client" || a.trim() == "role=slave"));
         let ports = dev.take_ports();
         Ok((DpdkBackend { eal, dev, memif }, ports))
+    }
+
+    /// The device, for status displays: name and driver.
+    pub fn describe(&self) -> String {
+        format!("DPDK {} ({})", self.dev.name(), self.dev.driver())
     }
 
     /// Stops and closes the device and cleans the EAL up. Call after every shard has stopped
     /// and dropped its port.
     pub fn close(mut self) {
-        if self.memif {
-            // DPDK 22.11's memif can crash a peer that still polls when this side unmaps the
-            // shared rings: give a peer that is shutting down too a moment to stop polling.
-            std::thread::sleep(Duration::from_millis(200));
+        if let Some(client) = self.memif {
+            // DPDK 22.11's memif can crash a peer that still polls (or is closing its own port)
+            // when this side disconnects. When both sides shut down together, both stop polling
+            // within ~150 ms; then the client disconnects first and the server, which only
+            // notes the disconnect while idle, closes later.
+            std::thread::sleep(Duration::from_millis(if client { 250 } else { 750 }));
         }
         if let Err(e) = self.dev.stop() {
             log::warn!("DPDK device stop: {e}");

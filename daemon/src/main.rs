@@ -4,10 +4,11 @@ use clap::Parser;
 use machnet::ctrl::CtrlServer;
 use machnet::layout::ChannelConfig;
 use machnet_daemon::arp::ArpConfig;
+use machnet_daemon::config;
 use machnet_daemon::config::{Backend, Config, DEFAULT_CTRL_SOCK};
-use machnet_daemon::controller::{Controller, ShardLink};
+use machnet_daemon::controller::{Access, Controller, DaemonInfo, ShardLink, ShardView};
 use machnet_daemon::mesh::Mesh;
-use machnet_daemon::shard::{EngineShard, ShardReport, ShardSetup};
+use machnet_daemon::shard::{EngineShard, Reporting, ShardSetup};
 use machnet_net::port::fault::{FaultConfig, Faulty};
 use machnet_net::port::udp::{UdpConfig, UdpPeer, UdpPort};
 use machnet_net::port::Port;
@@ -19,7 +20,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 /// machnetd: the machnet-rs sidecar daemon. It owns a network port, runs the Machnet transport
@@ -93,12 +94,14 @@ fn run(cli: &Cli, cfg: Config) -> Result<(), String> {
             let port = UdpPort::new(&UdpConfig::new(bind, cfg.mac, peers))
                 .map_err(|e| format!("udp backend: cannot bind {bind}: {e}"))?;
             let fd = port.raw_fd();
-            serve_ports(&cfg, vec![(port, Some(fd))], &ctrl_path, &term)
+            let desc = format!("udp tunnel {bind} (peers {:?})", cfg.udp_peers);
+            serve_ports(&cfg, vec![(port, Some(fd))], &desc, &ctrl_path, &term)
         }
         #[cfg(feature = "dpdk")]
         Backend::Dpdk => {
             let (backend, ports) = machnet_daemon::dpdk_backend::DpdkBackend::open(&cfg)?;
-            let r = serve_ports(&cfg, ports.into_iter().map(|p| (p, None)).collect(), &ctrl_path, &term);
+            let desc = backend.describe();
+            let r = serve_ports(&cfg, ports.into_iter().map(|p| (p, None)).collect(), &desc, &ctrl_path, &term);
             backend.close();
             r
         }
@@ -111,6 +114,7 @@ fn run(cli: &Cli, cfg: Config) -> Result<(), String> {
 fn serve_ports<P>(
     cfg: &Config,
     ports: Vec<(P, Option<RawFd>)>,
+    port_desc: &str,
     ctrl_path: &PathBuf,
     term: &AtomicBool,
 ) -> Result<(), String>
@@ -119,7 +123,7 @@ where
     P::Buf: Send,
 {
     match &cfg.ext.fault {
-        None => serve(cfg, ports, ctrl_path, term),
+        None => serve(cfg, ports, port_desc, ctrl_path, term),
         Some(f) => {
             let seed = f.seed.unwrap_or_else(random_seed);
             log::warn!(
@@ -151,12 +155,18 @@ where
                     (Faulty::new(p, fc), fd)
                 })
                 .collect();
-            serve(cfg, faulty, ctrl_path, term)
+            serve(cfg, faulty, &format!("{port_desc}, with fault injection"), ctrl_path, term)
         }
     }
 }
 
-fn serve<P>(cfg: &Config, ports: Vec<(P, Option<RawFd>)>, ctrl_path: &PathBuf, term: &AtomicBool) -> Result<(), String>
+fn serve<P>(
+    cfg: &Config,
+    ports: Vec<(P, Option<RawFd>)>,
+    port_desc: &str,
+    ctrl_path: &PathBuf,
+    term: &AtomicBool,
+) -> Result<(), String>
 where
     P: Port + Send + 'static,
     P::Buf: Send,
@@ -201,6 +211,7 @@ where
     let cpus = cfg.cpus();
     let mut shards = Vec::new();
     let mut links = Vec::new();
+    let mut views = Vec::new();
     let parkers = (0..ports.len())
         .map(|_| Parker::new().map_err(|e| format!("cannot create a parker: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
@@ -216,7 +227,7 @@ where
         if let Some(fd) = fd {
             parker.add_fd(fd, u64::MAX - 1).map_err(|e| format!("cannot watch the port: {e}"))?;
         }
-        let report = Arc::new(Mutex::new(ShardReport::default()));
+        let report = Reporting::shared();
         let setup = ShardSetup {
             index: i,
             rx_caps: rx_caps(&port),
@@ -238,6 +249,7 @@ where
         let shard = Shard::spawn_with(scfg, EngineShard::new(setup), parker)
             .map_err(|e| format!("cannot start shard {i}: {e}"))?;
         links.push(ShardLink { cmds: tx, waker: shard.waker(), channels: 0 });
+        views.push(ShardView { report: report.clone(), stats: shard.stats_handle(), core: cpus.get(i).copied() });
         shards.push((shard, report));
     }
     let channel_cfg = ChannelConfig {
@@ -248,8 +260,21 @@ where
         rx_ring: cfg.ext.channel.ring_entries.unwrap_or(ChannelConfig::DEFAULT.rx_ring),
         ..ChannelConfig::DEFAULT
     };
-    let mut controller = Controller::new(links, channel_cfg, cfg.ext.channel.max_channels.unwrap_or(256));
-    let server = match CtrlServer::bind(ctrl_path) {
+    let info = DaemonInfo {
+        ip: cfg.ip,
+        mac: cfg.mac.to_string(),
+        backend: format!("{:?}", cfg.ext.backend).to_lowercase(),
+        port: port_desc.to_string(),
+        idle: format!("{idle:?}"),
+        config: cfg.file.display().to_string(),
+    };
+    let access =
+        Access { allow_uids: cfg.ext.access.allow_uids.clone(), allow_gids: cfg.ext.access.allow_gids.clone() };
+    let mut controller = Controller::new(links, channel_cfg, cfg.ext.channel.max_channels.unwrap_or(256))
+        .with_stats(info, views)
+        .with_access(access);
+    let group = cfg.ext.access.socket_group.as_deref().and_then(config::group_id);
+    let server = match CtrlServer::bind_with(ctrl_path, cfg.socket_mode(), group) {
         Ok(s) => s,
         Err(e) => {
             controller.shutdown();
@@ -279,7 +304,7 @@ where
     for (s, report) in shards {
         let name = s.stats().name;
         let _ = s.join();
-        let r = report.lock().map(|r| r.clone()).unwrap_or_default();
+        let r = report.snapshot();
         log::info!(
             "{name}: {} flows opened, {} messages in / {} out, {} retransmissions, {} sends refused (not the sender's flow), {} channel violations, {} handed to other shards / {} from them / {} dropped",
             r.endpoint.flows_opened,

@@ -16,7 +16,7 @@ use crate::mesh::{Handoff, Mesh};
 use crate::nic::{handle_frame, FlowTimers, PortTx, Rx};
 use arrayvec::ArrayVec;
 use machnet::ctrl::AppId;
-use machnet::engine::{CtrlRequest, DeliverError, EngineChannel, TxMsg};
+use machnet::engine::{CtrlRequest, DeliverError, EngineChannel, TxMsg, Violation};
 use machnet::layout::MachnetFlow;
 use machnet::ops::{CtrlOp, Event as ChEvent, EventKind, Status};
 use machnet_net::port::{Burst, PacketBuf, Port, BURST};
@@ -58,6 +58,8 @@ pub struct ChannelSlot {
     linger: Option<Instant>,
     /// When the lingering channel is next checked.
     next_check: Instant,
+    /// The first protocol violation seen (the channel is closed after this round).
+    violation: Option<Violation>,
 }
 
 impl ChannelSlot {
@@ -73,6 +75,7 @@ impl ChannelSlot {
             blocked: false,
             linger: None,
             next_check: Instant::ZERO,
+            violation: None,
         }
     }
 }
@@ -105,8 +108,12 @@ pub struct ShardCounters {
     pub tx_refused: u64,
     /// Messages refused by the transport (flow not established, bad size).
     pub tx_rejected: u64,
-    /// Protocol violations seen on channels.
+    /// Protocol violations seen on channels (each closes its channel).
     pub channel_violations: u64,
+    /// Violations by reason, in `machnet::engine::Violation::ALL` order.
+    pub violations_by_reason: [u64; Violation::COUNT],
+    /// Channels closed for a protocol violation.
+    pub channels_closed_violation: u64,
     /// Channels closed because their shared memory was corrupted.
     pub channels_poisoned: u64,
     /// Frames dropped because the device would not take them.
@@ -125,9 +132,66 @@ pub struct ShardCounters {
     pub handoff_dropped: u64,
 }
 
-/// A snapshot a controller can read without stalling the shard.
+/// Where a shard publishes its report, and how a controller asks for a fresh one.
+#[derive(Debug, Default)]
+pub struct Reporting {
+    /// The snapshot; the shard only ever `try_lock`s it.
+    pub report: Mutex<ShardReport>,
+    /// A controller wants a report now (the shard publishes at its next turn, with the lists).
+    pub asked: std::sync::atomic::AtomicBool,
+}
+
+impl Reporting {
+    /// A new, empty one, shared.
+    pub fn shared() -> Arc<Reporting> {
+        Arc::new(Reporting::default())
+    }
+
+    /// The latest report.
+    pub fn snapshot(&self) -> ShardReport {
+        self.report.lock().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+}
+
+/// One channel as the shard sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelInfo {
+    /// The shard's name for it (the owner of its flows).
+    pub owner: Owner,
+    /// Daemon-wide channel id.
+    pub id: u64,
+    /// The application.
+    pub app: u64,
+    /// Detached or its application died; its flows are draining.
+    pub lingering: bool,
+    /// The last delivery found the application's receive ring full.
+    pub blocked: bool,
+    /// Buffers, rings and counters.
+    pub stats: machnet::engine::EngineStats,
+}
+
+/// What a controller asked a shard to list, filled in by the shard (on its own thread, into
+/// memory reserved at start-up) at its next report.
+#[derive(Debug, Clone, Default)]
+pub struct Detail {
+    /// Bumped each time the lists are filled.
+    pub seq: u64,
+    /// Live flows.
+    pub flows: Vec<machnet_transport::FlowInfo>,
+    /// Channels.
+    pub channels: Vec<ChannelInfo>,
+    /// ARP entries: IP, MAC, static.
+    pub arp: Vec<(Ipv4Addr, EthernetAddress, bool)>,
+}
+
+/// A snapshot a controller can read without stalling the shard (the shard only ever
+/// `try_lock`s it).
 #[derive(Debug, Clone, Default)]
 pub struct ShardReport {
+    /// A controller wants [`Detail`] filled: the shard fills it when `detail.seq` is below.
+    pub detail_wanted: u64,
+    /// The lists, as of `detail.seq`.
+    pub detail: Detail,
     /// Channels served.
     pub channels: usize,
     /// Live flows.
@@ -307,7 +371,7 @@ pub struct ShardSetup<P: Port> {
     /// Where the shard registers channel doorbells.
     pub fds: FdSet,
     /// Where the shard publishes its report.
-    pub report: Arc<Mutex<ShardReport>>,
+    pub report: Arc<Reporting>,
     /// How long a detached channel's flows may take to drain.
     pub linger: Duration,
     /// Hand-off rings to and from the other shards.
@@ -332,7 +396,7 @@ pub struct EngineShard<P: Port> {
     rx: Option<Box<Burst<P::Buf>>>,
     last_now: Instant,
     done: bool,
-    report: Arc<Mutex<ShardReport>>,
+    report: Arc<Reporting>,
     last_report: Instant,
     last_debug: u64,
     linger: Duration,
@@ -351,6 +415,12 @@ impl<P: Port> EngineShard<P> {
         let mut arp = ArpTable::new(s.arp.0);
         for (ip, mac) in s.arp.1 {
             arp.add_static(ip, mac);
+        }
+        if let Ok(mut r) = s.report.report.lock() {
+            let d = &mut r.detail;
+            d.flows.reserve(max_flows);
+            d.channels.reserve(MAX_CHANNELS_PER_SHARD);
+            d.arp.reserve(arp_capacity);
         }
         EngineShard {
             index: s.index,
@@ -667,7 +737,10 @@ impl<P: Port> EngineShard<P> {
             while !reqs.is_full() {
                 match slot.ch.poll_ctrl() {
                     Some(Ok(r)) => reqs.push(r),
-                    Some(Err(_)) => self.env.counters.channel_violations += 1,
+                    Some(Err(v)) => {
+                        slot.violation.get_or_insert(v);
+                        break;
+                    }
                     None => break,
                 }
             }
@@ -679,6 +752,20 @@ impl<P: Port> EngineShard<P> {
             }
             for (m, tail) in msgs {
                 self.on_message(now, owner, &m, tail);
+            }
+            if let Some(v) = self.env.slot(owner).and_then(|s| s.violation.or_else(|| s.ch.first_violation())) {
+                // The client library never does this: the application wrote its shared memory
+                // by other means. Its channel is closed; nothing else is affected.
+                let c = &mut self.env.counters;
+                c.channel_violations += 1;
+                c.violations_by_reason[v as usize] += 1;
+                c.channels_closed_violation += 1;
+                let why = format!("closed: protocol violation ({v:?})");
+                if let Some(s) = self.env.slot(owner) {
+                    log::warn!("shard {}: channel {} of app {}: {v:?}; closing it", self.index, s.id, s.app.0);
+                }
+                self.remove_owner(now, owner, &why);
+                work += 1;
             }
         }
         if work > 0 {
@@ -714,7 +801,10 @@ impl<P: Port> EngineShard<P> {
                     }
                     msgs.push((m, tail));
                 }
-                Some(Err(_)) => self.env.counters.channel_violations += 1,
+                Some(Err(v)) => {
+                    slot.violation.get_or_insert(v);
+                    break;
+                }
                 None => break,
             }
         }
@@ -857,7 +947,9 @@ impl<P: Port> EngineShard<P> {
         for s in self.env.channels.iter_mut().flatten() {
             s.ch.flush();
         }
-        if now.as_nanos().saturating_sub(self.last_report.as_nanos()) > 10_000_000 {
+        if now.as_nanos().saturating_sub(self.last_report.as_nanos()) > 10_000_000
+            || self.report.asked.load(std::sync::atomic::Ordering::Relaxed)
+        {
             self.last_report = now;
             self.publish();
         }
@@ -884,12 +976,39 @@ impl<P: Port> EngineShard<P> {
                 log::debug!("shard {}: flow {:?}", self.index, f);
             }
         }
-        if let Ok(mut r) = self.report.try_lock() {
+        if let Ok(mut r) = self.report.report.try_lock() {
             r.channels = self.env.channels.iter().flatten().count();
             r.flows = self.ep.flow_count();
             r.endpoint = *self.ep.stats();
             r.counters = self.env.counters;
             r.faults = self.env.nic.port.fault_stats();
+            if r.detail_wanted > r.detail.seq {
+                let now = self.last_now;
+                let wanted = r.detail_wanted;
+                let d = &mut r.detail;
+                // The lists have room for everything a shard can hold (reserved at start): no
+                // allocation here.
+                d.flows.clear();
+                d.flows.extend(self.ep.flows().take(d.flows.capacity()));
+                d.channels.clear();
+                for (owner, slot) in self.env.channels.iter_mut().enumerate() {
+                    if let Some(slot) = slot {
+                        d.channels.push(ChannelInfo {
+                            owner: owner as Owner,
+                            id: slot.id,
+                            app: slot.app.0,
+                            lingering: slot.linger.is_some(),
+                            blocked: slot.blocked,
+                            stats: slot.ch.stats(),
+                        });
+                    }
+                }
+                d.arp.clear();
+                let room = d.arp.capacity();
+                d.arp.extend(self.arp.entries(now).take(room));
+                d.seq = wanted;
+                self.report.asked.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 }

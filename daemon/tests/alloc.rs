@@ -8,7 +8,7 @@ use machnet::engine::EngineChannel;
 use machnet::layout::{ChannelConfig, MachnetFlow};
 use machnet_daemon::arp::ArpConfig;
 use machnet_daemon::mesh::Mesh;
-use machnet_daemon::shard::{ChannelSlot, EngineShard, ShardCmd, ShardReport, ShardSetup};
+use machnet_daemon::shard::{ChannelSlot, EngineShard, Reporting, ShardCmd, ShardSetup};
 use machnet_net::port::mem::{pair, MemConfig, MemPort};
 use machnet_net::testutil::{count_allocs, CountingAlloc};
 use machnet_net::wire::{ChecksumCaps, EthernetAddress};
@@ -18,7 +18,7 @@ use machnet_runtime::shard::{Pipeline, Recorder};
 use machnet_transport::{Config, Endpoint, LocalAddr};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 #[global_allocator]
@@ -34,7 +34,7 @@ const MAC_B: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
 struct Side {
     shards: Vec<EngineShard<MemPort>>,
     cmds: Vec<mpsc::SyncSender<ShardCmd>>,
-    reports: Vec<Arc<Mutex<ShardReport>>>,
+    reports: Vec<Arc<Reporting>>,
     _parkers: Vec<Parker>,
 }
 
@@ -49,7 +49,7 @@ fn side(ports: Vec<MemPort>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr
             Endpoint::new(Config { max_flows: 64, ..Config::default() }, LocalAddr { mac, ip }, space.clone()).unwrap();
         endpoint.set_steering(None, i as u16);
         let (tx, rx) = mpsc::sync_channel(16);
-        let report = Arc::new(Mutex::new(ShardReport::default()));
+        let report = Reporting::shared();
         s.shards.push(EngineShard::new(ShardSetup {
             index: i,
             port,
@@ -176,7 +176,7 @@ fn hand_off_between_shards_allocates_nothing() {
     // B's shard 1 and every response on A's shard 0, and each is handed to its owner.
     let (allocs, a, b) = steady_state(2, 1, 0);
     assert_eq!(allocs, 0, "{allocs} allocations in 20000 round trips handed between shards");
-    let r = |s: &Side, i: usize| s.reports[i].lock().unwrap().counters;
+    let r = |s: &Side, i: usize| s.reports[i].snapshot().counters;
     assert!(r(&b, 1).handoff_sent >= 20_000, "B shard 1 hands requests over: {:?}", r(&b, 1));
     assert!(r(&b, 0).handoff_received >= 20_000, "{:?}", r(&b, 0));
     assert!(r(&a, 0).handoff_sent >= 20_000, "A shard 0 hands responses over: {:?}", r(&a, 0));

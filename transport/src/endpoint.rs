@@ -19,6 +19,7 @@ pub type SharedPorts = Arc<crate::ports::PortSpace>;
 
 /// Endpoint-wide counters. Plain integers; the daemon publishes snapshots.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct EndpointStats {
     /// Machnet packets handed to [`Endpoint::handle`].
     pub rx_packets: u64,
@@ -98,6 +99,7 @@ pub struct EndpointStats {
 
 /// Per-flow counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct FlowCounters {
     /// Messages sent.
     pub tx_messages: u64,

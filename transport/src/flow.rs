@@ -383,7 +383,7 @@ impl<E: Env> FlowCx<'_, E> {
     }
 
     fn handshake_timeout(&self) -> Duration {
-        backoff(self.cfg.rto_initial, u32::from(self.f.rto_shift), self.cfg.rto_max)
+        backoff(self.cfg.rto_initial, u32::from(self.f.rto_shift), self.cfg.syn_rto_max)
     }
 
     // ---------------------------------------------------------------------------------------

@@ -278,8 +278,14 @@ pub struct Config {
     /// Consecutive timeouts without any acknowledgement before the flow fails (10; with the
     /// default floor and cap a silent peer is declared failed about 0.5 s after its last ACK).
     pub max_rto_retries: u32,
-    /// SYN (and SYN-ACK) transmissions before a handshake is abandoned (7).
+    /// SYN (and SYN-ACK) transmissions before a handshake is abandoned (9).
     pub syn_retries: u32,
+    /// Cap of the backed-off handshake timeout (1 s): with the defaults SYNs go out at 0, 5,
+    /// 15, 35, 75, 155, 315, 635 and 1275 ms and a connect nobody answers fails after ≈ 2.3 s.
+    /// A refused connect (RST) fails within one round trip regardless. Handshakes back off
+    /// further than data because a SYN lost to an overloaded host (a flood of connects, a
+    /// starved process) should not fail the connection.
+    pub syn_rto_max: Duration,
     /// Seed for initial sequence numbers and hashing (set it from the OS at start-up).
     pub seed: u64,
 }
@@ -296,7 +302,8 @@ impl Default for Config {
             rto_initial: Duration::from_millis(5),
             rto_max: Duration::from_millis(100),
             max_rto_retries: 10,
-            syn_retries: 7,
+            syn_retries: 9,
+            syn_rto_max: Duration::from_secs(1),
             seed: 0x5eed,
         }
     }
@@ -319,6 +326,9 @@ impl Config {
         }
         if self.rto_min.is_zero() || self.rto_min > self.rto_max || self.rto_initial > self.rto_max {
             return Err("need 0 < rto_min <= rto_max and rto_initial <= rto_max");
+        }
+        if self.syn_rto_max < self.rto_initial {
+            return Err("need rto_initial <= syn_rto_max");
         }
         if self.max_rto_retries == 0 || self.syn_retries == 0 {
             return Err("retry counts must be positive");

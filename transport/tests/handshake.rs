@@ -130,10 +130,11 @@ fn unanswered_connect_fails_after_bounded_retries() {
         sim.run_until(Duration::from_secs(10), |s| s.event(A, |e| matches!(e, Event::ConnectFailed { .. })).is_some())
     );
     assert_eq!(sim.event(A, |_| true), Some(Event::ConnectFailed { token: 3, error: ConnectError::Timeout }));
-    // 7 SYNs at 0, 5, 15, 35, 75, 155, 255 ms (capped at 100 ms), failure 100 ms later.
+    // 9 SYNs at 0, 5, 15, 35, 75, 155, 315, 635, 1275 ms (doubling, capped at 1 s), failure
+    // 1 s after the last.
     let took = sim.now - t0;
-    assert!(took > Duration::from_millis(300) && took < Duration::from_millis(400), "{took:?}");
-    assert_eq!(sim.sides[A].env.filtered, 7);
+    assert!(took > Duration::from_millis(2200) && took < Duration::from_millis(2400), "{took:?}");
+    assert_eq!(sim.sides[A].env.filtered, 9);
     assert_eq!(sim.sides[A].ep.flow_count(), 0);
 }
 

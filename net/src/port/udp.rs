@@ -83,9 +83,10 @@ pub struct UdpConfig {
 }
 
 impl UdpConfig {
-    /// Defaults: MTU 1500, 4096 buffers, 4 MiB socket buffers.
+    /// Defaults: MTU 1500, 4096 buffers, 16 MiB socket buffers (set with SO_RCVBUFFORCE where
+    /// privileged, else capped by net.core.rmem_max/wmem_max).
     pub fn new(bind: SocketAddrV4, mac: EthernetAddress, peers: Vec<UdpPeer>) -> Self {
-        UdpConfig { bind, peers, mac, mtu: 1500, buffers: 4096, socket_buffer: 4 << 20 }
+        UdpConfig { bind, peers, mac, mtu: 1500, buffers: 4096, socket_buffer: 16 << 20 }
     }
 }
 
