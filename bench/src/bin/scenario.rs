@@ -6,9 +6,10 @@
 //! ```
 //!
 //! Scenarios:
-//! * `udp` (S3): two machnetd over the udp backend on this machine, msg_gen client and server
-//!   (`--blocking`: they sleep on the doorbell), against kernel UDP ping-pong (blocking and
-//!   busy-poll receive) and kernel TCP request/response on loopback, same loop, same sizes.
+//! * `udp` (S3): two machnetd over the udp backend on this machine (A on CPU 0, B on CPU 1,
+//!   adaptive idle), msg_gen client on CPU 0 and server on CPU 1 (`--blocking`: they sleep on
+//!   the doorbell), against kernel UDP ping-pong (blocking and busy-poll receive) and kernel
+//!   TCP request/response on loopback, same loop, same sizes.
 //! * `memif` (S1, needs binaries built with the `dpdk` feature): two machnetd joined by DPDK
 //!   memif, daemon A pinned to CPU 0 and B to CPU 1 with adaptive idle, msg_gen `--blocking`
 //!   client on CPU 0 and server on CPU 1; against a raw memif ping-pong of frames of the same
@@ -203,7 +204,8 @@ impl Env {
         self.pair(&format!("kernel {proto}"), s, c)
     }
 
-    /// Two machnetd over the udp backend; returns them and their control sockets.
+    /// Two machnetd over the udp backend, A on CPU 0 and B on CPU 1; returns them and their
+    /// control sockets.
     fn udp_daemons(&self) -> Result<(Vec<Proc>, [PathBuf; 2]), String> {
         let ports = [free_udp_port(), free_udp_port()];
         let mut procs = Vec::new();
@@ -211,10 +213,11 @@ impl Env {
         for i in 0..2 {
             let cfg = self.work.join(format!("d{i}.json"));
             let json = format!(
-                r#"{{"machnet_config": {{"02:00:00:00:00:0{}": {{"ip": "198.18.0.{}"}}}},
- "machnet_rs": {{"backend": "udp", "udp": {{"bind": "127.0.0.1:{}", "peers": ["127.0.0.1:{}"]}}}}}}"#,
+                r#"{{"machnet_config": {{"02:00:00:00:00:0{}": {{"ip": "198.18.0.{}", "cpu_mask": "{}"}}}},
+ "machnet_rs": {{"backend": "udp", "idle": "adaptive", "udp": {{"bind": "127.0.0.1:{}", "peers": ["127.0.0.1:{}"]}}}}}}"#,
                 i + 1,
                 i + 1,
+                if i == 0 { "0x1" } else { "0x2" },
                 ports[i],
                 ports[1 - i]
             );
@@ -467,7 +470,9 @@ fn run(args: &Args) -> Result<(), String> {
                 }
             } else {
                 let (mut daemons, socks) = if memif { env.memif_daemons()? } else { env.udp_daemons()? };
-                let cpus = memif.then_some([0, 1]);
+                // Each application on its daemon's CPU (on this 2-core machine: one daemon and one
+                // application per core).
+                let cpus = Some([0, 1]);
                 for &size in &args.sizes {
                     for &window in &args.windows {
                         measure(main, size, window, env.msg_gen(&socks, size, window, cpus))?;
