@@ -895,6 +895,12 @@ impl EngineChannel {
         true
     }
 
+    /// Whether the application is asleep on its doorbell right now (it announced a sleep and
+    /// has not woken). For statistics and tests; delivery checks it itself.
+    pub fn app_asleep(&self) -> bool {
+        self.region.bells().app.word.load(Ordering::SeqCst) & 1 == 1
+    }
+
     /// Announces that the engine is about to sleep (sequentially consistent store).
     pub fn announce_sleep(&mut self) {
         self.region.bells().engine.word.store(1, Ordering::SeqCst);

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::IoSlice;
 use std::os::fd::AsFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{cuts, gather, pattern, scatter, Rng};
 use machnet::client::{Channel, Error};
@@ -369,8 +369,13 @@ fn blocking_receive_sleeps_on_the_doorbell_and_wakes() {
     let mut buf = [0u8; 64];
     assert_eq!(app.recv_blocking(&mut buf, Some(Duration::from_millis(30))), Ok(None), "times out when idle");
     let t = std::thread::spawn(move || {
-        // Wait until the app sleeps, then deliver: only the doorbell can wake it in time.
-        std::thread::sleep(Duration::from_millis(100));
+        // Wait until the app sleeps, then deliver: only the doorbell can wake it before its
+        // 100 ms re-check (a fixed delay here would race with that re-check).
+        let t0 = Instant::now();
+        while !e.app_asleep() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "the app never went to sleep");
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let b = e.alloc_rx(b"wake up").unwrap();
         e.deliver(FLOW, b, 1, 7).unwrap();
         e.flush(); // the doorbell check is batched per poll round

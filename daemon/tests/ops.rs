@@ -74,19 +74,36 @@ fn machnetctl_shows_status_shards_flows_channels_apps_and_arp() {
     assert_eq!(c["channels"][0]["tx_msgs"], 50);
     assert_eq!(c["channels"][0]["tx_app"], c["channels"][0]["tx_bufs"], "every TX buffer is back with the app");
 
-    // --watch refreshes until interrupted.
-    let child = Command::new(env!("CARGO_BIN_EXE_machnetctl"))
+    // --watch refreshes until interrupted: read three refreshes, then SIGINT; it exits 0.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_machnetctl"))
         .arg("--ctrl-sock")
         .arg(&a.sock)
         .args(["--watch", "0.2", "status"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(900));
-    let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).status();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).matches("machnetd pid").count() >= 3, "refreshed");
+    let pid = child.id().to_string();
+    let watchdog = {
+        let pid = pid.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                let _ = Command::new("kill").arg("-KILL").arg(&pid).status();
+            }
+        });
+        tx
+    };
+    let mut refreshes = 0;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap())) {
+        refreshes += line.unwrap().contains("machnetd pid") as usize;
+        if refreshes == 3 {
+            let _ = Command::new("kill").arg("-INT").arg(&pid).status();
+        }
+    }
+    let status = child.wait().unwrap();
+    drop(watchdog);
+    assert!(refreshes >= 3, "refreshed {refreshes} times before being killed by the watchdog");
+    assert!(status.success(), "exit status after SIGINT: {status:?}");
 
     // No daemon: a clear error.
     let out = machnetctl(Path::new("/nonexistent/machnet.sock"), &["status"]);
