@@ -27,11 +27,19 @@ read -r pa pb < <(python3 -c 'import socket
 s=[socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
 [x.bind(("127.0.0.1", 0)) for x in s]
 print(*[x.getsockname()[1] for x in s])')
+# With two or more cores: daemon a and its applications on CPU 0, b and its applications on
+# CPU 1 (unpinned, the scheduler moves busy processes onto each other's core and the tail
+# grows to milliseconds). With one core, nothing is pinned.
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
+  mask_a='"cpu_mask": "0x1", ' mask_b='"cpu_mask": "0x2", ' on_a="taskset -c 0" on_b="taskset -c 1"
+else
+  mask_a='' mask_b='' on_a='' on_b=''
+fi
 for side in a b; do
-  if [ $side = a ]; then mac=02:00:00:00:00:01 ip=198.18.0.1 me=$pa peer=$pb; else mac=02:00:00:00:00:02 ip=198.18.0.2 me=$pb peer=$pa; fi
+  if [ $side = a ]; then mac=02:00:00:00:00:01 ip=198.18.0.1 me=$pa peer=$pb mask=$mask_a; else mac=02:00:00:00:00:02 ip=198.18.0.2 me=$pb peer=$pa mask=$mask_b; fi
   cat > "$work/$side.json" <<JSON
-{"machnet_config": {"$mac": {"ip": "$ip"}},
- "machnet_rs": {"backend": "udp", "udp": {"bind": "127.0.0.1:$me", "peers": ["127.0.0.1:$peer"]}}}
+{"machnet_config": {"$mac": {${mask}"ip": "$ip"}},
+ "machnet_rs": {"backend": "udp", "idle": "adaptive", "udp": {"bind": "127.0.0.1:$me", "peers": ["127.0.0.1:$peer"]}}}
 JSON
   "$bin/machnetd" --config "$work/$side.json" --ctrl-sock "$work/$side.sock" --log-level warn 2> "$work/$side.log" &
   pids+=($!)
@@ -50,12 +58,12 @@ MACHNET_CTRL_SOCK="$work/a.sock" LD_LIBRARY_PATH="$bin" "$work/hello_world_c" --
 sed 's/^/  server: /' "$work/hello_server.out"
 
 echo "== msg_gen request/response, ${secs}s each (apps sleep on the doorbell: this machine may have few cores)"
-MACHNET_CTRL_SOCK="$work/b.sock" "$bin/msg_gen" --local_ip 198.18.0.2 --blocking --msg_size 1024 > "$work/msg_server.out" 2>&1 &
+MACHNET_CTRL_SOCK="$work/b.sock" $on_b "$bin/msg_gen" --local_ip 198.18.0.2 --blocking --msg_size 1024 > "$work/msg_server.out" 2>&1 &
 pids+=($!)
 sleep 0.3
 for w in 1 32; do
   echo "-- window $w, 1 KiB messages"
-  MACHNET_CTRL_SOCK="$work/a.sock" "$bin/msg_gen" --local_ip 198.18.0.1 --remote_ip 198.18.0.2 \
+  MACHNET_CTRL_SOCK="$work/a.sock" $on_a "$bin/msg_gen" --local_ip 198.18.0.1 --remote_ip 198.18.0.2 \
     --msg_size 1024 --msg_window $w --duration "$secs" --blocking 2>/dev/null
 done
 echo "== stopping"

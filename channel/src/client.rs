@@ -690,6 +690,10 @@ impl Channel {
         if self.is_closed() {
             return Err(Error::Closed);
         }
+        // Unsolicited events (a flow closed by its peer, ...) wait in the local queue for
+        // `poll_event`; left in the CQ they would count as pending work and the sleep below
+        // would return at once, forever: a receive loop would spin at 100% CPU.
+        self.drain_cq(0)?;
         for _ in 0..SPIN_POLLS {
             if self.rx.available(1).unwrap_or(1) > 0 {
                 return Ok(());

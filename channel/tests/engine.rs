@@ -394,6 +394,32 @@ fn blocking_receive_sleeps_on_the_doorbell_and_wakes() {
     assert!(!e.prepare_sleep(), "work is pending: do not sleep");
 }
 
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) }, 0);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[test]
+fn blocking_receive_sleeps_while_an_event_waits_unread() {
+    // A server loops on recv_blocking and never polls events; its peer closes a flow. The
+    // event must wait for poll_event without keeping the receiver awake.
+    let (mut e, mut app) = pair(&small());
+    let closed = Event { kind: EventKind::FlowClosed, flow: FLOW, status: Status::Closed, aux: 0 };
+    e.post_event(closed);
+    e.flush();
+    let wall = Duration::from_millis(300);
+    let cpu0 = thread_cpu_time();
+    let mut buf = [0u8; 64];
+    assert_eq!(app.recv_blocking(&mut buf, Some(wall)), Ok(None), "an event is not a message");
+    let cpu = thread_cpu_time() - cpu0;
+    assert!(cpu < wall / 3, "the receiver spun instead of sleeping: {cpu:?} of CPU in {wall:?}");
+    assert_eq!(app.poll_event(), Some(closed), "the event is still there, once");
+    assert_eq!(app.poll_event(), None);
+}
+
 #[test]
 fn reclaim_takes_back_every_buffer_wherever_it_is() {
     let (mut e, mut app) = pair(&small());
