@@ -131,7 +131,7 @@ pub struct TransportSection {
 pub struct ChannelSection {
     /// Buffers per direction (12288: two 8 MiB messages each way).
     pub buffers: Option<u32>,
-    /// Entries of each message ring (1024).
+    /// Entries of each message ring (4096).
     pub ring_entries: Option<u32>,
     /// Most channels the daemon serves (256).
     pub max_channels: Option<usize>,
@@ -263,7 +263,8 @@ pub struct Extension {
     /// Access control.
     #[serde(default)]
     pub access: AccessSection,
-    /// `"busy"` or `"adaptive"`; default: busy when every shard gets a core, else adaptive.
+    /// `"busy"` or `"adaptive"`; default: busy when there are more CPUs than shards, else
+    /// adaptive.
     pub idle: Option<String>,
     /// Adaptive idle: µs of spinning before yielding (50).
     pub idle_spin_us: Option<u64>,

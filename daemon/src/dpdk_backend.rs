@@ -69,7 +69,8 @@ impl DpdkBackend {
         // The EAL pins this thread to its main lcore; shard threads would inherit that, so the
         // affinity is restored afterwards (shards are pinned by cpu_mask, if given).
         let saved = affinity();
-        let eal = Eal::init(argv).map_err(|e| format!("DPDK EAL initialisation failed: {e}"))?;
+        // The error text starts with "DPDK EAL initialisation failed".
+        let eal = Eal::init(argv).map_err(|e| e.to_string())?;
         if let Some(s) = saved {
             set_affinity(&s);
         }

@@ -33,8 +33,20 @@ fn ack_repr() -> FrameRepr {
     }
 }
 
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "microbench",
+    version,
+    about = "Wire parse/emit and RSS-- port search, each next to a baseline measured in the same run"
+)]
+struct Args {
+    /// Runs per measurement (the median, min and max are reported).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+}
+
 fn main() {
-    let runs = std::env::args().skip_while(|a| a != "--runs").nth(1).and_then(|v| v.parse().ok()).unwrap_or(7);
+    let runs = <Args as clap::Parser>::parse().runs as usize;
     let sw = ChecksumCaps::software();
     let offload = ChecksumCaps::tx_only().without_rx();
 

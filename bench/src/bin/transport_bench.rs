@@ -244,12 +244,25 @@ fn median(mut v: Vec<f64>) -> Sample {
     Sample { name: String::new(), median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] }
 }
 
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "transport_bench",
+    version,
+    about = "Transport per core (S4): two endpoints in one thread over the in-memory port, next to the raw port"
+)]
+struct Args {
+    /// Interleaved runs of every case (the median, min and max are reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Messages per run at 64 B (half as many at 1 KiB).
+    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(2..))]
+    messages: u64,
+}
+
 fn main() {
-    let arg = |name: &str, default: u64| {
-        std::env::args().skip_while(|a| a != name).nth(1).and_then(|v| v.parse().ok()).unwrap_or(default)
-    };
-    let runs = arg("--runs", 5) as usize;
-    let messages = arg("--messages", 2_000_000);
+    let args = <Args as clap::Parser>::parse();
+    let runs = args.runs as usize;
+    let messages = args.messages;
     let offload = ChecksumCaps::tx_only().without_rx();
     let offload = ChecksumCaps { ipv4: offload.ipv4, udp: machnet_net::wire::Checksum::None, icmp: offload.icmp };
     println!("machine: {}", machine_summary());
