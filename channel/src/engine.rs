@@ -623,6 +623,13 @@ impl EngineChannel {
         }
     }
 
+    /// Whether a [`EngineChannel::deliver`] could find room in the application's receive
+    /// ring now (after `Full`: whether retrying is worth it). A corrupted ring index reads as
+    /// room, so that the retry reports the violation.
+    pub fn can_deliver(&mut self) -> bool {
+        !self.dead && !matches!(self.rx_ring.free(1), Ok(0))
+    }
+
     /// Free RX buffers, after reading back what the application returned.
     pub fn rx_available(&mut self) -> usize {
         self.refill_rx();

@@ -727,7 +727,9 @@ impl<P: Port> EngineShard<P> {
                 self.remove_owner(now, owner, "closed (corrupted)");
                 continue;
             }
-            if slot.blocked {
+            // Retry a blocked delivery only once the application made room: retrying into a
+            // full ring would count as work every round and the shard would never park.
+            if slot.blocked && slot.ch.can_deliver() {
                 slot.blocked = false;
                 self.ep.on_writable(owner);
                 work += 1;

@@ -115,6 +115,45 @@ fn machnetctl_shows_status_shards_flows_channels_apps_and_arp() {
 }
 
 #[test]
+fn a_shard_parks_while_an_application_does_not_read_and_loses_nothing() {
+    // B's application listens and reads nothing; A sends more than B's receive ring holds
+    // (64 entries). B's shard must stop delivering (back-pressure), park while it waits (not
+    // spin on the full ring), and deliver everything, in order, once the application reads.
+    let (a, b) = Daemon::pair(r#", "channel": {"ring_entries": 64}"#);
+    let mb = b.app();
+    let mut rx = mb.attach().unwrap();
+    rx.listen(IP_B, PORT).unwrap();
+    let ma = a.app();
+    let mut tx = ma.attach().unwrap();
+    let flow = tx.connect(IP_A, IP_B, PORT).unwrap();
+    const N: u64 = 200;
+    let mut msg = [0u8; 100];
+    for k in 0..N {
+        fill(&mut msg, 1, k);
+        send_retry(&mut tx, flow, &msg);
+    }
+    let t = Instant::now();
+    while ctl_json(&b.sock, "channels")["channels"][0]["blocked"] != true {
+        assert!(t.elapsed() < Duration::from_secs(20), "B's channel never filled: {}", ctl_json(&b.sock, "channels"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let parks = || ctl_json(&b.sock, "shards")["shards"][0]["parks"].as_u64().unwrap();
+    let before = parks();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = parks();
+    assert!(
+        after >= before + 10,
+        "B's shard spun on the full ring instead of parking: {before} -> {after} parks in 500 ms"
+    );
+    let mut buf = [0u8; 200];
+    for k in 0..N {
+        let (len, from) = rx.recv_blocking(&mut buf, Some(Duration::from_secs(30))).unwrap().expect("message");
+        assert_eq!((len, from), (msg.len(), flow), "from A, in order");
+        check(&buf[..len], 1, k);
+    }
+}
+
+#[test]
 fn access_list_and_socket_mode_refuse_other_users() {
     // Only uid 4242 (and root) may use A; B has no list.
     let (pa, pb) = free_ports();
