@@ -455,7 +455,8 @@ unsafe fn recvmsg_impl(ch: &mut Channel, h: &mut MachnetMsgHdr, timeout_us: i64)
         return fail(Error::InvalidLength, -1);
     }
     let cap = v.iter().fold(0usize, |a, e| a.saturating_add(e.len));
-    let deadline = u64::try_from(timeout_us).ok().map(|us| std::time::Instant::now() + Duration::from_micros(us));
+    let deadline =
+        u64::try_from(timeout_us).ok().and_then(|us| std::time::Instant::now().checked_add(Duration::from_micros(us)));
     loop {
         let segs = v.iter().filter(|e| e.len != 0).map(|e| {
             // SAFETY: non-null (checked), `len` writable bytes by contract; the iovecs do not

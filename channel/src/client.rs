@@ -648,7 +648,7 @@ impl Channel {
         buf: &mut [u8],
         timeout: Option<Duration>,
     ) -> Result<Option<(usize, MachnetFlow)>, Error> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             if let Some(r) = self.recv(buf)? {
                 return Ok(Some(r));
@@ -666,7 +666,7 @@ impl Channel {
         iov: &mut [IoSliceMut<'_>],
         timeout: Option<Duration>,
     ) -> Result<Option<(usize, MachnetFlow)>, Error> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             if let Some(r) = self.recvmsg(iov)? {
                 return Ok(Some(r));
@@ -683,7 +683,7 @@ impl Channel {
     /// receive with [`Channel::recvmsg`] and decide their buffers per message.
     /// `Err(Closed)` if the daemon let go of the channel.
     pub fn wait_rx(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
-        self.wait_until(timeout.map(|t| Instant::now() + t))
+        self.wait_until(timeout.and_then(|t| Instant::now().checked_add(t)))
     }
 
     pub(crate) fn wait_until(&mut self, deadline: Option<Instant>) -> Result<(), Error> {
@@ -700,15 +700,15 @@ impl Channel {
             }
             std::hint::spin_loop();
         }
-        self.sleep(deadline);
+        self.sleep(deadline, true);
         Ok(())
     }
 
-    /// Sleeps on the doorbell until the RX ring or the CQ has something, the deadline passes,
-    /// or 100 ms (to re-check for a dead channel). The handshake: announce the sleep (odd
-    /// sequence, SeqCst), re-check both rings (SeqCst), then wait; the engine publishes
-    /// (SeqCst) before it reads the sequence, so one of the two sees the other.
-    fn sleep(&mut self, deadline: Option<Instant>) {
+    /// Sleeps on the doorbell until the RX ring (if `watch_rx`) or the CQ has something, the
+    /// deadline passes, or 100 ms (to re-check for a dead channel). The handshake: announce
+    /// the sleep (odd sequence, SeqCst), re-check the rings (SeqCst), then wait; the engine
+    /// publishes (SeqCst) before it reads the sequence, so one of the two sees the other.
+    fn sleep(&mut self, deadline: Option<Instant>, watch_rx: bool) {
         let now = Instant::now();
         let mut wait = Duration::from_millis(100);
         if let Some(d) = deadline {
@@ -721,7 +721,8 @@ impl Channel {
         let word = &self.region.bells().app.word;
         self.sleep_seq = self.sleep_seq.wrapping_add(1) | 1;
         word.store(self.sleep_seq, Ordering::SeqCst);
-        if !self.rx.has_pending_seqcst() && !self.cq.has_pending_seqcst() {
+        let pending = self.cq.has_pending_seqcst() || (watch_rx && self.rx.has_pending_seqcst());
+        if !pending {
             let _ = shm::wait_readable(bell.as_fd(), Some(wait));
         }
         self.sleep_seq = self.sleep_seq.wrapping_add(1);
@@ -734,7 +735,9 @@ impl Channel {
     fn ctrl_call(&mut self, op: CtrlOp) -> Result<MachnetFlow, Error> {
         self.next_id += 1;
         let id = self.next_id;
-        let deadline = Instant::now() + self.ctrl_timeout;
+        // A timeout too long to represent waits a year (as good as forever).
+        let now = Instant::now();
+        let deadline = now.checked_add(self.ctrl_timeout).unwrap_or(now + Duration::from_secs(365 * 86_400));
         loop {
             match self.sq.write(op.encode(id)) {
                 Ok(true) => break,
@@ -767,7 +770,8 @@ impl Channel {
             }
             std::hint::spin_loop();
         }
-        self.sleep(Some(deadline));
+        // Only the CQ: unread messages must not keep a control call from sleeping.
+        self.sleep(Some(deadline), false);
         Ok(())
     }
 

@@ -571,6 +571,8 @@ impl Drop for CtrlServer {
 pub struct CtrlClient {
     stream: UnixStream,
     seq: u32,
+    /// A timeout or error cut a message in half: the byte stream is out of step for good.
+    broken: bool,
 }
 
 /// How a client request failed.
@@ -590,7 +592,7 @@ impl CtrlClient {
         let stream = UnixStream::connect(path)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(CtrlClient { stream, seq: 0 })
+        Ok(CtrlClient { stream, seq: 0, broken: false })
     }
 
     /// The socket descriptor.
@@ -611,35 +613,70 @@ impl CtrlClient {
     }
 
     /// Sends a request of `kind` (with `channel`) and waits for its reply and descriptors.
+    ///
+    /// A reply that missed an earlier call's timeout arrives late; it is recognised by its
+    /// older sequence number and discarded (with its descriptors), so one timeout does not
+    /// put every later call out of step. A timeout in the middle of a message cannot be
+    /// recovered from: the connection is then reported broken.
     pub fn call(&mut self, kind: u16, channel: u64) -> Result<(CtrlMsg, Vec<OwnedFd>), CallError> {
+        if self.broken {
+            return Err(CallError::Io(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the control connection fell out of step after a timeout",
+            )));
+        }
         self.seq = self.seq.wrapping_add(1);
         let mut req = CtrlMsg::request(kind, self.seq);
         req.channel = channel;
-        self.stream.write_all(&req.encode()).map_err(CallError::Io)?;
+        if let Err(e) = self.stream.write_all(&req.encode()) {
+            // Part of the request may have gone out.
+            self.broken = true;
+            return Err(CallError::Io(e));
+        }
+        loop {
+            let (m, fds) = self.read_reply()?;
+            let behind = self.seq.wrapping_sub(m.seq);
+            if m.kind & KIND_REPLY != 0 && m.kind != KIND_ERROR && behind != 0 && behind < 1 << 31 {
+                continue; // the late answer to a call that timed out
+            }
+            if m.kind != kind | KIND_REPLY || m.seq != self.seq {
+                return Err(CallError::Protocol);
+            }
+            return match Status::from_code(m.status) {
+                Status::Ok => Ok((m, fds)),
+                s => Err(CallError::Status(s)),
+            };
+        }
+    }
+
+    /// Reads one whole reply and its descriptors.
+    fn read_reply(&mut self) -> Result<(CtrlMsg, Vec<OwnedFd>), CallError> {
         let mut buf = [0u8; CTRL_MSG_LEN];
         let mut filled = 0;
         let mut fds = Vec::new();
         while filled < CTRL_MSG_LEN {
-            let (n, mut got) = loop {
+            let r = loop {
                 match recv_with_fds(self.stream.as_fd(), &mut buf[filled..], CHANNEL_FDS) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    r => break r.map_err(CallError::Io)?,
+                    r => break r,
                 }
             };
-            if n == 0 {
-                return Err(CallError::Io(io::Error::from(io::ErrorKind::UnexpectedEof)));
-            }
+            let (n, mut got) = match r {
+                Ok((0, _)) => {
+                    self.broken = true;
+                    return Err(CallError::Io(io::Error::from(io::ErrorKind::UnexpectedEof)));
+                }
+                Ok(x) => x,
+                Err(e) => {
+                    self.broken |= filled > 0;
+                    return Err(CallError::Io(e));
+                }
+            };
             filled += n;
             fds.append(&mut got);
         }
         let m = CtrlMsg::decode(&buf).map_err(|_| CallError::Protocol)?;
-        if m.kind != kind | KIND_REPLY || m.seq != self.seq {
-            return Err(CallError::Protocol);
-        }
-        match Status::from_code(m.status) {
-            Status::Ok => Ok((m, fds)),
-            s => Err(CallError::Status(s)),
-        }
+        Ok((m, fds))
     }
 }
 

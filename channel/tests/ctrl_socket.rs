@@ -3,14 +3,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use machnet::client::{Error, Machnet};
 use machnet::ctrl::{
-    CtrlMsg, CtrlServer, CTRL_MSG_LEN, KIND_CREATE_CHANNEL, KIND_DETACH_CHANNEL, KIND_ERROR, KIND_REGISTER, KIND_REPLY,
+    CallError, CtrlClient, CtrlMsg, CtrlServer, CTRL_MSG_LEN, KIND_CREATE_CHANNEL, KIND_DETACH_CHANNEL, KIND_ERROR,
+    KIND_REGISTER, KIND_REPLY,
 };
 use machnet::ops::Status;
 use machnet::testing::{unique_path, TestEngine, TestEngineConfig};
@@ -145,4 +146,43 @@ fn socket_file_lifecycle() {
     std::fs::write(&path, b"not a socket").unwrap();
     assert_eq!(CtrlServer::bind(&path).unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_reply_that_missed_its_timeout_does_not_derail_later_calls() {
+    // A slow server: the first reply comes 750 ms late, after the client gave up on it (at
+    // 500 ms) and while its second call waits; that call must get its own reply.
+    let path = unique_path("late-reply");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut b = [0u8; CTRL_MSG_LEN];
+        s.read_exact(&mut b).unwrap();
+        let first = CtrlMsg::decode(&b).unwrap();
+        std::thread::sleep(Duration::from_millis(750));
+        s.write_all(&first.reply(Status::Ok).encode()).unwrap();
+        s.read_exact(&mut b).unwrap();
+        let second = CtrlMsg::decode(&b).unwrap();
+        let mut r = second.reply(Status::Ok);
+        r.channel = 42;
+        s.write_all(&r.encode()).unwrap();
+        // A torn reply: half a message, then silence.
+        s.read_exact(&mut b).unwrap();
+        s.write_all(&CtrlMsg::decode(&b).unwrap().reply(Status::Ok).encode()[..20]).unwrap();
+        std::thread::sleep(Duration::from_millis(1200));
+    });
+    let mut c = CtrlClient::connect(&path, Duration::from_millis(500)).unwrap();
+    match c.call(KIND_DETACH_CHANNEL, 1) {
+        Err(CallError::Io(e)) => assert!(matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut), "{e}"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    let (m, _) = c.call(KIND_DETACH_CHANNEL, 2).expect("the second call gets its own reply");
+    assert_eq!(m.channel, 42);
+    assert!(matches!(c.call(KIND_DETACH_CHANNEL, 3), Err(CallError::Io(_))), "torn reply: timeout");
+    match c.call(KIND_DETACH_CHANNEL, 4) {
+        Err(CallError::Io(e)) => assert_eq!(e.kind(), ErrorKind::BrokenPipe, "{e}"),
+        other => panic!("a torn stream must be reported broken, got {other:?}"),
+    }
+    server.join().unwrap();
+    let _ = std::fs::remove_file(&path);
 }

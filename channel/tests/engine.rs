@@ -421,6 +421,24 @@ fn blocking_receive_sleeps_while_an_event_waits_unread() {
 }
 
 #[test]
+fn a_control_call_sleeps_while_a_message_waits_unread() {
+    // A message sits in the receive ring; the application makes a control call the daemon
+    // is slow to answer (here: never). The wait must sleep, not spin on the unread message.
+    let (mut e, mut app) = pair(&small());
+    let b = e.alloc_rx(b"unread").unwrap();
+    e.deliver(FLOW, b, 1, 6).unwrap();
+    e.flush();
+    let wall = Duration::from_millis(300);
+    app.set_ctrl_timeout(wall);
+    let cpu0 = thread_cpu_time();
+    assert_eq!(app.listen(std::net::Ipv4Addr::new(198, 18, 0, 1), 7), Err(Error::TimedOut));
+    let cpu = thread_cpu_time() - cpu0;
+    assert!(cpu < wall / 3, "the control call spun instead of sleeping: {cpu:?} of CPU in {wall:?}");
+    let mut buf = [0u8; 16];
+    assert_eq!(app.recv(&mut buf), Ok(Some((6, FLOW))), "the message is still there");
+}
+
+#[test]
 fn reclaim_takes_back_every_buffer_wherever_it_is() {
     let (mut e, mut app) = pair(&small());
     for _ in 0..3 {
