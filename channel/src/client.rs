@@ -32,6 +32,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arrayvec::ArrayVec;
+
 use crate::ctrl::{self, CallError, CtrlClient, KIND_CREATE_CHANNEL, KIND_DETACH_CHANNEL, KIND_REGISTER};
 use crate::engine::AppFds;
 use crate::layout::{
@@ -49,6 +51,8 @@ pub const DEFAULT_CTRL_TIMEOUT: Duration = Duration::from_secs(5);
 const EVENT_QUEUE: usize = 256;
 /// Empty polls before a waiting call sleeps on its doorbell.
 const SPIN_POLLS: u32 = 256;
+/// Timed-out connects remembered (and late flows queued for closing) at most.
+const ABANDONED: usize = 16;
 
 /// What went wrong. Small and `Copy`; `Display` gives a human-readable text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,6 +217,10 @@ pub struct Channel {
     /// This process receives the engine's membarriers (see [`publish`]).
     cheap_wake: bool,
     ctrl_timeout: Duration,
+    /// Ids of connects that timed out: a late success is closed, not left open unseen.
+    abandoned: ArrayVec<u64, ABANDONED>,
+    /// Flows from late connect completions, to close (sent as the SQ has room).
+    late_close: ArrayVec<MachnetFlow, ABANDONED>,
     owner: Option<(Arc<Mutex<CtrlClient>>, u64)>,
     _not_sync: PhantomData<Cell<()>>,
 }
@@ -333,6 +341,8 @@ impl Channel {
             mss: cfg.mss as usize,
             cheap_wake,
             ctrl_timeout: DEFAULT_CTRL_TIMEOUT,
+            abandoned: ArrayVec::new(),
+            late_close: ArrayVec::new(),
             owner: None,
             _not_sync: PhantomData,
         })
@@ -753,7 +763,36 @@ impl Channel {
             if let Some(r) = self.drain_cq(id)? {
                 return r.map_err(Error::Daemon);
             }
-            self.ctrl_wait(deadline)?;
+            if let Err(e) = self.ctrl_wait(deadline) {
+                if matches!(op, CtrlOp::Connect { .. }) {
+                    // The daemon may still open the flow; the application was told it failed.
+                    if self.abandoned.is_full() {
+                        self.abandoned.remove(0);
+                    }
+                    self.abandoned.push(id);
+                }
+                return Err(e);
+            }
+        }
+    }
+
+    /// Asks the daemon to close flows opened by connects this application gave up on.
+    /// Fire-and-forget: their completions are dropped like any stale one.
+    fn close_late_flows(&mut self) {
+        let mut sent = false;
+        while let Some(&flow) = self.late_close.last() {
+            self.next_id += 1;
+            match self.sq.write(CtrlOp::Close { flow }.encode(self.next_id)) {
+                Ok(true) => {
+                    self.late_close.pop();
+                    sent = true;
+                }
+                _ => break, // full (retried on the next drain) or corrupt (reported elsewhere)
+            }
+        }
+        if sent {
+            publish(&mut self.sq, self.cheap_wake);
+            self.wake_engine();
         }
     }
 
@@ -775,17 +814,34 @@ impl Channel {
         Ok(())
     }
 
-    /// Reads the CQ: queues events, drops stale completions, returns the completion of `want`.
+    /// Reads the CQ: queues events, drops stale completions (closing flows of abandoned
+    /// connects), returns the completion of `want`.
     fn drain_cq(&mut self, want: u64) -> Result<Option<Result<MachnetFlow, Status>>, Error> {
         loop {
             let e = match self.cq.pop() {
                 Ok(Some(e)) => e,
-                Ok(None) => return Ok(None),
+                Ok(None) => {
+                    if !self.late_close.is_empty() {
+                        self.close_late_flows();
+                    }
+                    return Ok(None);
+                }
                 Err(Corrupt) => return Err(Error::Protocol),
             };
             match Completion::decode(&e) {
                 Completion::Done { id, result } if id == want && want != 0 => return Ok(Some(result)),
-                Completion::Done { .. } => {} // a late answer to a request that timed out
+                Completion::Done { id, result } => {
+                    // A late answer to a request that timed out; a connect that succeeded
+                    // after all is closed.
+                    if let Some(k) = self.abandoned.iter().position(|&a| a == id) {
+                        self.abandoned.remove(k);
+                        if let Ok(flow) = result {
+                            if self.late_close.try_push(flow).is_err() {
+                                self.stats.events_dropped += 1;
+                            }
+                        }
+                    }
+                }
                 Completion::Event(ev) => {
                     if self.events.len() == EVENT_QUEUE {
                         self.events.pop_front();
@@ -797,13 +853,15 @@ impl Channel {
         }
     }
 
-    /// Listens on `ip:port`.
+    /// Listens on `ip:port`. After `Err(TimedOut)` the daemon may still complete the listen
+    /// (the port then reads as taken: a retry gets `AddrInUse`).
     pub fn listen(&mut self, ip: Ipv4Addr, port: u16) -> Result<(), Error> {
         self.ctrl_call(CtrlOp::Listen { ip, port }).map(|_| ())
     }
 
     /// Connects `local_ip` to `remote_ip:remote_port`; returns the flow to send on
-    /// (src = local with the daemon's chosen port).
+    /// (src = local with the daemon's chosen port). After `Err(TimedOut)`, a flow the daemon
+    /// opens late is closed again (the client remembers its last 16 abandoned connects).
     pub fn connect(&mut self, local_ip: Ipv4Addr, remote_ip: Ipv4Addr, remote_port: u16) -> Result<MachnetFlow, Error> {
         if remote_ip.is_unspecified() || remote_ip.is_broadcast() {
             return Err(Error::InvalidAddress);

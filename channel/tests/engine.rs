@@ -331,6 +331,33 @@ fn control_requests_complete_by_id_and_events_interleave() {
 }
 
 #[test]
+fn a_connect_that_succeeds_after_its_timeout_is_closed() {
+    // The application was told the connect failed; the daemon opened the flow later. The flow
+    // must not stay open unseen: the client asks the daemon to close it.
+    let (mut e, mut app) = pair(&small());
+    app.set_ctrl_timeout(Duration::from_millis(50));
+    let (local, remote) = (std::net::Ipv4Addr::new(198, 18, 0, 1), std::net::Ipv4Addr::new(198, 18, 0, 2));
+    assert_eq!(app.connect(local, remote, 999), Err(Error::TimedOut));
+    let req = e.poll_ctrl().unwrap().unwrap();
+    assert!(matches!(req.op, CtrlOp::Connect { remote_port: 999, .. }), "{req:?}");
+    let late = MachnetFlow { src_ip: 0xC612_0001, dst_ip: 0xC612_0002, src_port: 4242, dst_port: 999 };
+    e.complete(req.id, Ok(late)).unwrap();
+    e.flush();
+    assert_eq!(app.poll_event(), None, "a late completion is not an event");
+    let close = e.poll_ctrl().expect("a close request").unwrap();
+    assert_eq!(close.op, CtrlOp::Close { flow: late });
+    e.complete(close.id, Ok(late)).unwrap();
+    e.flush();
+    // A late failure needs nothing; other requests go on normally.
+    assert_eq!(app.connect(local, remote, 998), Err(Error::TimedOut));
+    let req = e.poll_ctrl().unwrap().unwrap();
+    e.complete(req.id, Err(Status::Refused)).unwrap();
+    e.flush();
+    assert_eq!(app.poll_event(), None);
+    assert_eq!(e.poll_ctrl(), None, "nothing to close after a late failure");
+}
+
+#[test]
 fn sixty_four_control_requests_in_flight() {
     let cfg = ChannelConfig { ctrl_ring: 64, ..small() };
     let (mut e, fds) = EngineChannel::create(&cfg, "ctrl", false).unwrap();
