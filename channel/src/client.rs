@@ -817,6 +817,17 @@ impl Channel {
     /// Reads the CQ: queues events, drops stale completions (closing flows of abandoned
     /// connects), returns the completion of `want`.
     fn drain_cq(&mut self, want: u64) -> Result<Option<Result<MachnetFlow, Status>>, Error> {
+        let mut popped = false;
+        let r = self.drain_cq_inner(want, &mut popped);
+        if popped {
+            // The engine may hold completions that did not fit; a parked engine learns of the
+            // room only from its doorbell.
+            self.wake_engine();
+        }
+        r
+    }
+
+    fn drain_cq_inner(&mut self, want: u64, popped: &mut bool) -> Result<Option<Result<MachnetFlow, Status>>, Error> {
         loop {
             let e = match self.cq.pop() {
                 Ok(Some(e)) => e,
@@ -828,6 +839,7 @@ impl Channel {
                 }
                 Err(Corrupt) => return Err(Error::Protocol),
             };
+            *popped = true;
             match Completion::decode(&e) {
                 Completion::Done { id, result } if id == want && want != 0 => return Ok(Some(result)),
                 Completion::Done { id, result } => {

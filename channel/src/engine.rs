@@ -386,7 +386,9 @@ impl EngineChannel {
         let ev = Event { kind: EventKind::Violation, flow: MachnetFlow::default(), status: Status::BadRequest, aux };
         let mut e = ev.encode();
         e.status = v.code();
-        self.push_cq(e).ok();
+        if self.push_cq(e).is_err() {
+            self.stats.events_dropped += 1;
+        }
     }
 
     // --- TX path --------------------------------------------------------------------------

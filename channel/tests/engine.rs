@@ -358,6 +358,27 @@ fn a_connect_that_succeeds_after_its_timeout_is_closed() {
 }
 
 #[test]
+fn reading_a_full_completion_queue_wakes_a_sleeping_engine() {
+    // More events than the CQ holds (16): the rest wait in the engine. The engine goes to
+    // sleep; when the application makes room, its doorbell must wake the engine to send them.
+    let (mut e, mut app) = pair(&small());
+    for aux in 0..20 {
+        e.post_event(Event { kind: EventKind::FlowClosed, flow: FLOW, status: Status::Closed, aux });
+    }
+    e.flush();
+    assert!(e.prepare_sleep(), "nothing else to do");
+    assert_eq!(app.poll_event().map(|ev| ev.aux), Some(0));
+    assert!(
+        machnet::shm::wait_readable(e.engine_bell(), Some(Duration::from_secs(10))).unwrap(),
+        "the engine's doorbell rang"
+    );
+    e.finish_sleep();
+    e.flush();
+    let rest: Vec<u32> = std::iter::from_fn(|| app.poll_event().map(|ev| ev.aux)).collect();
+    assert_eq!(rest, (1..20).collect::<Vec<_>>(), "every event, once, in order");
+}
+
+#[test]
 fn sixty_four_control_requests_in_flight() {
     let cfg = ChannelConfig { ctrl_ring: 64, ..small() };
     let (mut e, fds) = EngineChannel::create(&cfg, "ctrl", false).unwrap();
