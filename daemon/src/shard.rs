@@ -438,7 +438,8 @@ impl<P: Port> EngineShard<P> {
             rx_caps: s.rx_caps,
             cmds: s.cmds,
             fds: s.fds,
-            pending: Vec::with_capacity(256),
+            // At most one pending connect per flow the shard can hold: never grows.
+            pending: Vec::with_capacity(max_flows),
             arp_send: Vec::with_capacity(arp_capacity),
             arp_failed: Vec::with_capacity(arp_capacity),
             rx: Some(Box::new(Burst::new())),
@@ -841,6 +842,10 @@ impl<P: Port> EngineShard<P> {
                     let p = PendingConnect { owner, id: r.id, remote_ip, remote_port };
                     match self.arp.resolve(remote_ip, now) {
                         Resolve::Known(mac) => self.connect_now(now, p, mac),
+                        // As many connects wait for ARP as the shard has flows.
+                        Resolve::SendRequest | Resolve::InProgress if self.pending.len() == self.pending.capacity() => {
+                            self.complete(owner, r.id, Err(Status::NoResources))
+                        }
                         Resolve::SendRequest => {
                             self.pending.push(p);
                             self.send_arp_request(remote_ip);

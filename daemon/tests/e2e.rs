@@ -212,6 +212,28 @@ fn listen_and_connect_errors_are_prompt_and_clear() {
 }
 
 #[test]
+fn connects_waiting_for_arp_are_bounded_by_the_flow_table() {
+    // A shard holds 8 flows; 9 connects to an address nobody answers ARP for arrive at once.
+    // One is refused at once (NoResources: nothing grows without bound), the other 8 wait and
+    // fail as unreachable (after 20 ARP requests 100 ms apart: time for all 9 to arrive).
+    // Which one is refused depends on arrival order, not the count.
+    let (a, _b) = Daemon::pair(r#", "transport": {"max_flows": 8}, "arp": {"retries": 20, "retry_ms": 100}"#);
+    let m = a.app();
+    let nobody = std::net::Ipv4Addr::new(198, 18, 0, 99);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..9)
+            .map(|_| {
+                let mut ch = m.attach().unwrap();
+                s.spawn(move || ch.connect(IP_A, nobody, PORT))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let count = |st: Status| results.iter().filter(|r| **r == Err(ClientError::Daemon(st))).count();
+    assert_eq!((count(Status::NoResources), count(Status::Unreachable)), (1, 8), "{results:?}");
+}
+
+#[test]
 fn thirty_two_channels_with_a_hundred_flows_each() {
     let extra = r#", "channel": {"buffers": 512, "ring_entries": 256}"#;
     let (a, b) = Daemon::pair(extra);
