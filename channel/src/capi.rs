@@ -480,8 +480,8 @@ unsafe fn recvmsg_impl(ch: &mut Channel, h: &mut MachnetMsgHdr, timeout_us: i64)
         }
         // Wait for the next message without consuming it: a zero-capacity probe would discard
         // it, so use the channel's own wait.
-        if ch.wait_until(deadline).is_err() {
-            return fail(Error::Closed, -1);
+        if let Err(e) = ch.wait_until(deadline) {
+            return fail(e, -1);
         }
     }
 }
