@@ -88,14 +88,18 @@ impl ArpTable {
             return false;
         }
         let fresh = Entry { mac, expires: Some(now + self.cfg.timeout) };
-        let room = self.entries.len() < self.cfg.capacity;
         match self.entries.get_mut(&ip) {
             Some(e) if e.expires.is_none() => {}
             Some(e) => *e = fresh,
-            None if room => {
-                self.entries.insert(ip, fresh);
+            None => {
+                if self.entries.len() >= self.cfg.capacity {
+                    // Full: make room by dropping what has aged out (ageing is otherwise lazy).
+                    self.entries.retain(|_, e| e.expires.is_none_or(|t| t > now));
+                }
+                if self.entries.len() < self.cfg.capacity {
+                    self.entries.insert(ip, fresh);
+                }
             }
-            None => {}
         }
         self.pending.remove(&ip).is_some()
     }
@@ -190,5 +194,17 @@ mod tests {
         assert!(!t.learn(other, EthernetAddress([2, 0, 0, 0, 0, 9]), ms(0)));
         assert_eq!(t.lookup(other, ms(1_000_000)), Some(MAC), "static entries never expire or change");
         assert!(!t.learn(IP, EthernetAddress::BROADCAST, ms(0)), "broadcast MACs are not learned");
+    }
+
+    #[test]
+    fn a_full_table_makes_room_from_aged_out_entries() {
+        let mut t = ArpTable::new(ArpConfig { timeout: Duration::from_secs(1), capacity: 2, ..ArpConfig::default() });
+        let ip = |k| Ipv4Addr::new(198, 18, 1, k);
+        t.learn(ip(1), MAC, ms(0));
+        t.learn(ip(2), MAC, ms(0));
+        t.learn(ip(3), MAC, ms(10));
+        assert_eq!(t.lookup(ip(3), ms(11)), None, "full of fresh entries: not stored");
+        t.learn(ip(3), MAC, ms(2000));
+        assert_eq!(t.lookup(ip(3), ms(2001)), Some(MAC), "the aged-out entries made room");
     }
 }

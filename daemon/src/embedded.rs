@@ -460,9 +460,13 @@ impl<P: Port> Embedded<P> {
     fn take_events(&mut self) {
         while let Some(ev) = self.env.events.pop_front() {
             match ev {
-                Event::Connected { tuple, token, .. } => {
+                Event::Connected { flow, tuple, token } => {
                     if let Some(c) = self.connects.iter_mut().find(|c| c.token == token) {
                         c.result = Some(Ok(to_peer(&tuple)));
+                    } else {
+                        // Its connect timed out and was abandoned: nobody will use the flow.
+                        let now = self.clock.now();
+                        let _ = self.ep.close(now, &mut self.env, flow);
                     }
                 }
                 Event::ConnectFailed { token, error } => {
@@ -534,6 +538,8 @@ impl<P: Port> Embedded<P> {
                 return r;
             }
             if std::time::Instant::now() > deadline {
+                // Forget it; a late success is closed (take_events).
+                self.connects.retain(|c| c.token != token);
                 return Err(Error::TimedOut);
             }
         }

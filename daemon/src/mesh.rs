@@ -49,6 +49,8 @@ pub struct Mesh<B> {
     wakers: Vec<Waker>,
     /// Shards that were handed something since the last [`wake`](Self::wake).
     to_wake: u64,
+    /// The source [`receive`](Self::receive) starts at (rotates).
+    next_source: usize,
     /// Frames and mappings handed out.
     pub sent: u64,
     /// Handed in.
@@ -68,6 +70,7 @@ impl<B> Mesh<B> {
                 inb: Vec::with_capacity(n.saturating_sub(1)),
                 wakers: wakers.to_vec(),
                 to_wake: 0,
+                next_source: 0,
                 sent: 0,
                 received: 0,
                 dropped: 0,
@@ -118,7 +121,14 @@ impl<B> Mesh<B> {
     /// Takes up to `budget` items handed to this shard.
     pub fn receive(&mut self, budget: usize, mut f: impl FnMut(Handoff<B>)) -> usize {
         let mut n = 0;
-        for c in &mut self.inb {
+        // Start at a different source each call, so that a busy one cannot starve the rest.
+        let k = self.inb.len();
+        if k == 0 {
+            return 0;
+        }
+        self.next_source = (self.next_source + 1) % k;
+        let (tail, head) = self.inb.split_at_mut(self.next_source);
+        for c in head.iter_mut().chain(tail.iter_mut()) {
             while n < budget {
                 match c.pop() {
                     Ok(h) => {
@@ -178,7 +188,8 @@ mod tests {
                 Handoff::Arp { ip, .. } => format!("arp {ip}"),
             })
         });
-        assert_eq!(got, ["frame 7", "arp 198.18.0.9"]);
+        got.sort();
+        assert_eq!(got, ["arp 198.18.0.9", "frame 7"], "each once (no order across sources)");
         assert_eq!(m[0].receive(64, |_| {}), 1, "shard 0 got the ARP mapping too");
         // A parked shard is woken.
         parkers[2].prepare();
@@ -192,5 +203,29 @@ mod tests {
         }
         assert_eq!(sent as usize, RING_ENTRIES + 1);
         assert_eq!(m[0].dropped, 1);
+    }
+
+    #[test]
+    fn a_busy_source_does_not_starve_the_others() {
+        let parkers: Vec<Parker> = (0..3).map(|_| Parker::new().unwrap()).collect();
+        let wakers: Vec<Waker> = parkers.iter().map(|p| p.waker()).collect();
+        let mut m = Mesh::<u32>::build(&wakers);
+        for k in 0..100 {
+            m[0].send(2, Handoff::Frame { buf: k, rx_at: Instant::ZERO }).map_err(|_| ()).unwrap();
+            m[1].send(2, Handoff::Frame { buf: 1000 + k, rx_at: Instant::ZERO }).map_err(|_| ()).unwrap();
+        }
+        // Two calls with a budget smaller than either backlog: both sources are served, each
+        // in its own order.
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            m[2].receive(8, |h| {
+                if let Handoff::Frame { buf, .. } = h {
+                    got.push(buf)
+                }
+            });
+        }
+        let (from0, from1): (Vec<u32>, Vec<u32>) = got.iter().partition(|&&b| b < 1000);
+        assert_eq!(from0, (0..8).collect::<Vec<_>>(), "{got:?}");
+        assert_eq!(from1, (1000..1008).collect::<Vec<_>>(), "{got:?}");
     }
 }

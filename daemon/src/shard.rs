@@ -37,7 +37,8 @@ const NIL: u32 = u32::MAX;
 const TX_BUDGET: usize = 64;
 /// Control requests taken from one channel per round.
 const CTRL_BUDGET: usize = 16;
-/// While a delivery waits for an application to read, parks are cut to this.
+/// While a delivery waits for an application to read, or frames for the device to take them,
+/// parks are cut to this.
 const BLOCKED_RECHECK: Duration = Duration::from_micros(100);
 
 /// A channel adopted by a shard.
@@ -387,6 +388,8 @@ pub struct EngineShard<P: Port> {
     local: LocalAddr,
     rx_caps: ChecksumCaps,
     cmds: Receiver<ShardCmd>,
+    /// A command `before_park` took from `cmds` (it cannot peek); handled first.
+    deferred_cmd: Option<ShardCmd>,
     fds: FdSet,
     pending: Vec<PendingConnect>,
     arp_send: Vec<Ipv4Addr>,
@@ -437,6 +440,7 @@ impl<P: Port> EngineShard<P> {
             local,
             rx_caps: s.rx_caps,
             cmds: s.cmds,
+            deferred_cmd: None,
             fds: s.fds,
             // At most one pending connect per flow the shard can hold: never grows.
             pending: Vec::with_capacity(max_flows),
@@ -458,7 +462,11 @@ impl<P: Port> EngineShard<P> {
     fn poll_cmds(&mut self, now: Instant) -> Work {
         let mut n = 0;
         loop {
-            match self.cmds.try_recv() {
+            let cmd = match self.deferred_cmd.take() {
+                Some(c) => Ok(c),
+                None => self.cmds.try_recv(),
+            };
+            match cmd {
                 Ok(ShardCmd::AddChannel(slot)) => {
                     n += 1;
                     self.adopt(*slot);
@@ -515,12 +523,15 @@ impl<P: Port> EngineShard<P> {
             return;
         }
         // Messages the application queued before it left go out first (the detach request
-        // travels on the control socket and can overtake them).
-        loop {
+        // travels on the control socket and can overtake them). At most a ring's worth: an
+        // application that keeps writing after its detach must not hold the shard here.
+        let mut budget = slot.ch.layout().cfg.tx_ring as usize;
+        while budget > 0 {
             let msgs = self.take_messages(owner);
             if msgs.is_empty() {
                 break;
             }
+            budget = budget.saturating_sub(msgs.len());
             for (m, tail) in msgs {
                 self.on_message(now, owner, &m, tail);
             }
@@ -528,6 +539,9 @@ impl<P: Port> EngineShard<P> {
         let Some(slot) = self.env.slot(owner) else { return };
         slot.linger = Some(now + self.linger);
         slot.next_check = now;
+        slot.blocked = false;
+        // Its flows no longer wait for room in a ring nobody reads.
+        self.ep.on_writable(owner);
         self.pending.retain(|p| p.owner != owner);
         let n = self.ep.close_owner_gracefully(now, &mut self.env, owner);
         self.ep.flush(now, &mut self.env);
@@ -554,6 +568,7 @@ impl<P: Port> EngineShard<P> {
     /// Closes an owner's flows (RST to peers), reclaims its buffers, forgets the channel.
     fn remove_owner(&mut self, now: Instant, owner: Owner, why: &str) {
         let flows = self.ep.close_owner(now, &mut self.env, owner);
+        self.ep.on_writable(owner);
         self.ep.flush(now, &mut self.env);
         self.env.nic.flush();
         self.pending.retain(|p| p.owner != owner);
@@ -1029,6 +1044,10 @@ where
     fn poll(&mut self, now: Instant, rec: &mut Recorder) -> Work {
         self.last_now = now;
         let mut w = rec.run(0, now, || self.poll_cmds(now));
+        if self.done {
+            // Shut down: no new flows, no more traffic.
+            return w;
+        }
         w += rec.run(1, now, || self.poll_rx(now));
         w += rec.run(2, now, || self.poll_channels(now));
         w += rec.run(3, now, || self.poll_timers(now));
@@ -1041,25 +1060,47 @@ where
         if let Some(a) = self.arp.next_deadline() {
             d = Some(d.map_or(a, |x| x.min(a)));
         }
-        if self.env.blocked || self.ep.has_blocked() {
+        if self.env.blocked || self.ep.has_blocked() || !self.env.nic.txq.is_empty() {
             let b = self.last_now + BLOCKED_RECHECK;
             d = Some(d.map_or(b, |x| x.min(b)));
         }
         if let Some(p) = self.env.nic.port.next_event() {
             d = Some(d.map_or(p, |x| x.min(p)));
         }
+        // Lingering channels are checked for their last flow (and their deadline) every 1 ms.
+        for s in self.env.channels.iter().flatten() {
+            if s.linger.is_some() {
+                d = Some(d.map_or(s.next_check, |x| x.min(s.next_check)));
+            }
+        }
         d
     }
 
     fn before_park(&mut self) -> bool {
-        if self.ep.has_work() || !self.env.nic.txq.is_empty() || self.mesh.has_input() {
+        // Frames the device would not take (`txq`) do not keep the shard awake: it parks at
+        // most BLOCKED_RECHECK (next_deadline) and offers them again.
+        if self.ep.has_work() || self.mesh.has_input() {
             return false;
+        }
+        // A command or statistics request that arrived after this round's poll but before
+        // the sleeping mark (the controller rings only a shard marked sleeping).
+        if self.deferred_cmd.is_some() || self.report.asked.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        match self.cmds.try_recv() {
+            Ok(cmd) => {
+                self.deferred_cmd = Some(cmd);
+                return false;
+            }
+            Err(TryRecvError::Disconnected) => return false,
+            Err(TryRecvError::Empty) => {}
         }
         for s in self.env.channels.iter_mut().flatten() {
             s.ch.announce_sleep();
         }
         let barrier = machnet::engine::sleep_barrier();
-        self.env.channels.iter_mut().flatten().all(|s| s.ch.is_idle(barrier))
+        // What a departed (lingering) application still writes is not work.
+        self.env.channels.iter_mut().flatten().all(|s| s.linger.is_some() || s.ch.is_idle(barrier))
     }
 
     fn after_park(&mut self) {

@@ -151,6 +151,32 @@ fn a_shard_parks_while_an_application_does_not_read_and_loses_nothing() {
         assert_eq!((len, from), (msg.len(), flow), "from A, in order");
         check(&buf[..len], 1, k);
     }
+
+    // Again, but the reader leaves without reading: once its channel is gone, nothing on B
+    // waits for room any more, and B's shard parks for long stretches, not every 100 µs.
+    let mut rx = mb.attach().unwrap();
+    rx.listen(IP_B, PORT + 1).unwrap();
+    let flow = tx.connect(IP_A, IP_B, PORT + 1).unwrap();
+    for k in 0..N {
+        fill(&mut msg, 2, k);
+        send_retry(&mut tx, flow, &msg);
+    }
+    let t = Instant::now();
+    while ctl_json(&b.sock, "channels")["channels"][1]["blocked"] != true {
+        assert!(t.elapsed() < Duration::from_secs(20), "never filled: {}", ctl_json(&b.sock, "channels"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rx.detach().unwrap();
+    let t = Instant::now();
+    while ctl_json(&b.sock, "channels")["channels"].as_array().unwrap().len() != 1 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the channel was not reclaimed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let before = parks();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = parks();
+    assert!(after < before + 100, "B's shard still rechecks every 100 µs: {before} -> {after} parks in 500 ms");
 }
 
 #[test]

@@ -395,7 +395,13 @@ impl Endpoint {
         if f.timer_at != 0 {
             env.set_timer(id, None);
         }
-        f.flags &= fl::IN_WORK | fl::PARKED;
+        if f.has(fl::PARKED) {
+            // It waited for room in its application's ring: it waits no more.
+            if let Some(k) = self.blocked.iter().position(|&b| b as usize == i) {
+                self.blocked.swap_remove(k);
+            }
+        }
+        f.flags &= fl::IN_WORK;
         f.gen = f.gen.wrapping_add(1);
         f.owner = NO_OWNER;
         self.free.push(i as u32);
