@@ -27,6 +27,19 @@ fn ctl_json(sock: &Path, what: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Waits (20 s at most) until `machnetctl channels` satisfies `ok`.
+fn wait_channels(sock: &Path, what: &str, ok: impl Fn(&Value) -> bool) {
+    let t = Instant::now();
+    loop {
+        let d = ctl_json(sock, "channels");
+        if ok(&d["channels"]) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "waited 20 s for {what}: {d}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
@@ -132,11 +145,7 @@ fn a_shard_parks_while_an_application_does_not_read_and_loses_nothing() {
         fill(&mut msg, 1, k);
         send_retry(&mut tx, flow, &msg);
     }
-    let t = Instant::now();
-    while ctl_json(&b.sock, "channels")["channels"][0]["blocked"] != true {
-        assert!(t.elapsed() < Duration::from_secs(20), "B's channel never filled: {}", ctl_json(&b.sock, "channels"));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_channels(&b.sock, "B's channel to fill", |c| c[0]["blocked"] == true);
     let parks = || ctl_json(&b.sock, "shards")["shards"][0]["parks"].as_u64().unwrap();
     let before = parks();
     std::thread::sleep(Duration::from_millis(500));
@@ -161,17 +170,9 @@ fn a_shard_parks_while_an_application_does_not_read_and_loses_nothing() {
         fill(&mut msg, 2, k);
         send_retry(&mut tx, flow, &msg);
     }
-    let t = Instant::now();
-    while ctl_json(&b.sock, "channels")["channels"][1]["blocked"] != true {
-        assert!(t.elapsed() < Duration::from_secs(20), "never filled: {}", ctl_json(&b.sock, "channels"));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_channels(&b.sock, "the second channel to fill", |c| c[1]["blocked"] == true);
     rx.detach().unwrap();
-    let t = Instant::now();
-    while ctl_json(&b.sock, "channels")["channels"].as_array().unwrap().len() != 1 {
-        assert!(t.elapsed() < Duration::from_secs(20), "the channel was not reclaimed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_channels(&b.sock, "the channel to be reclaimed", |c| c.as_array().unwrap().len() == 1);
     std::thread::sleep(Duration::from_millis(100));
     let before = parks();
     std::thread::sleep(Duration::from_millis(500));
