@@ -632,6 +632,13 @@ impl EngineChannel {
         !self.dead && !matches!(self.rx_ring.free(1), Ok(0))
     }
 
+    /// Free RX buffers the engine knows of now, without reading back returns (cheap; see
+    /// [`EngineChannel::rx_available`] for the up-to-date count).
+    #[inline]
+    pub fn rx_free_len(&self) -> usize {
+        self.rx_free.len()
+    }
+
     /// Free RX buffers, after reading back what the application returned.
     pub fn rx_available(&mut self) -> usize {
         self.refill_rx();

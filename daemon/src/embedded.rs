@@ -56,7 +56,9 @@ use machnet_net::port::{Burst, PacketBuf, Port};
 use machnet_net::time::Instant;
 use machnet_net::wire::{ChecksumCaps, EthernetAddress, FrameRepr, MsgFlags};
 use machnet_runtime::clock::Clock;
-use machnet_transport::{ConnectError, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, Seg};
+use machnet_transport::{
+    ConnectError, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, RxAdmission, Seg,
+};
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -160,6 +162,8 @@ struct EmbEnv<P: Port> {
     blocked: bool,
     events: VecDeque<Event>,
     timers: FlowTimers,
+    /// Keeps the flows sharing the receive pool from deadlocking in reassembly.
+    admission: RxAdmission,
 }
 
 fn from_peer(t: &FlowTuple) -> MachnetFlow {
@@ -199,6 +203,13 @@ impl<P: Port> Env for EmbEnv<P> {
         self.rx.len[s as usize] = payload.len() as u32;
         Some(s)
     }
+    #[inline]
+    fn admit_rx(&mut self, _owner: Owner, flow: FlowId, completes: bool) -> bool {
+        self.admission.admit(flow, self.rx.free.len(), completes)
+    }
+    fn flow_freed(&mut self, _owner: Owner, flow: FlowId) {
+        self.admission.release(flow);
+    }
     fn link_rx(&mut self, _owner: Owner, prev: Seg, next: Seg) {
         if let Some(n) = self.rx.next.get_mut(prev as usize) {
             *n = next;
@@ -218,12 +229,13 @@ impl<P: Port> Env for EmbEnv<P> {
             s = next;
         }
     }
-    fn deliver(&mut self, _owner: Owner, _flow: FlowId, tuple: &FlowTuple, msg: &InMsg) -> bool {
+    fn deliver(&mut self, _owner: Owner, flow: FlowId, tuple: &FlowTuple, msg: &InMsg) -> bool {
         if self.inbox.len() >= self.inbox_cap {
             self.blocked = true;
             return false;
         }
         self.inbox.push_back(Inbound { flow: from_peer(tuple), msg: *msg });
+        self.admission.release(flow);
         true
     }
     fn tx_meta(&self, _owner: Owner, seg: Seg) -> (usize, MsgFlags) {
@@ -336,6 +348,7 @@ impl<P: Port> Embedded<P> {
                 blocked: false,
                 events: VecDeque::with_capacity(4 * max_flows + 64),
                 timers: FlowTimers::new(max_flows, now),
+                admission: RxAdmission::new(cfg.rx_segments, mss, MAX_MSG),
             },
             rx_caps: caps.checksum,
             arp,

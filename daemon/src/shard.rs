@@ -17,7 +17,7 @@ use crate::nic::{handle_frame, FlowTimers, PortTx, Rx};
 use arrayvec::ArrayVec;
 use machnet::ctrl::AppId;
 use machnet::engine::{CtrlRequest, DeliverError, EngineChannel, TxMsg, Violation};
-use machnet::layout::MachnetFlow;
+use machnet::layout::{MachnetFlow, MSG_MAX_LEN};
 use machnet::ops::{CtrlOp, Event as ChEvent, EventKind, Status};
 use machnet_net::port::{Burst, PacketBuf, Port, BURST};
 use machnet_net::time::Instant;
@@ -25,7 +25,9 @@ use machnet_net::wire::{ChecksumCaps, EthernetAddress, FrameRepr, MsgFlags};
 use machnet_runtime::idle::FdSet;
 use machnet_runtime::shard::{Pipeline, Recorder};
 use machnet_runtime::stage::Work;
-use machnet_transport::{ConnectError, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, Seg};
+use machnet_transport::{
+    ConnectError, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, RxAdmission, Seg,
+};
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -61,12 +63,15 @@ pub struct ChannelSlot {
     next_check: Instant,
     /// The first protocol violation seen (the channel is closed after this round).
     violation: Option<Violation>,
+    /// Keeps the flows sharing this channel's receive pool from deadlocking in reassembly.
+    admission: RxAdmission,
 }
 
 impl ChannelSlot {
     /// Wraps a newly created channel.
     pub fn new(id: u64, app: AppId, ch: EngineChannel) -> Self {
         let n = ch.layout().cfg.tx_bufs as usize;
+        let admission = RxAdmission::new(ch.layout().cfg.rx_bufs as usize, ch.mss(), MSG_MAX_LEN);
         ChannelSlot {
             id,
             app,
@@ -77,6 +82,7 @@ impl ChannelSlot {
             linger: None,
             next_check: Instant::ZERO,
             violation: None,
+            admission,
         }
     }
 }
@@ -233,6 +239,20 @@ impl<P: Port> Env for ShardEnv<P> {
     fn alloc_rx(&mut self, owner: Owner, payload: &[u8], _flags: MsgFlags) -> Option<Seg> {
         self.slot(owner)?.ch.alloc_rx(payload)
     }
+    #[inline]
+    fn admit_rx(&mut self, owner: Owner, flow: FlowId, completes: bool) -> bool {
+        let Some(s) = self.slot(owner) else { return true };
+        let mut free = s.ch.rx_free_len();
+        if free <= s.admission.reserve() {
+            free = s.ch.rx_available();
+        }
+        s.admission.admit(flow, free, completes)
+    }
+    fn flow_freed(&mut self, owner: Owner, flow: FlowId) {
+        if let Some(s) = self.slot(owner) {
+            s.admission.release(flow);
+        }
+    }
     fn link_rx(&mut self, owner: Owner, prev: Seg, next: Seg) {
         if let Some(s) = self.slot(owner) {
             s.ch.link_rx(prev, next);
@@ -248,7 +268,7 @@ impl<P: Port> Env for ShardEnv<P> {
             s.ch.free_rx_chain(head, count);
         }
     }
-    fn deliver(&mut self, owner: Owner, _flow: FlowId, tuple: &FlowTuple, msg: &InMsg) -> bool {
+    fn deliver(&mut self, owner: Owner, flow_id: FlowId, tuple: &FlowTuple, msg: &InMsg) -> bool {
         let Some(s) = self.slot(owner) else { return true };
         if s.linger.is_some() {
             // The application is gone: nobody will read this.
@@ -264,7 +284,10 @@ impl<P: Port> Env for ShardEnv<P> {
             dst_port: tuple.local_port,
         };
         match s.ch.deliver(flow, msg.head, msg.count, msg.len) {
-            Ok(()) => true,
+            Ok(()) => {
+                s.admission.release(flow_id);
+                true
+            }
             Err(DeliverError::Full) => {
                 s.blocked = true;
                 self.blocked = true;

@@ -234,6 +234,43 @@ fn connects_waiting_for_arp_are_bounded_by_the_flow_table() {
 }
 
 #[test]
+fn flows_sharing_a_small_receive_pool_all_finish_their_large_messages() {
+    // Four flows send 700 kB messages (494 buffers each) at once into one channel of 1024
+    // receive buffers: together they need twice the pool. Without admission control each
+    // would hold part of a message and wait for buffers the others hold, until the senders
+    // gave up; with it, one message at a time gets the reserve and every message arrives.
+    const FLOWS: u64 = 4;
+    const SIZE: usize = 700_000;
+    let (a, b) = Daemon::pair(r#", "channel": {"buffers": 1024}"#);
+    let server = echo_server_on(&b, PORT, 2 * FLOWS);
+    let m = a.app();
+    let clients: Vec<_> = (0..FLOWS)
+        .map(|k| {
+            let mut ch = m.attach().unwrap();
+            let flow = ch.connect(IP_A, IP_B, PORT).unwrap();
+            std::thread::spawn(move || {
+                let mut msg = vec![0u8; SIZE];
+                let mut buf = vec![0u8; 2 * SIZE];
+                for j in 0..2 {
+                    fill(&mut msg, k, j);
+                    send_retry(&mut ch, flow, &msg);
+                }
+                for j in 0..2 {
+                    let got = ch.recv_blocking(&mut buf, Some(Duration::from_secs(60))).unwrap();
+                    let (len, _) = got.unwrap_or_else(|| panic!("flow {k}: echo {j} missing; {:?}", ch.poll_event()));
+                    assert_eq!(len, SIZE);
+                    check(&buf[..len], k, j);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(server.join().unwrap(), 2 * FLOWS);
+}
+
+#[test]
 fn thirty_two_channels_with_a_hundred_flows_each() {
     let extra = r#", "channel": {"buffers": 512, "ring_entries": 256}"#;
     let (a, b) = Daemon::pair(extra);

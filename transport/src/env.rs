@@ -16,6 +16,18 @@ pub trait Env {
     /// Stores a received payload for a flow of `owner` in a new segment. `None` when no buffer
     /// is available: the packet is dropped without acknowledgement and will be retransmitted.
     fn alloc_rx(&mut self, owner: Owner, payload: &[u8], flags: MsgFlags) -> Option<Seg>;
+    /// Whether `flow` may store a received packet now (asked before
+    /// [`alloc_rx`](Self::alloc_rx)); `completes`: the packet is the next one expected and
+    /// carries a message's last fragment. `false` drops it as if no buffer were free. For pools
+    /// shared by several flows, see [`RxAdmission`](crate::RxAdmission). Default: always.
+    fn admit_rx(&mut self, owner: Owner, flow: FlowId, completes: bool) -> bool {
+        let _ = (owner, flow, completes);
+        true
+    }
+    /// `flow` of `owner` is gone (closed, reset or failed); its receive buffers were freed.
+    fn flow_freed(&mut self, owner: Owner, flow: FlowId) {
+        let _ = (owner, flow);
+    }
     /// Appends `next` after `prev` in a message being reassembled.
     fn link_rx(&mut self, owner: Owner, prev: Seg, next: Seg);
     /// Releases a received segment that will not be delivered.

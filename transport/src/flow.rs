@@ -626,6 +626,10 @@ impl<E: Env> FlowCx<'_, E> {
             return Verdict::Keep;
         }
         let flags = hdr.msg_flags & (MsgFlags::FIRST | MsgFlags::MORE | MsgFlags::LAST | MsgFlags::NOTIFY_DELIVERY);
+        let completes = d == 0 && flags.contains(MsgFlags::LAST);
+        if !self.env.admit_rx(self.f.owner, self.id, completes) {
+            return self.drop_no_buffer(d);
+        }
         let seg = match self.env.alloc_rx(self.f.owner, payload, flags) {
             Some(seg) => seg,
             None => match self.renege_above(d) {
@@ -634,9 +638,9 @@ impl<E: Env> FlowCx<'_, E> {
                 // could never take the packet that fills the hole.
                 true => match self.env.alloc_rx(self.f.owner, payload, flags) {
                     Some(seg) => seg,
-                    None => return self.drop_no_buffer(),
+                    None => return self.drop_no_buffer(d),
                 },
-                false => return self.drop_no_buffer(),
+                false => return self.drop_no_buffer(d),
             },
         };
         // Echo the timestamp of new packets only: a duplicate carries the time of an earlier
@@ -655,10 +659,16 @@ impl<E: Env> FlowCx<'_, E> {
         Verdict::Keep
     }
 
-    fn drop_no_buffer(&mut self) -> Verdict {
-        // No buffer: drop without acknowledging; the sender retransmits.
+    fn drop_no_buffer(&mut self, d: usize) -> Verdict {
+        // No buffer: drop; the sender retransmits. Only the next packet expected is
+        // acknowledged (a duplicate ACK, no progress): its retransmission after a timeout is
+        // the sender's probe, and the answer tells it the receiver is alive and merely full, so
+        // the flow waits (backing off to rto_max) instead of failing. Acknowledging every
+        // dropped packet would invite fast retransmissions into a full pool.
         self.stats.rx_no_buffer += 1;
-        self.f.clear(fl::ACK_PENDING);
+        if d != 0 {
+            self.f.clear(fl::ACK_PENDING);
+        }
         Verdict::Keep
     }
 

@@ -44,6 +44,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admission;
 pub mod cc;
 mod endpoint;
 mod env;
@@ -52,6 +53,7 @@ mod ports;
 pub mod seq;
 pub mod timer;
 
+pub use admission::RxAdmission;
 pub use endpoint::{Endpoint, EndpointStats, FlowInfo, SharedPorts};
 pub use env::Env;
 pub use flow::FlowState;
