@@ -204,8 +204,8 @@ impl<P: Port> Env for EmbEnv<P> {
         Some(s)
     }
     #[inline]
-    fn admit_rx(&mut self, _owner: Owner, flow: FlowId, completes: bool) -> bool {
-        self.admission.admit(flow, self.rx.free.len(), completes)
+    fn admit_rx(&mut self, _owner: Owner, flow: FlowId, completes: bool, now: Instant) -> bool {
+        self.admission.admit(flow, self.rx.free.len(), completes, now)
     }
     fn flow_freed(&mut self, _owner: Owner, flow: FlowId) {
         self.admission.release(flow);

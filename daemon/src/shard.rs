@@ -240,13 +240,13 @@ impl<P: Port> Env for ShardEnv<P> {
         self.slot(owner)?.ch.alloc_rx(payload)
     }
     #[inline]
-    fn admit_rx(&mut self, owner: Owner, flow: FlowId, completes: bool) -> bool {
+    fn admit_rx(&mut self, owner: Owner, flow: FlowId, completes: bool, now: Instant) -> bool {
         let Some(s) = self.slot(owner) else { return true };
         let mut free = s.ch.rx_free_len();
         if free <= s.admission.reserve() {
             free = s.ch.rx_available();
         }
-        s.admission.admit(flow, free, completes)
+        s.admission.admit(flow, free, completes, now)
     }
     fn flow_freed(&mut self, owner: Owner, flow: FlowId) {
         if let Some(s) = self.slot(owner) {

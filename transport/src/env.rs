@@ -20,8 +20,8 @@ pub trait Env {
     /// [`alloc_rx`](Self::alloc_rx)); `completes`: the packet is the next one expected and
     /// carries a message's last fragment. `false` drops it as if no buffer were free. For pools
     /// shared by several flows, see [`RxAdmission`](crate::RxAdmission). Default: always.
-    fn admit_rx(&mut self, owner: Owner, flow: FlowId, completes: bool) -> bool {
-        let _ = (owner, flow, completes);
+    fn admit_rx(&mut self, owner: Owner, flow: FlowId, completes: bool, now: Instant) -> bool {
+        let _ = (owner, flow, completes, now);
         true
     }
     /// `flow` of `owner` is gone (closed, reset or failed); its receive buffers were freed.

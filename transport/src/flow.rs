@@ -627,7 +627,7 @@ impl<E: Env> FlowCx<'_, E> {
         }
         let flags = hdr.msg_flags & (MsgFlags::FIRST | MsgFlags::MORE | MsgFlags::LAST | MsgFlags::NOTIFY_DELIVERY);
         let completes = d == 0 && flags.contains(MsgFlags::LAST);
-        if !self.env.admit_rx(self.f.owner, self.id, completes) {
+        if !self.env.admit_rx(self.f.owner, self.id, completes, self.now) {
             return self.drop_no_buffer(d);
         }
         let seg = match self.env.alloc_rx(self.f.owner, payload, flags) {
