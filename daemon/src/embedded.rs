@@ -207,7 +207,7 @@ impl<P: Port> Env for EmbEnv<P> {
     fn admit_rx(&mut self, _owner: Owner, flow: FlowId, completes: bool, now: Instant) -> bool {
         self.admission.admit(flow, self.rx.free.len(), completes, now)
     }
-    fn flow_freed(&mut self, _owner: Owner, flow: FlowId) {
+    fn rx_released(&mut self, _owner: Owner, flow: FlowId) {
         self.admission.release(flow);
     }
     fn link_rx(&mut self, _owner: Owner, prev: Seg, next: Seg) {
@@ -229,13 +229,12 @@ impl<P: Port> Env for EmbEnv<P> {
             s = next;
         }
     }
-    fn deliver(&mut self, _owner: Owner, flow: FlowId, tuple: &FlowTuple, msg: &InMsg) -> bool {
+    fn deliver(&mut self, _owner: Owner, _flow: FlowId, tuple: &FlowTuple, msg: &InMsg) -> bool {
         if self.inbox.len() >= self.inbox_cap {
             self.blocked = true;
             return false;
         }
         self.inbox.push_back(Inbound { flow: from_peer(tuple), msg: *msg });
-        self.admission.release(flow);
         true
     }
     fn tx_meta(&self, _owner: Owner, seg: Seg) -> (usize, MsgFlags) {
@@ -348,7 +347,7 @@ impl<P: Port> Embedded<P> {
                 blocked: false,
                 events: VecDeque::with_capacity(4 * max_flows + 64),
                 timers: FlowTimers::new(max_flows, now),
-                admission: RxAdmission::new(cfg.rx_segments, mss, MAX_MSG),
+                admission: RxAdmission::new(cfg.rx_segments, mss, cfg.transport.max_message),
             },
             rx_caps: caps.checksum,
             arp,

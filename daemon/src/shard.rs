@@ -248,7 +248,7 @@ impl<P: Port> Env for ShardEnv<P> {
         }
         s.admission.admit(flow, free, completes, now)
     }
-    fn flow_freed(&mut self, owner: Owner, flow: FlowId) {
+    fn rx_released(&mut self, owner: Owner, flow: FlowId) {
         if let Some(s) = self.slot(owner) {
             s.admission.release(flow);
         }
@@ -268,7 +268,7 @@ impl<P: Port> Env for ShardEnv<P> {
             s.ch.free_rx_chain(head, count);
         }
     }
-    fn deliver(&mut self, owner: Owner, flow_id: FlowId, tuple: &FlowTuple, msg: &InMsg) -> bool {
+    fn deliver(&mut self, owner: Owner, _flow: FlowId, tuple: &FlowTuple, msg: &InMsg) -> bool {
         let Some(s) = self.slot(owner) else { return true };
         if s.linger.is_some() {
             // The application is gone: nobody will read this.
@@ -284,10 +284,7 @@ impl<P: Port> Env for ShardEnv<P> {
             dst_port: tuple.local_port,
         };
         match s.ch.deliver(flow, msg.head, msg.count, msg.len) {
-            Ok(()) => {
-                s.admission.release(flow_id);
-                true
-            }
+            Ok(()) => true,
             Err(DeliverError::Full) => {
                 s.blocked = true;
                 self.blocked = true;

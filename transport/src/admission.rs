@@ -5,10 +5,12 @@
 //! read. If several flows of one pool each hold part of a large message and the pool runs
 //! out, none can finish. The rule that prevents it: while more than `reserve` buffers are free
 //! any flow may take one; at or below it only one flow, the *priority* flow, may (the first to
-//! ask once the pool is that low), until it delivers a message or is freed. Every other flow
-//! took its buffers while more than `reserve` were free, so once the application has read what
-//! was delivered at least `reserve` buffers are left for the priority flow's message, and with
-//! `reserve` ≥ the buffers of the largest message it always completes. A packet that completes
+//! ask once the pool is that low), until it holds no buffer (it delivered its last message
+//! with nothing else held, or it was freed). Every other flow took its buffers while more than
+//! `reserve` were free, so once the application has read what was delivered at least `reserve`
+//! buffers are left for the priority flow's message, and with `reserve` ≥ the buffers of the
+//! largest message it always completes. When the priority flow itself finds nothing free, its
+//! highest out-of-order packet is given up (reneged) to store the lower one it needs. A packet that completes
 //! a message (the next one expected, carrying the last fragment) is admitted whenever a buffer
 //! is free: it turns a partial message into a delivered one, whose buffers come back when the
 //! application reads it, so it never adds to what partial messages hold. Packets refused here are
@@ -17,7 +19,9 @@
 //!
 //! A priority flow whose sender went quiet (no packet for [`STALE`]; a live sender that
 //! waits for buffers still probes every `rto_max`) would hold the priority forever, since a
-//! receiving flow has no timer of its own: the next flow to ask takes it over.
+//! receiving flow has no timer of its own: the next flow to ask takes it over. What the quiet
+//! flow holds stays held until it is closed, so after a takeover the guarantee covers messages
+//! up to the reserve minus that; a vanished sender is the one case this rule only mitigates.
 
 use core::time::Duration;
 
@@ -80,7 +84,7 @@ impl RxAdmission {
         }
     }
 
-    /// `flow` delivered a message (or was freed): it is no longer the priority flow.
+    /// `flow` holds no receive buffer any more: it is no longer the priority flow.
     #[inline]
     pub fn release(&mut self, flow: FlowId) {
         if self.prio == Some(flow) {

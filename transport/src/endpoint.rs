@@ -385,7 +385,7 @@ impl Endpoint {
         let id = self.id_of(i);
         let f = &mut self.flows[i];
         let (owner, client, local_port) = (f.owner, f.has(fl::CLIENT), f.local_port);
-        env.flow_freed(owner, id);
+        env.rx_released(owner, id);
         let path = &mut self.paths[f.path as usize];
         path.flows -= 1;
         if path.flows == 0 {

@@ -24,8 +24,9 @@ pub trait Env {
         let _ = (owner, flow, completes, now);
         true
     }
-    /// `flow` of `owner` is gone (closed, reset or failed); its receive buffers were freed.
-    fn flow_freed(&mut self, owner: Owner, flow: FlowId) {
+    /// `flow` of `owner` holds no receive buffer any more: it delivered its last message with
+    /// nothing else held, or it is gone (closed, reset or failed) and its buffers were freed.
+    fn rx_released(&mut self, owner: Owner, flow: FlowId) {
         let _ = (owner, flow);
     }
     /// Appends `next` after `prev` in a message being reassembled.

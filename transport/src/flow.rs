@@ -610,6 +610,9 @@ impl<E: Env> FlowCx<'_, E> {
             self.stats.rx_bad_length += 1;
             return Verdict::Keep;
         }
+        // An acknowledgement already owed (for an earlier packet of this burst) stays owed
+        // whatever happens to this one.
+        let owed = self.f.has(fl::ACK_PENDING);
         self.f.set(fl::ACK_PENDING);
         let d = seq::diff(hdr.seqno, self.f.rcv_nxt);
         if d < 0 {
@@ -628,7 +631,12 @@ impl<E: Env> FlowCx<'_, E> {
         let flags = hdr.msg_flags & (MsgFlags::FIRST | MsgFlags::MORE | MsgFlags::LAST | MsgFlags::NOTIFY_DELIVERY);
         let completes = d == 0 && flags.contains(MsgFlags::LAST);
         if !self.env.admit_rx(self.f.owner, self.id, completes, self.now) {
-            return self.drop_no_buffer(d);
+            // Refused (pool low and not this flow's turn, or nothing free at all): giving up
+            // the highest out-of-order packet may make room for this lower one, as when an
+            // allocation fails below.
+            if !(self.renege_above(d) && self.env.admit_rx(self.f.owner, self.id, completes, self.now)) {
+                return self.drop_no_buffer(d, owed);
+            }
         }
         let seg = match self.env.alloc_rx(self.f.owner, payload, flags) {
             Some(seg) => seg,
@@ -638,9 +646,9 @@ impl<E: Env> FlowCx<'_, E> {
                 // could never take the packet that fills the hole.
                 true => match self.env.alloc_rx(self.f.owner, payload, flags) {
                     Some(seg) => seg,
-                    None => return self.drop_no_buffer(d),
+                    None => return self.drop_no_buffer(d, owed),
                 },
-                false => return self.drop_no_buffer(d),
+                false => return self.drop_no_buffer(d, owed),
             },
         };
         // Echo the timestamp of new packets only: a duplicate carries the time of an earlier
@@ -659,14 +667,14 @@ impl<E: Env> FlowCx<'_, E> {
         Verdict::Keep
     }
 
-    fn drop_no_buffer(&mut self, d: usize) -> Verdict {
+    fn drop_no_buffer(&mut self, d: usize, owed: bool) -> Verdict {
         // No buffer: drop; the sender retransmits. Only the next packet expected is
         // acknowledged (a duplicate ACK, no progress): its retransmission after a timeout is
         // the sender's probe, and the answer tells it the receiver is alive and merely full, so
         // the flow waits (backing off to rto_max) instead of failing. Acknowledging every
         // dropped packet would invite fast retransmissions into a full pool.
         self.stats.rx_no_buffer += 1;
-        if d != 0 {
+        if d != 0 && !owed {
             self.f.clear(fl::ACK_PENDING);
         }
         Verdict::Keep
@@ -744,6 +752,10 @@ impl<E: Env> FlowCx<'_, E> {
         let msg = self.f.train;
         if self.env.deliver(self.f.owner, self.id, &tuple, &msg) {
             self.f.train = InMsg { head: NO_SEG, tail: NO_SEG, count: 0, len: 0 };
+            if self.f.held.is_empty() {
+                // The flow holds no receive buffer now.
+                self.env.rx_released(self.f.owner, self.id);
+            }
             self.f.clear(fl::HAS_PENDING | fl::BLOCKED);
             self.stats.rx_messages += 1;
             self.stats.rx_bytes += u64::from(msg.len);

@@ -16,7 +16,9 @@ use machnet_net::port::mem::{pair, MemConfig, MemPort};
 use machnet_net::port::{Burst, HeapBuf, PacketBuf, Port};
 use machnet_net::time::Instant;
 use machnet_net::wire::{classify, ChecksumCaps, EthernetAddress, Frame, FrameRepr, MsgFlags, FRAME_HEADER_LEN};
-use machnet_transport::{Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, Seg};
+use machnet_transport::{
+    Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, RxAdmission, Seg,
+};
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -147,6 +149,8 @@ pub struct SimEnv {
     pub filter: Option<FrameFilter>,
     /// Frames the filter dropped.
     pub filtered: u64,
+    /// Receive-pool admission (as machnetd's channels have it), if set.
+    pub admission: Option<RxAdmission>,
 }
 
 impl SimEnv {
@@ -176,6 +180,15 @@ impl Env for SimEnv {
         self.segs.len[i] = payload.len() as u16;
         self.segs.flags[i] = flags.bits();
         Some(s)
+    }
+    fn admit_rx(&mut self, _owner: Owner, flow: FlowId, completes: bool, now: Instant) -> bool {
+        let free = self.segs.rx_limit.saturating_sub(self.segs.rx_in_use);
+        self.admission.as_mut().is_none_or(|a| a.admit(flow, free, completes, now))
+    }
+    fn rx_released(&mut self, _owner: Owner, flow: FlowId) {
+        if let Some(a) = self.admission.as_mut() {
+            a.release(flow);
+        }
     }
     fn link_rx(&mut self, _owner: Owner, prev: Seg, next: Seg) {
         assert_eq!(self.segs.state[prev as usize], RX);
@@ -343,6 +356,7 @@ impl Sim {
                     tx_dropped: 0,
                     frames_sent: 0,
                     filter: None,
+                    admission: None,
                     filtered: 0,
                 },
                 checkers: Vec::new(),
