@@ -588,7 +588,6 @@ impl<P: Port> EngineShard<P> {
     /// Closes an owner's flows (RST to peers), reclaims its buffers, forgets the channel.
     fn remove_owner(&mut self, now: Instant, owner: Owner, why: &str) {
         let flows = self.ep.close_owner(now, &mut self.env, owner);
-        self.ep.on_writable(owner);
         self.ep.flush(now, &mut self.env);
         self.env.nic.flush();
         self.pending.retain(|p| p.owner != owner);

@@ -10,12 +10,13 @@
 //! `reserve` were free, so once the application has read what was delivered at least `reserve`
 //! buffers are left for the priority flow's message, and with `reserve` ≥ the buffers of the
 //! largest message it always completes. When the priority flow itself finds nothing free, its
-//! highest out-of-order packet is given up (reneged) to store the lower one it needs. A packet that completes
-//! a message (the next one expected, carrying the last fragment) is admitted whenever a buffer
-//! is free: it turns a partial message into a delivered one, whose buffers come back when the
-//! application reads it, so it never adds to what partial messages hold. Packets refused here are
-//! dropped unacknowledged (except the next one expected, whose acknowledgement keeps the
-//! sender from declaring the flow dead) and retransmitted later.
+//! highest out-of-order packet is given up (reneged) to store the lower one it needs.
+//!
+//! A packet that completes a message (the next one expected, carrying the last fragment) is
+//! admitted whenever a buffer is free: it turns a partial message into a delivered one, whose
+//! buffers come back when the application reads it, so it never adds to what partial messages
+//! hold. Packets refused here are dropped unacknowledged (except the next one expected, whose
+//! acknowledgement keeps the sender from declaring the flow dead) and retransmitted later.
 //!
 //! A priority flow whose sender went quiet (no packet for [`STALE`]; a live sender that
 //! waits for buffers still probes every `rto_max`) would hold the priority forever, since a
