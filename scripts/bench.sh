@@ -10,6 +10,7 @@
 # DPDK is installed (memif and embedded need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/setup.sh bench
 bins=(--bin machnetd --bin msg_gen --bin kernel_rpc --bin scenario --bin plot --bin transport_bench)
 if pkg-config --exists libdpdk 2>/dev/null; then
   cargo build --release --quiet -p machnet-daemon -p machnet-bench --features machnet-daemon/dpdk,machnet-bench/dpdk \

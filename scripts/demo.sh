@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-3}
 
+./scripts/setup.sh demo
 echo "== building (release)"
 cargo build --release --quiet -p machnet-daemon -p machnet-channel -p machnet-bench --bin machnetd --bin msg_gen --example hello_world
 cargo build --release --quiet -p machnet-channel --lib

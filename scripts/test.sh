@@ -5,28 +5,15 @@
 #
 # Environment:
 #   FUZZ_SECONDS=N    seconds per fuzz target (default 15; 0 skips fuzzing)
-#   SKIP_INSTALL=1    do not try to install missing system packages
+#   SKIP_INSTALL=1    do not install what is missing (scripts/setup.sh only reports it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\n== %s\n' "$*"; }
 
-# --- System packages (DPDK for the dpdk backend, libclang for bindgen) -------------------------
-need=()
-command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
-pkg-config --exists libdpdk 2>/dev/null || need+=(dpdk libdpdk-dev)
-ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "${SKIP_INSTALL:-0}" = 1 ]; then
-    say "missing system packages (${need[*]}); SKIP_INSTALL=1, continuing without them"
-  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    say "missing system packages (${need[*]}) and cannot install them (need root and apt-get)"
-  fi
-fi
+# --- What the tests need: DPDK and libclang for the dpdk backend, gflags and g++ for the drop-in
+# test, Miri and cargo-fuzz on nightly (scripts/setup.sh says what it installs and why) ----------
+./scripts/setup.sh test
 
 say "cargo fmt --all --check"
 cargo fmt --all --check
@@ -54,10 +41,6 @@ fi
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   say "miri SKIPPED: no nightly toolchain"
 else
-  if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^miri'; then
-    say "installing miri for nightly"
-    rustup component add --toolchain nightly miri rust-src >/dev/null 2>&1 || true
-  fi
   if rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^miri'; then
     say "cargo +nightly miri test (channel ring and pool)"
     cargo +nightly miri test -p machnet-channel --lib -- ring:: pool::
@@ -73,10 +56,6 @@ if [ "$FUZZ_SECONDS" = 0 ]; then
 elif ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   say "fuzz smoke SKIPPED: no nightly toolchain (rustup toolchain install nightly)"
 else
-  if ! command -v cargo-fuzz >/dev/null 2>&1; then
-    say "installing cargo-fuzz"
-    cargo install --quiet cargo-fuzz || true
-  fi
   if ! command -v cargo-fuzz >/dev/null 2>&1; then
     say "fuzz smoke SKIPPED: cargo-fuzz could not be installed"
   else
