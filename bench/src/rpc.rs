@@ -62,6 +62,10 @@ pub struct RpcOptions {
     pub duration: Option<Duration>,
     /// Print the per-second lines to stderr instead of stdout (stdout then carries JSON).
     pub lines_to_stderr: bool,
+    /// Fail when nothing arrives for this long: the client while requests are outstanding,
+    /// the server while it waits for a request. `None` waits forever (the original's
+    /// behaviour).
+    pub timeout: Option<Duration>,
 }
 
 /// Results of one side of a run; `--json` prints this.
@@ -129,16 +133,27 @@ pub fn serve<T: RpcIo>(io: &mut T, opts: &RpcOptions, stop: &AtomicBool) -> Resu
     let deadline = opts.duration.map(|d| start + d);
     let mut turns = 0u32;
     let mut now = start;
+    let mut last_rx = start;
     loop {
         // The deadline is checked every 16 turns (a clock read costs more than a message).
         turns = turns.wrapping_add(1);
         if turns % 16 == 0 {
             now = clock.now();
+            if let Some(limit) = opts.timeout.filter(|&l| now - last_rx >= l) {
+                return Err(RpcError(format!(
+                    "no request for {:.1} s (--timeout) after {} requests",
+                    limit.as_secs_f64(),
+                    t.rx_msgs
+                )));
+            }
         }
         if finished(opts, now, deadline, stop, t.rx_msgs) || io.peer_gone() {
             break;
         }
         if let Some((n, peer)) = io.recv(&mut inb)? {
+            if opts.timeout.is_some() {
+                last_rx = clock.now();
+            }
             t.rx_msgs += 1;
             t.rx_bytes += n as u64;
             out[..8.min(n)].copy_from_slice(&inb[..8.min(n)]);
@@ -233,6 +248,7 @@ pub fn run_client<T: RpcIo>(
     sec.at = start;
     let mut handled = false;
     let mut now = start;
+    let mut last_rx = start;
     let mut idle = 0u32;
     loop {
         // Slots without a request in flight: at start, and after a refused send.
@@ -252,6 +268,7 @@ pub fn run_client<T: RpcIo>(
                 // One clock read per response: it ends this round trip and starts the slot's
                 // next one (the request goes out right away, as in the original).
                 now = clock.now();
+                last_rx = now;
                 idle = 0;
                 let slot = u64::from_ne_bytes(inb[..8].try_into().expect("8 bytes"));
                 if slot >= window || n < 8 {
@@ -287,6 +304,14 @@ pub fn run_client<T: RpcIo>(
                 idle += 1;
                 if idle % 16 == 1 {
                     now = clock.now();
+                    if let Some(limit) = opts.timeout.filter(|&l| now - last_rx >= l) {
+                        return Err(RpcError(format!(
+                            "no response for {:.1} s (--timeout): {} of {} requests answered",
+                            limit.as_secs_f64(),
+                            t.rx_msgs,
+                            t.tx_msgs
+                        )));
+                    }
                 }
             }
         }

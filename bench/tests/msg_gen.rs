@@ -2,42 +2,52 @@
 //! `--verify`, SIGINT, bad flags; here in embedded mode over the udp tunnel (no daemon, no
 //! DPDK), and kernel_rpc, which shares the loop.
 
+use machnet::testing::process::{output_within, ChildGuard, Lines};
 use std::net::UdpSocket;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Every run of a test program is bounded by this; a failure says which program hung.
+const LIMIT: Duration = Duration::from_secs(60);
+/// Clients give up when no response arrives for this long (instead of waiting forever).
+const NO_RESPONSE: &str = "20";
+
+/// Two UDP ports that were free a moment ago. The embedded stacks need each other's port
+/// before either starts, so a port can be taken in between: [`server`] notices (the server
+/// exits saying it cannot bind) and the caller picks new ones.
 fn free_ports() -> (u16, u16) {
     let a = UdpSocket::bind("127.0.0.1:0").unwrap();
     let b = UdpSocket::bind("127.0.0.1:0").unwrap();
     (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// An embedded msg_gen server on 198.18.0.2, serving once it printed its listening line, and
+/// the ports: (server's, client's). Retries with new ports if a port was taken meanwhile.
+fn server(size: usize) -> (ChildGuard, u16, u16) {
+    for _ in 0..5 {
+        let (me, peer) = free_ports();
+        let mut g = ChildGuard::spawn(
+            Command::new(env!("CARGO_BIN_EXE_msg_gen"))
+                .args(["--embedded", &format!("udp:127.0.0.1:{me},127.0.0.1:{peer}"), "--local_ip", "198.18.0.2"])
+                .args(["--msg_size", &size.to_string(), "--timeout", "60"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            "msg_gen server",
+        );
+        let mut err = Lines::new(g.child().stderr.take().unwrap());
+        if err.wait_for(Duration::from_secs(20), |l| l.contains("listening on")).is_some() {
+            return (g, me, peer);
+        }
+        assert!(g.try_status().is_some(), "msg_gen server printed no listening line in 20 s: {}", err.seen());
+        eprintln!("msg_gen server could not start (retrying with other ports): {}", err.seen());
     }
-}
-
-/// An embedded msg_gen server on 198.18.0.2 tunnelling UDP from `me` to `peer`.
-fn server(me: u16, peer: u16, size: usize) -> Kill {
-    Kill(
-        Command::new(env!("CARGO_BIN_EXE_msg_gen"))
-            .args(["--embedded", &format!("udp:127.0.0.1:{me},127.0.0.1:{peer}"), "--local_ip", "198.18.0.2"])
-            .args(["--msg_size", &size.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
+    panic!("msg_gen server did not start in 5 tries");
 }
 
 fn client(me: u16, peer: u16, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_msg_gen"));
     c.args(["--embedded", &format!("udp:127.0.0.1:{me},127.0.0.1:{peer}"), "--local_ip", "198.18.0.1"])
-        .args(["--remote_ip", "198.18.0.2"])
+        .args(["--remote_ip", "198.18.0.2", "--timeout", NO_RESPONSE])
         .args(extra);
     c
 }
@@ -54,12 +64,13 @@ fn totals(stdout: &str) -> Vec<u64> {
 
 #[test]
 fn msg_nr_verify_json_and_the_original_output_lines() {
-    let (ps, pc) = free_ports();
-    let _srv = server(ps, pc, 1000);
-    std::thread::sleep(Duration::from_millis(300));
+    let (_srv, ps, pc) = server(1000);
     // --msg_nr is honoured exactly; every response is checked.
-    let out =
-        client(pc, ps, &["--msg_size", "1000", "--msg_window", "8", "--msg_nr", "3000", "--verify"]).output().unwrap();
+    let out = output_within(
+        &mut client(pc, ps, &["--msg_size", "1000", "--msg_window", "8", "--msg_nr", "3000", "--verify"]),
+        LIMIT,
+        "msg_gen client (--msg_nr 3000)",
+    );
     assert!(out.status.success(), "{}", text(&out));
     let t = totals(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(t, vec![3000, 3_000_000, 0, 3000, 3_000_000], "{}", text(&out));
@@ -67,10 +78,12 @@ fn msg_nr_verify_json_and_the_original_output_lines() {
 
 #[test]
 fn per_second_lines_json_and_sigint() {
-    let (ps, pc) = free_ports();
-    let _srv = server(ps, pc, 64);
-    std::thread::sleep(Duration::from_millis(300));
-    let out = client(pc, ps, &["--msg_size", "64", "--msg_window", "4", "--duration", "2.3"]).output().unwrap();
+    let (_srv, ps, pc) = server(64);
+    let out = output_within(
+        &mut client(pc, ps, &["--msg_size", "64", "--msg_window", "4", "--duration", "2.3"]),
+        LIMIT,
+        "msg_gen client (--duration 2.3)",
+    );
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("TX/RX (msg/sec, Gbps): (")).collect();
@@ -83,10 +96,12 @@ fn per_second_lines_json_and_sigint() {
         assert!(p.len() == 3 && p[0] <= p[1] && p[1] <= p[2], "{l}");
     }
     // --json: the per-second lines go to stderr and stdout ends with one JSON object.
-    let (ps2, pc2) = free_ports();
-    let _srv2 = server(ps2, pc2, 100);
-    std::thread::sleep(Duration::from_millis(300));
-    let out = client(pc2, ps2, &["--msg_size", "100", "--msg_nr", "500", "--json"]).output().unwrap();
+    let (_srv2, ps2, pc2) = server(100);
+    let out = output_within(
+        &mut client(pc2, ps2, &["--msg_size", "100", "--msg_nr", "500", "--json"]),
+        LIMIT,
+        "msg_gen client (--json)",
+    );
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
@@ -94,15 +109,16 @@ fn per_second_lines_json_and_sigint() {
     assert_eq!(json["rtt_samples"], 500);
     assert!(json["rtt_p50_us"].as_f64().unwrap() > 0.0);
     // SIGINT: a clean exit with the totals.
-    let (ps3, pc3) = free_ports();
-    let _srv3 = server(ps3, pc3, 64);
-    std::thread::sleep(Duration::from_millis(300));
-    let child = client(pc3, ps3, &[]).stdout(Stdio::piped()).spawn().unwrap();
+    let (_srv3, ps3, pc3) = server(64);
+    let child = ChildGuard::spawn(
+        client(pc3, ps3, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()),
+        "msg_gen client (SIGINT)",
+    );
     std::thread::sleep(Duration::from_millis(800));
-    let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).status();
+    child.signal(libc::SIGINT);
     let t = Instant::now();
-    let out = child.wait_with_output().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(5));
+    let out = child.output_within(LIMIT);
+    assert!(t.elapsed() < Duration::from_secs(5), "SIGINT took {:?}", t.elapsed());
     assert!(out.status.success());
     let t = totals(&String::from_utf8_lossy(&out.stdout));
     assert!(t[3] > 0, "responses before the interrupt");
@@ -110,24 +126,18 @@ fn per_second_lines_json_and_sigint() {
 
 #[test]
 fn the_embedded_server_leaves_when_its_client_is_done() {
-    let (ps, pc) = free_ports();
-    let mut srv = server(ps, pc, 64);
-    std::thread::sleep(Duration::from_millis(300));
-    let out = client(pc, ps, &["--msg_nr", "100"]).output().unwrap();
+    let (srv, ps, pc) = server(64);
+    let out = output_within(&mut client(pc, ps, &["--msg_nr", "100"]), LIMIT, "msg_gen client (--msg_nr 100)");
     assert!(out.status.success(), "{}", text(&out));
-    let t = Instant::now();
-    while srv.0.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < Duration::from_secs(10), "the server did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut s = String::new();
-    std::io::Read::read_to_string(srv.0.stdout.as_mut().unwrap(), &mut s).unwrap();
+    // The server exits by itself once its client is gone.
+    let out = srv.output_within(Duration::from_secs(10));
+    let s = String::from_utf8_lossy(&out.stdout);
     assert_eq!(totals(&s)[3], 100, "{s}");
 }
 
 #[test]
 fn bad_flags_are_refused_clearly() {
-    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_msg_gen")).args(args).output().unwrap();
+    let run = |args: &[&str]| output_within(Command::new(env!("CARGO_BIN_EXE_msg_gen")).args(args), LIMIT, "msg_gen");
     let out = run(&["--local_ip", "198.18.0.1", "--msg_size", "8"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("--msg_size must be greater than 8"));
@@ -158,24 +168,46 @@ fn bad_flags_are_refused_clearly() {
 #[test]
 fn kernel_baselines_run_the_same_loop() {
     for proto in ["udp", "tcp"] {
-        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let _s = Kill(
+        // The server binds a port of its own choice and says which: no port changes hands.
+        let mut srv = ChildGuard::spawn(
             Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
-                .args(["--proto", proto, "--listen", &format!("127.0.0.1:{port}"), "--msg_size", "200"])
+                .args(["--proto", proto, "--listen", "127.0.0.1:0", "--msg_size", "200", "--timeout", "60"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
+                .stderr(Stdio::piped()),
+            "kernel_rpc server",
         );
-        std::thread::sleep(Duration::from_millis(300));
-        let out = Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
-            .args(["--proto", proto, "--connect", &format!("127.0.0.1:{port}"), "--msg_size", "200"])
-            .args(["--msg_window", "4", "--msg_nr", "1000", "--verify", "--json"])
-            .output()
-            .unwrap();
+        let mut err = Lines::new(srv.child().stderr.take().unwrap());
+        let line = err
+            .wait_for(Duration::from_secs(20), |l| l.contains("listening on"))
+            .unwrap_or_else(|| panic!("{proto}: kernel_rpc server printed no listening line in 20 s: {}", err.seen()));
+        let addr = line.rsplit(' ').next().unwrap().to_string();
+        let out = output_within(
+            Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
+                .args(["--proto", proto, "--connect", &addr, "--msg_size", "200", "--timeout", NO_RESPONSE])
+                .args(["--msg_window", "4", "--msg_nr", "1000", "--verify", "--json"]),
+            LIMIT,
+            "kernel_rpc client",
+        );
         assert!(out.status.success(), "{proto}: {}", text(&out));
         let json: serde_json::Value =
             serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
         assert_eq!(json["rx_msgs"], 1000, "{proto}");
     }
+}
+
+#[test]
+fn a_client_whose_server_never_answers_gives_up_with_timeout() {
+    // Nobody listens: the request goes nowhere and no answer can come.
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = port.local_addr().unwrap().to_string();
+    let t = Instant::now();
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_kernel_rpc")).args(["--proto", "udp", "--connect", &addr, "--timeout", "0.5"]),
+        LIMIT,
+        "kernel_rpc client without a server",
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no response for 0.5 s (--timeout): 0 of 8 requests answered"), "{}", text(&out));
+    assert!(t.elapsed() < Duration::from_secs(10));
+    drop(port);
 }

@@ -22,6 +22,8 @@
 //! closes its flows and calls [`EngineChannel::reclaim_all`]; the result is recorded as a
 //! [`ReclaimRecord`] for tests to check.
 
+pub mod process;
+
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::Ipv4Addr;

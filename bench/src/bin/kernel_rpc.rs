@@ -53,6 +53,10 @@ struct Args {
     /// Print one JSON object with the results at exit.
     #[arg(long)]
     json: bool,
+    /// Fail (exit 1) when no response (client) or no request (server) arrives for this many
+    /// seconds. Default: wait forever, as the original does.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
     /// Spin on non-blocking receives instead of sleeping in the kernel.
     #[arg(long = "busy_poll")]
     busy_poll: bool,
@@ -129,6 +133,7 @@ fn run(args: &Args, stop: &AtomicBool) -> Result<rpc::Totals, RpcError> {
         verify: args.verify,
         duration: args.duration.map(Duration::from_secs_f64),
         lines_to_stderr: args.json,
+        timeout: args.timeout.map(Duration::from_secs_f64),
     };
     // Blocking receives wake up every 100 ms to notice a stop.
     let timeout = (!args.busy_poll).then_some(Duration::from_millis(100));
@@ -139,13 +144,14 @@ fn run(args: &Args, stop: &AtomicBool) -> Result<rpc::Totals, RpcError> {
             }
             let bind: SocketAddr = args.listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
             let sock = UdpSocket::bind(bind)?;
+            let bound = sock.local_addr()?;
             sock.set_nonblocking(args.busy_poll)?;
             sock.set_read_timeout(timeout)?;
             let mut io = Udp { sock };
             match args.connect {
                 Some(server) => rpc::run_client(&mut io, server, &opts, stop),
                 None => {
-                    eprintln!("kernel_rpc udp server: listening on {bind}");
+                    eprintln!("kernel_rpc udp server: listening on {bound}");
                     rpc::serve(&mut io, &opts, stop)
                 }
             }
@@ -157,12 +163,16 @@ fn run(args: &Args, stop: &AtomicBool) -> Result<rpc::Totals, RpcError> {
                     let l = TcpListener::bind(args.listen.expect("clap requires one"))?;
                     eprintln!("kernel_rpc tcp server: listening on {}", l.local_addr()?);
                     l.set_nonblocking(true)?;
+                    let since = std::time::Instant::now();
                     loop {
                         match l.accept() {
                             Ok((s, _)) => break s,
                             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                                     return Ok(rpc::Totals { role: "server".into(), ..Default::default() });
+                                }
+                                if opts.timeout.is_some_and(|t| since.elapsed() >= t) {
+                                    return Err(RpcError("no connection within --timeout".into()));
                                 }
                                 std::thread::sleep(Duration::from_millis(10));
                             }

@@ -61,6 +61,10 @@ struct Args {
     /// Print one JSON object with the results at exit.
     #[arg(long)]
     json: bool,
+    /// Fail (exit 1) when no response (client) or no request (server) arrives for this many
+    /// seconds. Default: wait forever, as the original does.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
     /// Wait on the doorbell when idle instead of spinning.
     #[arg(long)]
     blocking: bool,
@@ -162,6 +166,7 @@ fn main() {
         verify: args.verify,
         duration: args.duration.map(Duration::from_secs_f64),
         lines_to_stderr: args.json,
+        timeout: args.timeout.map(Duration::from_secs_f64),
     };
     if let Some(cpu) = args.cpu {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
