@@ -104,7 +104,11 @@ pub struct TransportSection {
     pub rto_initial_us: Option<u64>,
     /// RTO cap, µs (100000).
     pub rto_max_us: Option<u64>,
-    /// Consecutive timeouts before a flow fails (10).
+    /// How long a peer may stay silent, while data waits for its acknowledgement, before the
+    /// flow fails, ms (5000).
+    pub peer_timeout_ms: Option<u64>,
+    /// Also fail a flow after this many consecutive timeouts without an acknowledgement (unset:
+    /// time alone decides, `peer_timeout_ms`).
     pub max_rto_retries: Option<u32>,
     /// SYN transmissions before a connect fails (9).
     pub syn_retries: Option<u32>,
@@ -537,7 +541,8 @@ impl Config {
             rto_min: us(t.rto_min_us, d.rto_min),
             rto_initial: us(t.rto_initial_us, d.rto_initial),
             rto_max: us(t.rto_max_us, d.rto_max),
-            max_rto_retries: t.max_rto_retries.unwrap_or(d.max_rto_retries),
+            peer_timeout: t.peer_timeout_ms.map_or(d.peer_timeout, Duration::from_millis),
+            max_rto_retries: t.max_rto_retries.or(d.max_rto_retries),
             syn_retries: t.syn_retries.unwrap_or(d.syn_retries),
             syn_rto_max: us(t.syn_rto_max_us, d.syn_rto_max),
             cc: match t.cc.as_deref() {

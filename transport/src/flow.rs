@@ -8,7 +8,7 @@ use crate::endpoint::{EndpointStats, FlowCounters};
 use crate::env::Env;
 use crate::seq;
 use crate::timer::{backoff, RttEstimator};
-use crate::{Config, ConnectError, Event, FlowId, FlowTuple, InMsg, LocalAddr, Owner, Seg};
+use crate::{Config, ConnectError, Event, FlowId, FlowTuple, InMsg, LocalAddr, Owner, Seg, MIN_UNANSWERED_PROBES};
 use core::net::Ipv4Addr;
 use core::time::Duration;
 use machnet_net::time::Instant;
@@ -125,6 +125,8 @@ pub(crate) struct Flow {
     pub pend_count: u32,
     pub rto_at: u64,
     pub timer_at: u64,
+    /// When the peer was last heard from (any packet of this flow), ns.
+    pub last_heard: u64,
     /// µs timestamp of the first retransmission timeout of an unresolved episode (0: none),
     /// and the window before it, for undoing a spurious timeout (Eifel, RFC 3522).
     pub rto_mark: u32,
@@ -176,6 +178,7 @@ impl Flow {
             pend_count: 0,
             rto_at: 0,
             timer_at: 0,
+            last_heard: 0,
             rto_mark: 0,
             cwnd_saved: 0.0,
             last_echo: 0,
@@ -382,6 +385,11 @@ impl<E: Env> FlowCx<'_, E> {
         }
     }
 
+    /// How long the peer has been silent.
+    fn silent(&self) -> Duration {
+        Duration::from_nanos(self.now.as_nanos().saturating_sub(self.f.last_heard))
+    }
+
     fn handshake_timeout(&self) -> Duration {
         backoff(self.cfg.rto_initial, u32::from(self.f.rto_shift), self.cfg.syn_rto_max)
     }
@@ -393,6 +401,7 @@ impl<E: Env> FlowCx<'_, E> {
     /// Starts an active open: SYN with the flow's ISN.
     pub(crate) fn start_connect(&mut self, iss: u32) {
         self.f.state = FlowState::SynSent;
+        self.f.last_heard = self.now.as_nanos();
         self.f.snd_una = iss;
         self.f.snd_nxt = iss.wrapping_add(1);
         self.tx[(iss & self.mask()) as usize] =
@@ -405,6 +414,7 @@ impl<E: Env> FlowCx<'_, E> {
 
     /// Starts a passive open from a SYN.
     pub(crate) fn start_accept(&mut self, syn: &MachnetRepr, iss: u32) {
+        self.f.last_heard = self.now.as_nanos();
         if syn.timestamp == 0 {
             self.f.set(fl::LEGACY);
         }
@@ -495,6 +505,7 @@ impl<E: Env> FlowCx<'_, E> {
         src_mac: EthernetAddress,
         token: u64,
     ) -> Verdict {
+        self.f.last_heard = self.now.as_nanos();
         match hdr.packet_type {
             PacketType::Data => self.on_data(hdr, payload),
             PacketType::Ack => self.on_ack(hdr),
@@ -1120,7 +1131,12 @@ impl<E: Env> FlowCx<'_, E> {
                 // waits longer than a client would for it: its SYN tries and then as long as
                 // an established flow waits for a silent peer. A server shard that was not
                 // scheduled for a while must not drop connections its clients already use.
-                if u32::from(self.f.rto_shift) + 1 >= self.cfg.syn_retries + self.cfg.max_rto_retries {
+                let tries = u32::from(self.f.rto_shift) + 1;
+                let gave_up = match self.cfg.max_rto_retries {
+                    Some(m) => tries >= self.cfg.syn_retries + m,
+                    None => tries >= self.cfg.syn_retries && self.silent() >= self.cfg.peer_timeout,
+                };
+                if gave_up {
                     self.stats.accept_timeouts += 1;
                     return Verdict::Free(None);
                 }
@@ -1146,7 +1162,12 @@ impl<E: Env> FlowCx<'_, E> {
                 }
                 self.f.rto_count = self.f.rto_count.saturating_add(1);
                 self.stats.rto_fired += 1;
-                if u32::from(self.f.rto_count) > self.cfg.max_rto_retries {
+                // Failure is judged by time: the peer said nothing for `peer_timeout` and left
+                // several retransmissions unanswered (so a pause of our own, after which its
+                // answers are still queued to us, cannot fail the flow).
+                let silent = self.silent() >= self.cfg.peer_timeout && self.f.rto_count >= MIN_UNANSWERED_PROBES;
+                let counted = self.cfg.max_rto_retries.is_some_and(|m| u32::from(self.f.rto_count) > m);
+                if silent || counted {
                     self.send_rst();
                     self.stats.flows_failed += 1;
                     let tuple = self.f.tuple(&self.local);

@@ -25,7 +25,7 @@
 //!   are coalesced per received burst ([`Endpoint::flush`]).
 //! * Loss recovery: SACK-based loss marking with a reordering threshold of 3, fast retransmit on
 //!   3 duplicate ACKs, RTO per RFC 6298 with a floor (1 ms default), exponential backoff, and
-//!   RST plus [`Event::FlowFailed`] after too many consecutive timeouts.
+//!   RST plus [`Event::FlowFailed`] once the peer stayed silent for [`Config::peer_timeout`].
 //! * Congestion control: [`cc::CongestionControl`]: `Fixed(window)` for parity with the
 //!   original, or `Swift` (delay-based AIMD).
 //! * Back-pressure: when the application cannot take a message, the flow stops consuming its
@@ -193,8 +193,8 @@ pub enum Event {
         /// Its addresses.
         tuple: FlowTuple,
     },
-    /// The peer stopped answering (too many consecutive retransmission timeouts); an RST was
-    /// sent and the flow is gone.
+    /// The peer stopped answering (silent for [`Config::peer_timeout`] while we retransmitted);
+    /// an RST was sent and the flow is gone.
     FlowFailed {
         /// The flow.
         flow: FlowId,
@@ -257,6 +257,11 @@ pub struct LocalAddr {
     pub ip: Ipv4Addr,
 }
 
+/// Retransmissions a silent peer must have left unanswered (besides [`Config::peer_timeout`]
+/// of silence) before its flow fails: after a long pause of our own (the process was not
+/// scheduled), answers already queued to us are read before the flow is judged.
+pub const MIN_UNANSWERED_PROBES: u8 = 3;
+
 /// Transport parameters. Defaults in parentheses.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Config {
@@ -277,9 +282,17 @@ pub struct Config {
     pub rto_initial: Duration,
     /// Cap of the backed-off RTO (100 ms).
     pub rto_max: Duration,
-    /// Consecutive timeouts without any acknowledgement before the flow fails (10; with the
-    /// default floor and cap a silent peer is declared failed about 0.5 s after its last ACK).
-    pub max_rto_retries: u32,
+    /// How long a peer may stay silent while we wait for it before the flow fails (5 s): an
+    /// established flow with data outstanding whose peer sent nothing at all (no ACK, no
+    /// data) for this long, and which sent at least [`MIN_UNANSWERED_PROBES`] retransmissions
+    /// since, is reset and reported failed. A peer that answers probes is never failed, however
+    /// slowly it makes progress (a full receive pool, a starved process). The retransmission
+    /// timer keeps backing off to `rto_max` meanwhile. A handshake's server side keeps a
+    /// half-open flow as long.
+    pub peer_timeout: Duration,
+    /// Optionally, also fail after this many consecutive timeouts without any acknowledgement
+    /// (the count-based rule of earlier versions; `None`, the default, uses time alone).
+    pub max_rto_retries: Option<u32>,
     /// SYN (and SYN-ACK) transmissions before a handshake is abandoned (9).
     pub syn_retries: u32,
     /// Cap of the backed-off handshake timeout (1 s): with the defaults SYNs go out at 0, 5,
@@ -303,7 +316,8 @@ impl Default for Config {
             rto_min: Duration::from_millis(1),
             rto_initial: Duration::from_millis(5),
             rto_max: Duration::from_millis(100),
-            max_rto_retries: 10,
+            peer_timeout: Duration::from_secs(5),
+            max_rto_retries: None,
             syn_retries: 9,
             syn_rto_max: Duration::from_secs(1),
             seed: 0x5eed,
@@ -332,8 +346,11 @@ impl Config {
         if self.syn_rto_max < self.rto_initial {
             return Err("need rto_initial <= syn_rto_max");
         }
-        if self.max_rto_retries == 0 || self.syn_retries == 0 {
+        if self.max_rto_retries == Some(0) || self.syn_retries == 0 {
             return Err("retry counts must be positive");
+        }
+        if self.peer_timeout < self.rto_max {
+            return Err("peer_timeout must be at least rto_max");
         }
         self.cc.validate()
     }

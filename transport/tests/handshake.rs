@@ -3,7 +3,7 @@
 mod sim;
 
 use machnet_net::wire::{FrameRepr, PacketType};
-use machnet_transport::{Config, ConnectError, Event, FlowState};
+use machnet_transport::{Config, ConnectError, Event, FlowId, FlowState};
 use sim::*;
 use std::time::Duration;
 
@@ -157,23 +157,98 @@ fn rst_mid_transfer_closes_the_peer() {
     assert_eq!(sim.sides[B].env.segs.in_use(), 0);
 }
 
-#[test]
-fn silent_peer_fails_the_flow_within_the_rto_budget() {
-    let mut sim = Sim::new(SimConfig::link(Config::default()));
+/// Sends one message A -> B, delivered, then makes B silent (nothing it sends arrives).
+fn silence_b_after_one_message(cfg: Config) -> (Sim, FlowId, FlowId) {
+    let mut sim = Sim::new(SimConfig::link(cfg));
     let (fa, fb) = sim.connect(888);
     sim.send(A, fa, fb, 1, 0, 100).unwrap();
     assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1));
-    // B vanishes: nothing it would send arrives any more.
     sim.drop_from(B, |_| true);
+    (sim, fa, fb)
+}
+
+fn failed(s: &Sim, side: usize) -> bool {
+    s.event(side, |e| matches!(e, Event::FlowFailed { .. })).is_some()
+}
+
+#[test]
+fn silent_peer_fails_the_flow_after_the_peer_timeout() {
+    let (mut sim, fa, fb) = silence_b_after_one_message(Config::default());
     let t0 = sim.now;
     sim.send(A, fa, fb, 1, 1, 100).unwrap();
-    assert!(sim.run_until(Duration::from_secs(5), |s| s.event(A, |e| matches!(e, Event::FlowFailed { .. })).is_some()));
+    assert!(sim.run_until(Duration::from_secs(10), |s| failed(s, A)));
     let took = sim.now - t0;
-    // Tail probe, then 10 timeouts: 1+2+4+8+16+32+64+100+100+100+100 ms ≈ 0.53 s (+ probe).
-    assert!(took > Duration::from_millis(400) && took < Duration::from_millis(700), "{took:?}");
+    // Silent for `peer_timeout` (5 s), judged at a timeout (they come every `rto_max`, 100 ms).
+    assert!(took >= Duration::from_secs(5) && took < Duration::from_millis(5_200), "{took:?}");
     assert_eq!(sim.sides[A].ep.flow_count(), 0);
     assert_eq!(sim.sides[A].env.segs.in_use(), 0);
     assert!(sim.sides[A].ep.stats().tx_rsts >= 1, "an RST tells the peer");
+}
+
+#[test]
+fn max_rto_retries_still_fails_by_count_when_set() {
+    let (mut sim, fa, fb) = silence_b_after_one_message(Config { max_rto_retries: Some(10), ..Config::default() });
+    let t0 = sim.now;
+    sim.send(A, fa, fb, 1, 1, 100).unwrap();
+    assert!(sim.run_until(Duration::from_secs(5), |s| failed(s, A)));
+    let took = sim.now - t0;
+    // Tail probe, then 10 timeouts: 1+2+4+8+16+32+64+100+100+100+100 ms ≈ 0.53 s (+ probe).
+    assert!(took > Duration::from_millis(400) && took < Duration::from_millis(700), "{took:?}");
+}
+
+/// A peer that is not scheduled for 4 s (longer than ten timeouts, shorter than the peer
+/// timeout) is waited for: once it runs again everything arrives and no flow fails.
+#[test]
+fn a_peer_paused_for_seconds_is_waited_for() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    let (fa, fb) = sim.connect(888);
+    for k in 0..20 {
+        sim.send(A, fa, fb, 1, k, 50_000).unwrap();
+    }
+    sim.run_until(Duration::from_micros(30), |_| false);
+    sim.paused_until[B] = sim.now + Duration::from_secs(4);
+    assert!(sim.run_until(Duration::from_secs(10), |s| s.delivered(B, fb) == 20));
+    assert!(!failed(&sim, A) && !failed(&sim, B));
+    assert!(sim.sides[A].ep.stats().rto_fired > 10, "A waited through many timeouts");
+}
+
+/// A sender that was not scheduled itself for longer than the peer timeout finds the peer's
+/// answers queued when it runs again: whichever it handles first, input or timers, the flow
+/// lives.
+#[test]
+fn our_own_pause_longer_than_the_peer_timeout_does_not_fail_the_flow() {
+    for timers_first in [false, true] {
+        let mut sim = Sim::new(SimConfig::link(Config::default()));
+        sim.timers_first = timers_first;
+        let (fa, fb) = sim.connect(888);
+        for k in 0..20 {
+            sim.send(A, fa, fb, 1, k, 50_000).unwrap();
+        }
+        sim.run_until(Duration::from_micros(30), |_| false);
+        sim.paused_until[A] = sim.now + Duration::from_secs(8);
+        assert!(sim.run_until(Duration::from_secs(12), |s| s.delivered(B, fb) == 20), "timers first: {timers_first}");
+        sim.run_until(Duration::from_millis(10), |_| false);
+        assert!(!failed(&sim, A) && !failed(&sim, B), "timers first: {timers_first}");
+        assert_eq!(sim.sides[A].env.segs.in_use(), 0, "everything acknowledged");
+    }
+}
+
+/// A receiver that answers every probe but cannot take data (its application does not read
+/// for 20 s, four times the peer timeout) keeps its flow.
+#[test]
+fn a_peer_that_answers_probes_is_never_failed() {
+    let mut cfg = SimConfig::link(Config::default());
+    cfg.inbox = 1;
+    let mut sim = Sim::new(cfg);
+    let (fa, fb) = sim.connect(888);
+    sim.sides[B].next_read = sim.now + Duration::from_secs(20);
+    for k in 0..40 {
+        sim.send(A, fa, fb, 1, k, 30_000).unwrap();
+    }
+    sim.run_until(Duration::from_secs(19), |_| false);
+    assert!(sim.delivered(B, fb) <= 1);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.delivered(B, fb) == 40));
+    assert!(!failed(&sim, A) && !failed(&sim, B));
 }
 
 #[test]

@@ -68,7 +68,7 @@ fn exchange(cfg: SimConfig, sizes: &[usize]) -> Duration {
 
 fn cfg_window(window: u32) -> Config {
     // Enough consecutive timeouts that 20 % loss each way never fails a flow by chance.
-    Config { cc: CcConfig::Fixed { window }, max_rto_retries: 16, ..Config::default() }
+    Config { cc: CcConfig::Fixed { window }, ..Config::default() }
 }
 
 /// The fastest the transfer could go on this link: every byte serialised at the bottleneck

@@ -1,6 +1,8 @@
 //! Process-level test support: real `machnetd` processes on the UDP backend over loopback.
 #![allow(dead_code)]
 
+pub mod load;
+
 use machnet::client::{Channel, Machnet};
 use machnet::layout::MachnetFlow;
 use std::io::Read;

@@ -331,6 +331,12 @@ pub struct Sim {
     pub now: Instant,
     pub sides: [Side; 2],
     pub steps: u64,
+    /// A side does nothing until this time (a process that is not scheduled): frames queue
+    /// for it, its timers wait. On resuming it reads its input first, as the daemon's loop
+    /// does, unless `timers_first`.
+    pub paused_until: [Instant; 2],
+    /// Resume with the timers before the input (the worst order for failure detection).
+    pub timers_first: bool,
 }
 
 pub const A: usize = 0;
@@ -369,15 +375,24 @@ impl Sim {
             now: Instant::from_micros(1),
             sides: [make(pa, cfg.ab, MAC_A, IP_A, cfg.seeds[0]), make(pb, cfg.ba, MAC_B, IP_B, cfg.seeds[1])],
             steps: 0,
+            paused_until: [Instant::ZERO; 2],
+            timers_first: false,
         }
     }
 
     /// Processes everything due at the current time on one side; true if anything happened.
     fn poll(&mut self, i: usize) -> bool {
         let now = self.now;
+        if now < self.paused_until[i] {
+            return false;
+        }
+        let timers_first = self.timers_first;
         let side = &mut self.sides[i];
         let mut progress = false;
         side.env.port.set_now(now);
+        if timers_first {
+            progress |= Self::fire_timers(side, now);
+        }
         let mut burst = Burst::new();
         loop {
             side.env.port.rx_burst(&mut burst);
@@ -393,16 +408,7 @@ impl Sim {
             }
             side.ep.flush(now, &mut side.env);
         }
-        // Timers due now.
-        for t in 0..side.env.timers.len() {
-            if let Some((flow, at)) = side.env.timers[t] {
-                if at <= now {
-                    side.env.timers[t] = None;
-                    side.ep.on_timer(now, &mut side.env, flow);
-                    progress = true;
-                }
-            }
-        }
+        progress |= Self::fire_timers(side, now);
         // The application reads its inbox.
         if now >= side.next_read {
             let mut reads = 0;
@@ -425,6 +431,21 @@ impl Sim {
         progress
     }
 
+    /// Timers due now.
+    fn fire_timers(side: &mut Side, now: Instant) -> bool {
+        let mut fired = false;
+        for t in 0..side.env.timers.len() {
+            if let Some((flow, at)) = side.env.timers[t] {
+                if at <= now {
+                    side.env.timers[t] = None;
+                    side.ep.on_timer(now, &mut side.env, flow);
+                    fired = true;
+                }
+            }
+        }
+        fired
+    }
+
     /// Runs everything due now, then advances to the next event. False if nothing is scheduled.
     pub fn step(&mut self) -> bool {
         self.steps += 1;
@@ -437,7 +458,7 @@ impl Sim {
                 s.env.port.set_now(now);
             }
             let progress = self.poll(A) | self.poll(B);
-            let queued = self.sides.iter().any(|s| s.env.port.inner().pending_rx() > 0);
+            let queued = (0..2).any(|i| now >= self.paused_until[i] && self.sides[i].env.port.inner().pending_rx() > 0);
             if !progress && !queued {
                 break;
             }
@@ -450,8 +471,12 @@ impl Sim {
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
             }
         };
-        for s in &self.sides {
+        for (i, s) in self.sides.iter().enumerate() {
             consider(s.env.port.next_release());
+            if self.now < self.paused_until[i] {
+                consider(Some(self.paused_until[i]));
+                continue;
+            }
             consider(s.env.next_timer());
             if !s.env.inbox.is_empty() {
                 consider(Some(s.next_read));

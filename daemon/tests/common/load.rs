@@ -1,0 +1,161 @@
+//! A busy machine for tests: CPU-burning processes at normal priority on every CPU, daemons
+//! pinned to one CPU each (as on a shared VM where the daemon and its applications share a
+//! core with other work), and bounded `machnetctl` calls.
+
+use super::{free_ports, Daemon, TempDir, IP_A, IP_B};
+use machnet::testing::process::{output_within, ChildGuard};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// CPUs of this machine.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// CPU hogs: `per_cpu` busy shell loops pinned to every CPU, killed when dropped.
+pub struct Hogs(Vec<ChildGuard>);
+
+impl Hogs {
+    pub fn start(per_cpu: usize) -> Hogs {
+        let mut v = Vec::new();
+        for cpu in 0..cpus() {
+            for _ in 0..per_cpu {
+                v.push(ChildGuard::spawn(
+                    Command::new("taskset")
+                        .args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null()),
+                    "CPU hog",
+                ));
+            }
+        }
+        Hogs(v)
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// Pins the calling thread to `cpu` (modulo the CPU count).
+pub fn pin_thread(cpu: usize) {
+    let id = core_affinity::CoreId { id: cpu % cpus() };
+    assert!(core_affinity::set_for_current(id), "cannot pin a test thread to CPU {}", id.id);
+}
+
+impl Daemon {
+    /// Starts `machnetd` on the udp backend with the whole process (shards and controller)
+    /// pinned to `cpu` through `taskset` and `cpu_mask`; `extra` as in [`Daemon::start`].
+    pub fn start_pinned(
+        tag: &str,
+        ip: std::net::Ipv4Addr,
+        mac: &str,
+        ports: (u16, u16),
+        cpu: usize,
+        extra: &str,
+    ) -> Daemon {
+        let cpu = cpu % cpus();
+        let dir = TempDir::new(tag);
+        let cfg = dir.0.join("config.json");
+        let sock = dir.0.join("ctrl.sock");
+        let log = dir.0.join("machnetd.log");
+        let (bind, peer) = ports;
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{{"machnet_config": {{"{mac}": {{"ip": "{ip}", "cpu_mask": "{:#x}"}}}},
+                   "machnet_rs": {{"udp": {{"bind": "127.0.0.1:{bind}", "peers": ["127.0.0.1:{peer}"]}},
+                                   "idle": "adaptive" {extra}}}}}"#,
+                1u64 << cpu
+            ),
+        )
+        .unwrap();
+        let child = Command::new("taskset")
+            .args(["-c", &cpu.to_string(), env!("CARGO_BIN_EXE_machnetd")])
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--ctrl-sock")
+            .arg(&sock)
+            .arg("--log-level")
+            .arg(std::env::var("MACHNETD_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn machnetd");
+        let d = Daemon { child: Some(child), sock, log, ip, _dir: dir };
+        d.wait_ready();
+        d
+    }
+
+    /// A pair like [`Daemon::pair`], A pinned to CPU 0 and B to CPU 1.
+    pub fn pair_pinned(extra: &str) -> (Daemon, Daemon) {
+        let (pa, pb) = free_ports();
+        let a = Daemon::start_pinned("a", IP_A, "02:00:00:00:00:01", (pa, pb), 0, extra);
+        let b = Daemon::start_pinned("b", IP_B, "02:00:00:00:00:02", (pb, pa), 1, extra);
+        (a, b)
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `machnetctl --json WHAT`, which must answer within `limit`.
+    pub fn ctl_within(&self, what: &str, limit: Duration) -> Value {
+        ctl_json_within(&self.sock, what, limit)
+    }
+
+    /// SIGTERM, then how long the daemon took to exit (it must exit 0 within `limit`).
+    pub fn stop_within(&mut self, limit: Duration) -> Duration {
+        let mut child = self.child.take().expect("running");
+        let t = Instant::now();
+        // SAFETY: kill(2) on the daemon this test started and has not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                let took = t.elapsed();
+                assert!(st.success(), "machnetd {} exited with {st}: {}", self.ip, self.log_text());
+                return took;
+            }
+            if t.elapsed() > limit {
+                let stacks = thread_stacks(child.id());
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "machnetd {} did not stop within {limit:?} of SIGTERM; its threads:\n{stacks}\nlog:\n{}",
+                    self.ip,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Every thread of `pid` with its state and kernel stack (what a stuck process is waiting for).
+pub fn thread_stacks(pid: u32) -> String {
+    let mut s = String::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return s };
+    for t in dir.flatten() {
+        let p = t.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|r| r.split(' ').next()).unwrap_or("?").to_string();
+        let stack = std::fs::read_to_string(p.join("stack")).unwrap_or_default();
+        s.push_str(&format!("  {} {} [{state}]\n{stack}", t.file_name().to_string_lossy(), comm.trim()));
+    }
+    s
+}
+
+/// `machnetctl --json WHAT` against `sock`, answered within `limit`.
+pub fn ctl_json_within(sock: &Path, what: &str, limit: Duration) -> Value {
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_machnetctl")).arg("--ctrl-sock").arg(sock).args(["--json", what]),
+        limit,
+        &format!("machnetctl {what}"),
+    );
+    assert!(out.status.success(), "machnetctl {what}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
