@@ -117,6 +117,36 @@ fn error_text(e: Error) -> &'static CStr {
         Error::NoBuffers => c"no free transmit buffers",
         Error::TooSmall { .. } => c"receive buffer too small; message discarded",
         Error::Closed => c"channel closed by the daemon",
+        Error::DaemonGone => c"the daemon is gone (its registration connection closed)",
+    }
+}
+
+/// The `errno` a failed call leaves: the system's own for system-call failures, the closest
+/// POSIX meaning otherwise (docs/channel.md lists them).
+fn errno_of(e: Error) -> c_int {
+    match e {
+        Error::Os(e) => e,
+        Error::Daemon(s) => match s {
+            Status::NotPermitted => libc::EPERM,
+            Status::AddrInUse => libc::EADDRINUSE,
+            Status::AddrNotLocal => libc::EADDRNOTAVAIL,
+            Status::Refused => libc::ECONNREFUSED,
+            Status::Unreachable => libc::EHOSTUNREACH,
+            Status::TimedOut => libc::ETIMEDOUT,
+            Status::NoResources => libc::ENOBUFS,
+            Status::NoSuchFlow | Status::Closed => libc::ENOTCONN,
+            Status::NotRegistered | Status::NoSuchChannel => libc::EBADF,
+            Status::BadRequest | Status::BadVersion => libc::EINVAL,
+            _ => libc::EIO,
+        },
+        Error::Protocol => libc::EPROTO,
+        Error::TimedOut => libc::ETIMEDOUT,
+        Error::InvalidLength | Error::InvalidAddress => libc::EINVAL,
+        Error::RingFull => libc::EAGAIN,
+        Error::NoBuffers => libc::ENOBUFS,
+        Error::TooSmall { .. } => libc::EMSGSIZE,
+        Error::Closed => libc::ESHUTDOWN,
+        Error::DaemonGone => libc::ECONNRESET,
     }
 }
 
@@ -126,6 +156,8 @@ fn set_error(e: &'static CStr) {
 
 fn fail<T>(e: Error, ret: T) -> T {
     set_error(error_text(e));
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = errno_of(e) };
     ret
 }
 

@@ -53,6 +53,9 @@ const EVENT_QUEUE: usize = 256;
 const SPIN_POLLS: u32 = 256;
 /// Timed-out connects remembered (and late flows queued for closing) at most.
 const ABANDONED: usize = 16;
+/// How often a non-blocking call that finds nothing to do looks for the daemon's death (a
+/// `poll` of the registration socket): 10 ms.
+const ALIVE_CHECK_NS: u64 = 10_000_000;
 
 /// What went wrong. Small and `Copy`; `Display` gives a human-readable text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +83,9 @@ pub enum Error {
     },
     /// The daemon let go of the channel (detached or shut down).
     Closed,
+    /// The daemon is gone: its registration connection closed without a shutdown (it was
+    /// killed or crashed). The channel is unusable; register again once a daemon runs.
+    DaemonGone,
 }
 
 impl fmt::Display for Error {
@@ -97,6 +103,7 @@ impl fmt::Display for Error {
                 write!(f, "receive buffer too small ({needed} bytes needed); message discarded")
             }
             Error::Closed => f.write_str("channel closed by the daemon"),
+            Error::DaemonGone => f.write_str("the daemon is gone (its registration connection closed)"),
         }
     }
 }
@@ -167,6 +174,7 @@ impl Machnet {
         let (m, fds) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).call(KIND_CREATE_CHANNEL, 0)?;
         let [memfd, app_bell, engine_bell]: [OwnedFd; 3] = fds.try_into().map_err(|_| Error::Protocol)?;
         let mut ch = Channel::from_fds(AppFds { memfd, app_bell, engine_bell })?;
+        ch.reg_fd = Some(self.conn.lock().unwrap_or_else(|e| e.into_inner()).fd());
         ch.owner = Some((self.conn.clone(), m.channel));
         ch.ctrl_timeout = self.timeout;
         Ok(ch)
@@ -222,6 +230,13 @@ pub struct Channel {
     /// Flows from late connect completions, to close (sent as the SQ has room).
     late_close: ArrayVec<MachnetFlow, ABANDONED>,
     owner: Option<(Arc<Mutex<CtrlClient>>, u64)>,
+    /// The registration socket, whose hang-up means the daemon died (`None` for a channel
+    /// from [`Channel::bind`]). Stays open as long as `owner` holds the connection.
+    reg_fd: Option<RawFd>,
+    /// The registration socket hung up: the daemon is gone.
+    daemon_gone: bool,
+    /// When the registration socket is next looked at from a non-blocking call (coarse ns).
+    next_alive_check: u64,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -344,6 +359,9 @@ impl Channel {
             abandoned: ArrayVec::new(),
             late_close: ArrayVec::new(),
             owner: None,
+            reg_fd: None,
+            daemon_gone: false,
+            next_alive_check: 0,
             _not_sync: PhantomData,
         })
     }
@@ -368,9 +386,41 @@ impl Channel {
         self.stats
     }
 
-    /// Whether the daemon let go of this channel.
+    /// Whether the daemon let go of this channel, or is gone.
     pub fn is_closed(&self) -> bool {
-        self.region.header().state.load(Ordering::Acquire) != STATE_ALIVE
+        self.daemon_gone || self.region.header().state.load(Ordering::Acquire) != STATE_ALIVE
+    }
+
+    /// Why the channel is unusable, if it is: `Closed` (detached, the daemon shut down) or
+    /// `DaemonGone` (the daemon died).
+    fn closed_error(&self) -> Option<Error> {
+        if self.daemon_gone {
+            Some(Error::DaemonGone)
+        } else if self.region.header().state.load(Ordering::Acquire) != STATE_ALIVE {
+            Some(Error::Closed)
+        } else {
+            None
+        }
+    }
+
+    /// Looks at the registration socket (at most every [`ALIVE_CHECK_NS`] unless `now`):
+    /// `Err(DaemonGone)` once the daemon died. A daemon that shuts down cleanly marks the
+    /// channel closed instead; one that is killed leaves only this hang-up behind.
+    fn check_alive(&mut self, now: bool) -> Result<(), Error> {
+        if self.daemon_gone {
+            return Err(Error::DaemonGone);
+        }
+        let Some(fd) = self.reg_fd else { return Ok(()) };
+        let t = shm::coarse_ns();
+        if !now && t < self.next_alive_check {
+            return Ok(());
+        }
+        self.next_alive_check = t + ALIVE_CHECK_NS;
+        if shm::hung_up(fd) {
+            self.daemon_gone = true;
+            return Err(Error::DaemonGone);
+        }
+        Ok(())
     }
 
     /// Bytes mapped (the whole memfd).
@@ -412,12 +462,15 @@ impl Channel {
         if len == 0 || len > MSG_MAX_LEN {
             return Err(Error::InvalidLength);
         }
-        if self.is_closed() {
-            return Err(Error::Closed);
+        if let Some(e) = self.closed_error() {
+            return Err(e);
         }
+        // A killed daemon leaves the rings as they were: sends would succeed until they fill.
+        self.check_alive(false)?;
         let count = len.div_ceil(self.mss);
         match self.tx.free(1) {
             Ok(0) => {
+                self.check_alive(true)?;
                 self.stats.tx_ring_full += 1;
                 set(&self.region.counters().app.tx_ring_full, self.stats.tx_ring_full);
                 return Err(Error::RingFull);
@@ -428,6 +481,7 @@ impl Channel {
         if self.free.len() < count {
             self.refill_tx();
             if self.free.len() < count {
+                self.check_alive(true)?;
                 self.stats.tx_no_bufs += 1;
                 set(&self.region.counters().app.tx_no_bufs, self.stats.tx_no_bufs);
                 return Err(Error::NoBuffers);
@@ -544,7 +598,14 @@ impl Channel {
     ) -> Result<Option<(usize, MachnetFlow)>, Error> {
         let d = match self.rx.read() {
             Ok(Some(d)) => d,
-            Ok(None) => return Ok(None),
+            Ok(None) => {
+                // Nothing for us: is there still a daemon that could send something?
+                if let Some(e) = self.closed_error() {
+                    return Err(e);
+                }
+                self.check_alive(false)?;
+                return Ok(None);
+            }
             Err(Corrupt) => return Err(Error::Protocol),
         };
         let len = d.len as usize;
@@ -697,8 +758,8 @@ impl Channel {
     }
 
     pub(crate) fn wait_until(&mut self, deadline: Option<Instant>) -> Result<(), Error> {
-        if self.is_closed() {
-            return Err(Error::Closed);
+        if let Some(e) = self.closed_error() {
+            return Err(e);
         }
         // Unsolicited events (a flow closed by its peer, ...) wait in the local queue for
         // `poll_event`; left in the CQ they would count as pending work and the sleep below
@@ -710,15 +771,14 @@ impl Channel {
             }
             std::hint::spin_loop();
         }
-        self.sleep(deadline, true);
-        Ok(())
+        self.sleep(deadline, true)
     }
 
     /// Sleeps on the doorbell until the RX ring (if `watch_rx`) or the CQ has something, the
     /// deadline passes, or 100 ms (to re-check for a dead channel). The handshake: announce
     /// the sleep (odd sequence, SeqCst), re-check the rings (SeqCst), then wait; the engine
     /// publishes (SeqCst) before it reads the sequence, so one of the two sees the other.
-    fn sleep(&mut self, deadline: Option<Instant>, watch_rx: bool) {
+    fn sleep(&mut self, deadline: Option<Instant>, watch_rx: bool) -> Result<(), Error> {
         let now = Instant::now();
         let mut wait = Duration::from_millis(100);
         if let Some(d) = deadline {
@@ -726,18 +786,31 @@ impl Channel {
         }
         let Some(bell) = &self.app_bell else {
             std::thread::sleep(wait.min(Duration::from_micros(50)));
-            return;
+            return Ok(());
         };
         let word = &self.region.bells().app.word;
         self.sleep_seq = self.sleep_seq.wrapping_add(1) | 1;
         word.store(self.sleep_seq, Ordering::SeqCst);
         let pending = self.cq.has_pending_seqcst() || (watch_rx && self.rx.has_pending_seqcst());
+        let mut gone = false;
         if !pending {
-            let _ = shm::wait_readable(bell.as_fd(), Some(wait));
+            // The registration socket is watched too: a daemon that dies wakes us.
+            gone = match self.reg_fd {
+                Some(reg) => shm::wait_readable_or_hangup(bell.as_fd(), reg, Some(wait)).unwrap_or(false),
+                None => {
+                    let _ = shm::wait_readable(bell.as_fd(), Some(wait));
+                    false
+                }
+            };
         }
         self.sleep_seq = self.sleep_seq.wrapping_add(1);
         word.store(self.sleep_seq, Ordering::SeqCst);
         shm::drain(bell.as_fd());
+        if gone {
+            self.daemon_gone = true;
+            return Err(Error::DaemonGone);
+        }
+        Ok(())
     }
 
     // --- Control ------------------------------------------------------------------------------
@@ -797,8 +870,8 @@ impl Channel {
     }
 
     fn ctrl_wait(&mut self, deadline: Instant) -> Result<(), Error> {
-        if self.is_closed() {
-            return Err(Error::Closed);
+        if let Some(e) = self.closed_error() {
+            return Err(e);
         }
         if Instant::now() >= deadline {
             return Err(Error::TimedOut);
@@ -810,8 +883,7 @@ impl Channel {
             std::hint::spin_loop();
         }
         // Only the CQ: unread messages must not keep a control call from sleeping.
-        self.sleep(Some(deadline), false);
-        Ok(())
+        self.sleep(Some(deadline), false)
     }
 
     /// Reads the CQ: queues events, drops stale completions (closing flows of abandoned
@@ -901,6 +973,9 @@ impl Channel {
 
     fn detach_inner(&mut self) -> Result<(), Error> {
         let Some((conn, id)) = self.owner.take() else { return Ok(()) };
+        if self.daemon_gone {
+            return Err(Error::DaemonGone);
+        }
         let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
         c.call(KIND_DETACH_CHANNEL, id)?;
         Ok(())

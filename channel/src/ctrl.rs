@@ -24,7 +24,7 @@
 //! | 36 | 4 | number of descriptors attached (CREATE reply: 3) |
 //! | 40 | 24 | reserved, zero |
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -628,7 +628,7 @@ impl CtrlClient {
         self.seq = self.seq.wrapping_add(1);
         let mut req = CtrlMsg::request(kind, self.seq);
         req.channel = channel;
-        if let Err(e) = self.stream.write_all(&req.encode()) {
+        if let Err(e) = self.send_all(&req.encode()) {
             // Part of the request may have gone out.
             self.broken = true;
             return Err(CallError::Io(e));
@@ -647,6 +647,20 @@ impl CtrlClient {
                 s => Err(CallError::Status(s)),
             };
         }
+    }
+
+    /// Writes the whole request with `MSG_NOSIGNAL`: a daemon that died must give the caller an
+    /// error, not a SIGPIPE (a C application has the default, fatal, disposition).
+    fn send_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match send_with_fds(self.stream.as_fd(), data, &[]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Reads one whole reply and its descriptors.

@@ -2,7 +2,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::time::Duration;
 
@@ -237,6 +237,40 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Resul
         return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
     }
     Ok(r > 0)
+}
+
+/// Waits until `fd` is readable or `watch` (a stream socket) is hung up by its peer, or
+/// `timeout` passes. Returns whether `watch` hung up. EINTR returns early.
+pub fn wait_readable_or_hangup(fd: BorrowedFd<'_>, watch: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
+    let mut pfds = [
+        libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: watch, events: libc::POLLRDHUP, revents: 0 },
+    ];
+    // SAFETY: two valid pollfds, as passed.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms(timeout)) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
+    }
+    Ok(pfds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
+}
+
+/// Whether the peer of stream socket `fd` closed its end (or the socket failed), without
+/// waiting.
+pub fn hung_up(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: a few nanoseconds to read (no TSC access), at
+/// the scheduler tick's resolution — for rate-limiting checks on hot paths.
+pub fn coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `poll(2)` timeout in milliseconds, rounding up so short waits do not busy-loop.

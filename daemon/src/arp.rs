@@ -14,7 +14,11 @@ pub struct ArpConfig {
     pub timeout: Duration,
     /// Requests sent before a resolution fails.
     pub retries: u32,
-    /// Interval between requests.
+    /// Wait after the first request; it doubles after each further one, up to 1 s. With the
+    /// defaults requests go out at 0, 50, 150, 350, 750 and 1550 ms and a resolution fails at
+    /// 2.55 s: a neighbour whose daemon is busy or was not scheduled for a while (a loaded
+    /// host) still answers in time; one that is not there fails in about the time a SYN
+    /// nobody answers takes.
     pub retry: Duration,
     /// Most entries (learned + static + pending).
     pub capacity: usize,
@@ -22,7 +26,7 @@ pub struct ArpConfig {
 
 impl Default for ArpConfig {
     fn default() -> Self {
-        ArpConfig { timeout: Duration::from_secs(300), retries: 5, retry: Duration::from_millis(50), capacity: 4096 }
+        ArpConfig { timeout: Duration::from_secs(300), retries: 6, retry: Duration::from_millis(50), capacity: 4096 }
     }
 }
 
@@ -37,7 +41,12 @@ struct Entry {
 struct Pending {
     sent: u32,
     next: Instant,
+    /// The current wait between requests (doubling).
+    interval: Duration,
 }
+
+/// Longest wait between two requests of one resolution.
+const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What [`ArpTable::resolve`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +124,7 @@ impl ArpTable {
         if self.pending.len() >= self.cfg.capacity {
             return Resolve::Full;
         }
-        self.pending.insert(ip, Pending { sent: 1, next: now + self.cfg.retry });
+        self.pending.insert(ip, Pending { sent: 1, next: now + self.cfg.retry, interval: self.cfg.retry });
         Resolve::SendRequest
     }
 
@@ -124,7 +133,6 @@ impl ArpTable {
     /// passes.
     pub fn poll(&mut self, now: Instant, mut send: impl FnMut(Ipv4Addr), mut failed: impl FnMut(Ipv4Addr)) {
         let retries = self.cfg.retries;
-        let retry = self.cfg.retry;
         self.pending.retain(|ip, p| {
             if p.next > now {
                 return true;
@@ -134,7 +142,8 @@ impl ArpTable {
                 return false;
             }
             p.sent += 1;
-            p.next = now + retry;
+            p.interval = (p.interval * 2).min(MAX_RETRY_INTERVAL).max(p.interval);
+            p.next = now + p.interval;
             send(*ip);
             true
         });
@@ -172,13 +181,22 @@ mod tests {
         assert_eq!(t.resolve(IP, ms(0)), Resolve::SendRequest);
         assert_eq!(t.resolve(IP, ms(1)), Resolve::InProgress);
         let (mut sent, mut failed) = (Vec::new(), Vec::new());
-        for now in [10, 50, 100, 150, 200] {
+        for now in (0..=400).step_by(10) {
             t.poll(ms(now), |ip| sent.push((now, ip)), |ip| failed.push((now, ip)));
         }
-        assert_eq!(sent, vec![(50, IP), (100, IP)], "two retries after the first request");
-        assert_eq!(failed, vec![(150, IP)]);
+        assert_eq!(sent, vec![(50, IP), (150, IP)], "two retries after the first, the wait doubling");
+        assert_eq!(failed, vec![(350, IP)]);
         assert_eq!(t.next_deadline(), None);
-        assert_eq!(t.resolve(IP, ms(300)), Resolve::SendRequest, "a later attempt starts afresh");
+        assert_eq!(t.resolve(IP, ms(500)), Resolve::SendRequest, "a later attempt starts afresh");
+        // The defaults: requests at 0, 50, 150, 350, 750 and 1550 ms, failure at 2550 ms.
+        let mut t = ArpTable::new(ArpConfig::default());
+        t.resolve(IP, ms(0));
+        let (mut sent, mut failed) = (vec![0], Vec::new());
+        for now in 1..=3000 {
+            t.poll(ms(now), |_| sent.push(now), |_| failed.push(now));
+        }
+        assert_eq!(sent, vec![0, 50, 150, 350, 750, 1550]);
+        assert_eq!(failed, vec![2550]);
     }
 
     #[test]

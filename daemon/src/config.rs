@@ -140,7 +140,7 @@ pub struct ChannelSection {
     /// Most channels the daemon serves (256).
     pub max_channels: Option<usize>,
     /// After an application detaches a channel or dies, how long its flows may take to send
-    /// what it queued before they are reset, ms (2000).
+    /// what it queued before they are reset, ms (500).
     pub linger_ms: Option<u64>,
 }
 

@@ -95,6 +95,9 @@ pub struct EndpointStats {
     pub syn_no_listener: u64,
     /// SYNs dropped because the flow table was full.
     pub syn_table_full: u64,
+    /// New SYNs on the ports of an established flow, answered with a challenge ACK (the peer
+    /// restarted).
+    pub syn_challenged: u64,
 }
 
 /// Per-flow counters.
@@ -694,6 +697,15 @@ impl Endpoint {
                 // A peer still talking to a flow we no longer have: tell it.
                 self.stats.rx_no_flow += 1;
                 self.reply_rst(env, pkt, pkt.hdr.ackno, pkt.hdr.seqno);
+            }
+            PacketType::Data => {
+                // Data for a flow we no longer have (its application died and the RST we sent
+                // was lost, or this end restarted): without an answer the sender would retry
+                // until its peer timeout. DATA carries no ackno to echo, so the RST
+                // acknowledges the packet instead (ackno = its seqno + 1), which a machnet-rs
+                // sender accepts as an answer to a packet it sent; an original ignores it.
+                self.stats.rx_no_flow += 1;
+                self.reply_rst(env, pkt, 0, pkt.hdr.seqno.wrapping_add(1));
             }
             _ => self.stats.rx_no_flow += 1,
         }

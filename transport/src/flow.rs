@@ -535,6 +535,14 @@ impl<E: Env> FlowCx<'_, E> {
                 self.f.remote_mac = src_mac;
                 self.send_synack();
             }
+            FlowState::Established | FlowState::Closing if hdr.seqno != self.f.irs => {
+                // A new SYN on the ports of a connection we still have: the peer restarted and
+                // its port choice met our stale flow. Answer with our position (RFC 5961's
+                // challenge ACK): the peer, in SYN_SENT, resets this flow with an RST that
+                // only it can get right, and its next SYN finds the ports free.
+                self.stats.syn_challenged += 1;
+                self.send_ack_now();
+            }
             _ => self.stats.rx_unexpected += 1,
         }
     }
@@ -582,8 +590,13 @@ impl<E: Env> FlowCx<'_, E> {
             _ => {
                 let w = self.cfg.window as u32;
                 // Accept an RST anywhere in the receive window (the original sends snd_nxt,
-                // which may be ahead of what we received when it aborts).
-                if !seq::in_range(hdr.seqno, self.f.rcv_nxt, self.f.rcv_nxt.wrapping_add(w)) {
+                // which may be ahead of what we received when it aborts), or one that answers
+                // a DATA packet we sent (ackno = its seqno + 1: the peer has no flow for it).
+                let answers_ours = hdr.seqno == 0
+                    && seq::gt(hdr.ackno, self.f.snd_una)
+                    && seq::le(hdr.ackno, self.f.snd_nxt)
+                    && matches!(self.f.state, FlowState::Established | FlowState::Closing);
+                if !answers_ours && !seq::in_range(hdr.seqno, self.f.rcv_nxt, self.f.rcv_nxt.wrapping_add(w)) {
                     self.stats.rx_rst_ignored += 1;
                     return Verdict::Keep;
                 }
@@ -789,6 +802,14 @@ impl<E: Env> FlowCx<'_, E> {
                 self.established_from_handshake();
                 let tuple = self.f.tuple(&self.local);
                 self.env.event(self.f.owner, Event::Accepted { flow: self.id, tuple });
+                return Verdict::Keep;
+            }
+            FlowState::SynSent => {
+                // An ACK before any SYN-ACK: the peer holds an older connection on these ports
+                // (a challenge ACK for our SYN). Reset it (RST at its ackno, RFC 793); our SYN
+                // is retransmitted on its timer and then finds the ports free.
+                self.send_control(PacketType::Rst, hdr.ackno, hdr.seqno, 0);
+                self.stats.tx_rsts += 1;
                 return Verdict::Keep;
             }
             _ => {

@@ -3,7 +3,7 @@
 mod sim;
 
 use machnet_net::wire::{FrameRepr, PacketType};
-use machnet_transport::{Config, ConnectError, Event, FlowId, FlowState};
+use machnet_transport::{Config, ConnectError, Endpoint, Event, FlowId, FlowState};
 use sim::*;
 use std::time::Duration;
 
@@ -340,4 +340,58 @@ fn server_keeps_a_half_open_flow_longer_than_a_client_waits() {
     assert_eq!(sim.sides[B].ep.stats().accept_timeouts, 0);
     let fb = accepted_flow(&sim);
     exchange_some(&mut sim, fa, fb);
+}
+
+/// The receiver's flow is gone (its application died) and the RST it sent was lost: the
+/// sender's next DATA packet is answered with an RST that acknowledges it, and the sender
+/// closes within a round trip instead of waiting out its peer timeout.
+#[test]
+fn data_for_a_flow_the_peer_no_longer_has_is_answered_with_rst() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    let (fa, fb) = sim.connect(888);
+    sim.send(A, fa, fb, 1, 0, 100).unwrap();
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1));
+    // B's flow ends; its RST is lost.
+    let mut first = true;
+    sim.drop_from(B, move |f| std::mem::take(&mut first) && f.hdr.packet_type == PacketType::Rst);
+    let now = sim.now;
+    let b = &mut sim.sides[B];
+    b.ep.abort(now, &mut b.env, fb).unwrap();
+    sim.run_until(Duration::from_millis(1), |_| false);
+    assert!(sim.event(A, |e| matches!(e, Event::PeerClosed { .. })).is_none(), "the first RST was lost");
+    let t0 = sim.now;
+    sim.send(A, fa, fb, 1, 1, 100).unwrap();
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.event(A, |e| matches!(e, Event::PeerClosed { .. })).is_some()));
+    assert!(sim.now - t0 < Duration::from_millis(1), "closed within a round trip: {:?}", sim.now - t0);
+    assert_eq!(sim.sides[A].ep.flow_count(), 0);
+    assert_eq!(sim.sides[A].env.segs.in_use(), 0);
+}
+
+/// A's side restarts (a new endpoint, nothing remembered) and connects again from the same
+/// port — the lowest free one, as before — while B still holds the old flow. B answers the new
+/// SYN with a challenge ACK, A resets the stale flow with an RST, and A's next SYN connects.
+#[test]
+fn a_restarted_peer_connects_through_its_stale_flow() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    let (fa, fb) = sim.connect(888);
+    sim.send(A, fa, fb, 1, 0, 100).unwrap();
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1));
+    // Everything in flight arrives first: B's flow is idle and established.
+    sim.run_until(Duration::from_millis(10), |_| false);
+    let old_port = sim.sides[A].ep.flow_info(fa).unwrap().tuple.local_port;
+    // A restarts: a fresh endpoint with a new seed (new ISNs).
+    let fresh = Config { seed: 77, ..Config::default() };
+    sim.sides[A].ep = Endpoint::new(fresh, sim.sides[A].ep.local(), Endpoint::shared_ports()).expect("valid config");
+    sim.sides[A].env.events.clear();
+    let t0 = sim.now;
+    let f2 = sim.start_connect(888, 5);
+    assert_eq!(sim.sides[A].ep.flow_info(f2).unwrap().tuple.local_port, old_port, "the same ports");
+    assert!(sim.run_until(Duration::from_secs(3), |s| s.event(A, |e| matches!(e, Event::Connected { .. })).is_some()));
+    let took = sim.now - t0;
+    assert!(took < Duration::from_millis(50), "connected after {took:?} (one SYN retransmission)");
+    assert!(
+        sim.event(B, |e| matches!(e, Event::PeerClosed { flow, .. } if *flow == fb)).is_some(),
+        "B's stale flow was reset"
+    );
+    assert_eq!(sim.sides[B].ep.stats().syn_challenged, 1);
 }

@@ -97,6 +97,29 @@ impl Daemon {
         (a, b)
     }
 
+    /// Starts the daemon again with the same configuration, control socket and log (after
+    /// [`kill`](Daemon::kill)), pinned to `cpu`.
+    pub fn respawn_pinned(&mut self, cpu: usize) {
+        assert!(self.child.is_none(), "respawn of a running daemon");
+        // The killed daemon left its socket file: wait for the new one's.
+        let _ = std::fs::remove_file(&self.sock);
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
+        let child = Command::new("taskset")
+            .args(["-c", &(cpu % cpus()).to_string(), env!("CARGO_BIN_EXE_machnetd")])
+            .arg("--config")
+            .arg(self._dir.0.join("config.json"))
+            .arg("--ctrl-sock")
+            .arg(&self.sock)
+            .arg("--log-level")
+            .arg(std::env::var("MACHNETD_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn machnetd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
