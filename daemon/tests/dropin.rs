@@ -5,6 +5,8 @@
 //!   `<machnet.h>` and rely on it for `printf`, `exit`, `usleep`, ...; they are built with
 //!   `g++ -o hello hello.cc -I<inc> -L<lib> -lmachnet_shim -lrt -lgflags` and
 //!   `cc -o hello hello.c -I<inc> -L<lib> -lmachnet_shim -lrt`, without a single warning.
+//! * `channel/tests/dropin/rust` is a cargo project whose bindings bindgen generates from
+//!   `machnet.h` in its build.rs, as the original's Rust binding is made, linking `machnet_shim`.
 //!
 //! Each program records `libmachnet_shim.so` as DT_NEEDED (the library has no SONAME), which
 //! the lib dir provides as a symlink to `libmachnet.so`. Every wait is bounded, and every child
@@ -221,6 +223,29 @@ fn check_needs_shim(exe: &Path) {
     );
 }
 
+/// The bindgen project built with a nested cargo into `<target>/dropin-rust` (its own
+/// workspace and lock file; bindgen needs libclang, found as cargo's build scripts find it).
+fn bindgen_app() -> PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let target = exe.parent().unwrap().parent().unwrap().parent().unwrap().join("dropin-rust");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "--locked", "--manifest-path"])
+            .arg(sources().join("rust/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .env_remove("CARGO_TARGET_DIR")
+            .env("MACHNET_INCLUDE_DIR", include_dir())
+            .env("MACHNET_LIB_DIR", shim_lib_dir());
+        run_bounded("cargo build of channel/tests/dropin/rust", cmd, Duration::from_secs(900));
+        let exe = target.join("debug/hello_bindgen");
+        check_needs_shim(&exe);
+        exe
+    })
+    .clone()
+}
+
 #[test]
 fn cpp_client_gets_an_answer_from_c_server() {
     let tmp = TempDir::new("dropin-cpp-c");
@@ -256,4 +281,44 @@ fn c_client_gets_an_answer_from_cpp_server() {
     assert!(out.contains("Reply: Hello World!"), "{}", client.describe());
     let out = server.finish(FINISH);
     assert!(out.contains("Received message: Hello World!, count = 1"), "{}", server.describe());
+}
+
+#[test]
+fn bindgen_rust_client_gets_an_answer_from_c_server() {
+    let tmp = TempDir::new("dropin-bindgen-c");
+    let c = build_original_style(&tmp.0, "hello_world.c", false);
+    let rust = bindgen_app();
+    let (a, b) = Daemon::pair("");
+
+    let mut server = App::machnet("C server", &c, &["--local", "198.18.0.1", "--count", "1"], &a);
+    server.wait_for("Waiting for message from client", START);
+    let mut client = App::machnet("bindgen client", &rust, &["--local", "198.18.0.2", "--remote", "198.18.0.1"], &b);
+    let out = client.finish(FINISH);
+    assert!(out.contains("Listening on 198.18.0.2:31580"), "{}", client.describe());
+    assert!(out.contains("Reply: Hello from bindgen!"), "{}", client.describe());
+    let out = server.finish(FINISH);
+    assert!(out.contains("Received message: Hello from bindgen!, count = 1"), "{}", server.describe());
+}
+
+#[test]
+fn rust_client_gets_answers_from_bindgen_rust_server() {
+    let rust = bindgen_app();
+    let (a, b) = Daemon::pair("");
+
+    let mut server = App::machnet("bindgen server", &rust, &["--local", "198.18.0.1", "--count", "2"], &a);
+    server.wait_for("Waiting for message from client", START);
+    let mb = b.app();
+    let mut cli = mb.attach().unwrap();
+    let flow = cli.connect(IP_B, IP_A, 31580).unwrap();
+    let mut buf = [0u8; 64];
+    for msg in [&b"first"[..], b"second"] {
+        cli.send(flow, msg).unwrap();
+        let got = cli.recv_blocking(&mut buf, Some(Duration::from_secs(10))).unwrap();
+        let (n, from) = got.unwrap_or_else(|| panic!("no answer to {msg:?} in 10 s\n{}", server.describe()));
+        assert_eq!(&buf[..n], msg, "answer");
+        assert_eq!(reverse(from), flow, "the answer comes back on the flow");
+    }
+    let out = server.finish(FINISH);
+    assert!(out.contains("Received message: first, count = 1"), "{}", server.describe());
+    assert!(out.contains("Received message: second, count = 2"), "{}", server.describe());
 }
