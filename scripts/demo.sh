@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The quick start: build, start two machnetd on this machine joined by the zero-setup UDP
 # backend (a loopback tunnel; Machnet addresses 198.18.0.1 and 198.18.0.2), run hello_world
-# (the C client against the Rust server) and a short request/response benchmark (msg_gen),
-# print rate and latency percentiles, and stop everything.
+# (the C client, linked with -lmachnet_shim as the original's applications are, against the Rust
+# server) and a short request/response benchmark (msg_gen), print rate and latency percentiles,
+# and stop everything.
 #
 #   ./scripts/demo.sh [SECONDS_PER_BENCHMARK]      (default 3)
 set -euo pipefail
@@ -14,6 +15,10 @@ echo "== building (release)"
 cargo build --release --quiet -p machnet-daemon -p machnet-channel -p machnet-bench --bin machnetd --bin msg_gen --example hello_world
 cargo build --release --quiet -p machnet-channel --lib
 bin=$PWD/target/release
+# The original's name for the library, which its Makefiles, CMake files and bindings link or
+# load: the same library under a second name (no SONAME: a program records the name it linked).
+ln -sfn libmachnet.so "$bin/libmachnet_shim.so"
+ln -sfn libmachnet.a "$bin/libmachnet_shim.a"
 work=$(mktemp -d /tmp/machnet-demo.XXXXXX)
 pids=()
 cleanup() {
@@ -22,7 +27,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-cc -O2 -Wall -o "$work/hello_world_c" channel/examples/hello_world.c -Ichannel/include -L"$bin" -lmachnet
+cc -O2 -Wall -o "$work/hello_world_c" channel/examples/hello_world.c -Ichannel/include -L"$bin" -lmachnet_shim -lrt
 
 read -r pa pb < <(python3 -c 'import socket
 s=[socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]

@@ -50,7 +50,7 @@ fi
 if want test || want bench; then
   command -v pkg-config >/dev/null 2>&1 || need_apt pkg-config "the DPDK bindings find DPDK with pkg-config"
   pkg-config --exists libdpdk 2>/dev/null || { need_apt dpdk "the DPDK backend loads DPDK's poll-mode drivers"; need_apt libdpdk-dev "pkg-config libdpdk: the DPDK headers and libraries the bindings build against"; }
-  have_libclang || need_apt libclang-dev "bindgen loads libclang.so to generate the DPDK bindings"
+  have_libclang || need_apt libclang-dev "bindgen loads libclang.so to generate the DPDK bindings and the drop-in test's Rust bindings of machnet.h"
 fi
 if want test; then
   command -v c++ >/dev/null 2>&1 || need_apt g++ "the drop-in test builds a C++ Machnet application"

@@ -5,7 +5,8 @@
  * return types, struct layouts (host byte order) and return conventions. Additions the
  * original lacks are marked "machnet-rs addition".
  *
- * Link: -lmachnet (libmachnet.so), or libmachnet.a plus -lpthread -ldl -lm -lrt -lgcc_s.
+ * Link: -lmachnet or -lmachnet_shim (the original's name; the same library), or libmachnet.a
+ * plus -lpthread -ldl -lm -lrt -lgcc_s; pkg-config: machnet.
  * The daemon's control socket is $MACHNET_CTRL_SOCK or /var/run/machnet/machnet_ctrl.sock.
  *
  * Threading: calls on one channel must not run concurrently (use one channel per thread);
@@ -14,27 +15,19 @@
 #ifndef MACHNET_H_
 #define MACHNET_H_
 
-#include <stddef.h>
-#include <stdint.h>
-#include <sys/types.h>
+/* As the original's machnet.h: applications (the original's examples among them) call printf,
+ * exit and usleep without including these themselves. machnet_common.h brings MachnetFlow_t,
+ * MachnetListenerInfo_t, MACHNET_MSG_MAX_LEN, MACHNET_MSGBUF_NOTIFY_DELIVERY and the other
+ * shared constants, and <stddef.h>, <stdint.h>, <string.h>, <sys/types.h> among others. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "machnet_common.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* Largest message: 8 MiB. */
-#define MACHNET_MSG_MAX_LEN (8 * 1024 * 1024)
-/* MachnetMsgHdr_t.flags: request a delivery notification (propagated, not acted upon). */
-#define MACHNET_MSGBUF_NOTIFY_DELIVERY 0x80
-
-/* A connection, as seen by the caller; addresses and ports in host byte order.
- * Sending: src = local, dst = remote. Received: src = remote sender, dst = local. 12 bytes. */
-typedef struct MachnetFlow {
-  uint32_t src_ip;
-  uint32_t dst_ip;
-  uint16_t src_port;
-  uint16_t dst_port;
-} MachnetFlow_t;
 
 /* One scatter/gather element. 16 bytes. */
 typedef struct MachnetIovec {
@@ -50,9 +43,6 @@ typedef struct MachnetMsgHdr {
   size_t msg_iovlen;
   uint16_t flags;
 } MachnetMsgHdr_t;
-
-/* An attached channel (opaque). */
-typedef struct MachnetChannelCtx MachnetChannelCtx_t;
 
 /* The registration socket with the daemon; -1 before machnet_init() succeeds. */
 extern int g_ctrl_socket;

@@ -1,6 +1,7 @@
-//! The C library: `machnet.h` compiles as C99 and C++, and a C program (built here with the
-//! `cc` crate, linked against `libmachnet.a` and `libmachnet.so`) exercises every function in
-//! its own process against the test engine in this one.
+//! The C library: `machnet.h` and `machnet_common.h` compile as C99 and C++ with the original's
+//! constants and the libc headers the original's header brings, and a C program (built here
+//! with the `cc` crate, linked against `libmachnet.a` and `libmachnet.so`) exercises every
+//! function in its own process against the test engine in this one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -55,9 +56,13 @@ fn compiler(cpp: bool) -> Command {
 #[track_caller]
 fn run_ok(mut c: Command) {
     let out = c.output().expect("run compiler");
+    // The command without the compiler's environment (the cc crate sets it all).
+    let args: Vec<_> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
     assert!(
         out.status.success(),
-        "{c:?}\n{}{}",
+        "{} {}\n{}{}",
+        c.get_program().to_string_lossy(),
+        args.join(" "),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -87,6 +92,85 @@ fn header_compiles_as_c99_and_cpp() {
     let mut c = compiler(true);
     c.args(["-std=c++11", "-pedantic", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", "-I"]).arg(&inc).arg(srcpp);
     run_ok(c);
+}
+
+/// Compiles `src` (C99 or C++11, `-pedantic -Wall -Wextra -Werror`) against `include/` and
+/// fails with the compiler's output.
+#[track_caller]
+fn compiles(name: &str, cpp: bool, std: &str, src: &str) {
+    let file = Temp(unique_path(name));
+    std::fs::write(&file.0, src).unwrap();
+    let mut c = compiler(cpp);
+    c.arg(format!("-std={std}"))
+        .args(["-pedantic", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", "-I"])
+        .arg(channel_dir().join("include"))
+        .arg(&file.0);
+    run_ok(c);
+}
+
+/// The original's public constants with their values, checked at compile time (C99 has no
+/// static_assert: a negative array size is the error). Shared by the C and C++ checks.
+const COMMON_CHECKS: &str = "\
+#define CHECK(name, cond) typedef char check_##name[(cond) ? 1 : -1]
+CHECK(flow, sizeof(MachnetFlow_t) == 12 && sizeof(struct MachnetFlow) == 12);
+CHECK(flow_ofs, offsetof(MachnetFlow_t, src_port) == 8 && offsetof(MachnetFlow_t, dst_port) == 10);
+CHECK(listener, sizeof(MachnetListenerInfo_t) == 8 && offsetof(MachnetListenerInfo_t, port) == 4);
+CHECK(max_len, MACHNET_MSG_MAX_LEN == 8 * 1024 * 1024);
+CHECK(kb_mb, KB == 1024 && MB == 1024 * 1024);
+CHECK(sizes, CACHE_LINE_SIZE == 64 && PAGE_SIZE == 4096 && HUGE_PAGE_2M_SIZE == 2 * 1024 * 1024);
+CHECK(flags, MACHNET_MSGBUF_FLAGS_SYN == 0x01 && MACHNET_MSGBUF_FLAGS_SG == 0x02 &&
+             MACHNET_MSGBUF_FLAGS_FIN == 0x04 && MACHNET_MSGBUF_FLAGS_CHAIN == 0x08 &&
+             MACHNET_MSGBUF_NOTIFY_DELIVERY == 0x80);
+CHECK(magic, MACHNET_CHANNEL_CTX_MAGIC == 0xA5A5A5A5u && MACHNET_MSGBUF_MAGIC == 0xB6B6B6B6u &&
+             MACHNET_CHANNEL_VERSION == 1);
+CHECK(ctrl, MACHNET_CTRL_STATUS_OK == 0 && MACHNET_CTRL_STATUS_ERROR == 1 &&
+            MACHNET_CTRL_OP_CREATE_FLOW == 1 && MACHNET_CTRL_OP_DESTROY_FLOW == 2 &&
+            MACHNET_CTRL_OP_LISTEN == 3 && MACHNET_CTRL_OP_STATUS == 4);
+";
+
+#[test]
+fn common_header_compiles_alone_with_the_originals_constants() {
+    for (cpp, std, name) in [(false, "c99", "common.c"), (true, "c++11", "common.cpp")] {
+        // machnet_common.h on its own, and twice (include guard).
+        let src = format!(
+            "#include \"machnet_common.h\"\n#include \"machnet_common.h\"\n{COMMON_CHECKS}\
+             int main(void) {{ MachnetChannelCtx_t *ctx = NULL; MachnetListenerInfo_t l = {{1, 2, 0}};\n\
+               struct stat st; memset(&st, 0, sizeof st);\n\
+               assert(ctx == NULL); return (int)l.reserved + (O_RDWR & 0) + (PROT_READ & 0); }}\n"
+        );
+        compiles(name, cpp, std, &src);
+        // The same checks through machnet.h.
+        let src = format!("#include \"machnet.h\"\n{COMMON_CHECKS}int main(void) {{ return 0; }}\n");
+        compiles(name, cpp, std, &src);
+    }
+}
+
+#[test]
+fn application_may_define_the_size_macros_itself() {
+    // Defined before (the same tokens as ours or different ones): no redefinition warning, and
+    // MACHNET_MSG_MAX_LEN does not depend on the application's MB.
+    let src = "#define KB 1000\n#define MB (KB * 1000)\n#define CACHE_LINE_SIZE 128\n\
+               #define PAGE_SIZE 65536\n#define HUGE_PAGE_2M_SIZE (2 << 20)\n#include \"machnet.h\"\n\
+               typedef char max_len_is_8_mib[MACHNET_MSG_MAX_LEN == 8 * 1024 * 1024 ? 1 : -1];\n\
+               typedef char app_kb_wins[KB == 1000 ? 1 : -1];\n\
+               int main(void) { return 0; }\n";
+    compiles("app_macros.c", false, "c99", src);
+    compiles("app_macros.cpp", true, "c++11", src);
+}
+
+#[test]
+fn machnet_h_brings_stdio_stdlib_unistd_like_the_original() {
+    // An application in the style of the original's examples includes only machnet.h and calls
+    // printf, exit, usleep, strlen, malloc (usleep needs the default feature set, not -std=c99:
+    // gnu11 as `cc` uses by default; g++ always has it).
+    let body = "#include \"machnet.h\"\n\
+                int main(int argc, char **argv) {\n\
+                  (void)argv; char *p = (char *)malloc(16); if (p == NULL) exit(1);\n\
+                  if (argc > 5) { usleep(10); printf(\"%zu\\n\", strlen(p)); }\n\
+                  free(p); return 0;\n\
+                }\n";
+    compiles("app_libc.c", false, "gnu11", body);
+    compiles("app_libc.cpp", true, "c++11", body);
 }
 
 /// Builds the C test program; `static_link` picks libmachnet.a over libmachnet.so.
