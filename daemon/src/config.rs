@@ -139,9 +139,12 @@ pub struct ChannelSection {
     pub ring_entries: Option<u32>,
     /// Most channels the daemon serves (256).
     pub max_channels: Option<usize>,
-    /// After an application detaches a channel or dies, how long its flows may take to send
-    /// what it queued before they are reset, ms (500).
+    /// After an application detaches a channel, how long its flows may take to send what it
+    /// queued before they are reset, ms (2000).
     pub linger_ms: Option<u64>,
+    /// The same after an application died (its registration connection closed without a
+    /// detach), ms (500; at most `linger_ms`): its peers learn of the death within a second.
+    pub gone_linger_ms: Option<u64>,
 }
 
 /// ARP.
@@ -185,6 +188,10 @@ pub struct DpdkSection {
     pub mtu: Option<u16>,
     /// How long to wait for the link at start-up, ms (10000; 0: do not wait).
     pub link_timeout_ms: Option<u64>,
+    /// Longest DPDK start-up (EAL initialisation, device set-up and the link wait), ms; past
+    /// it machnetd exits with an error naming the step it was in (default: the link timeout
+    /// plus 20 s).
+    pub start_timeout_ms: Option<u64>,
     /// Receive frames for every MAC (false).
     pub promiscuous: Option<bool>,
     /// Use the device's checksum offloads when it has them (true).

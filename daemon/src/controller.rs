@@ -409,7 +409,7 @@ impl CtrlHandler for Controller {
         let pos = a.channels.iter().position(|&(id, _)| id == channel).ok_or(Status::NoSuchChannel)?;
         let (_, shard) = a.channels.swap_remove(pos);
         self.shards[shard].channels -= 1;
-        self.send(shard, ShardCmd::RemoveChannel { id: channel })
+        self.send(shard, ShardCmd::RemoveChannel { id: channel, gone: false })
     }
 
     fn app_gone(&mut self, app: AppId) {
@@ -417,7 +417,7 @@ impl CtrlHandler for Controller {
         log::info!("app {} (pid {}) gone: closing its {} channels", app.0, a.cred.pid, a.channels.len());
         for (id, shard) in a.channels {
             self.shards[shard].channels -= 1;
-            let _ = self.send(shard, ShardCmd::RemoveChannel { id });
+            let _ = self.send(shard, ShardCmd::RemoveChannel { id, gone: true });
         }
     }
 }

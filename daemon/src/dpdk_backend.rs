@@ -4,7 +4,43 @@
 use crate::config::{Config, DpdkSection};
 use machnet_net::port::dpdk::{unique_file_prefix, DeviceConfig, DeviceSpec, DpdkDevice, DpdkPort, Eal, EalArgs};
 use machnet_net::wire::EthernetAddress;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Start-up steps, for the watchdog's message.
+const STEPS: [&str; 3] = ["EAL initialisation (rte_eal_init)", "device set-up", "done"];
+
+/// Exits the process if start-up is still at a step other than "done" after `limit`: DPDK's
+/// calls cannot be interrupted, and a daemon that neither starts nor exits is the worst
+/// outcome for whoever started it.
+fn watchdog(step: Arc<AtomicU8>, limit: Duration) {
+    let spawned = std::thread::Builder::new().name("machnetd-start".into()).spawn(move || {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if usize::from(step.load(Ordering::Acquire)) == STEPS.len() - 1 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let at = STEPS[usize::from(step.load(Ordering::Acquire)).min(STEPS.len() - 1)];
+        eprintln!(
+            "machnetd: DPDK start-up did not finish within {:.1} s (stuck in {at}); exiting \
+             (machnet_rs.dpdk.start_timeout_ms)",
+            limit.as_secs_f64()
+        );
+        std::process::exit(1);
+    });
+    if let Err(e) = spawned {
+        log::warn!("no start-up watchdog: {e}");
+    }
+}
+
+/// The first CPU this thread may run on: the EAL's only lcore.
+fn first_cpu(set: &libc::cpu_set_t) -> Option<u32> {
+    // SAFETY: CPU_ISSET reads one bit of a valid set, for i below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize).find(|&i| unsafe { libc::CPU_ISSET(i, set) }).map(|i| i as u32)
+}
 
 /// A running DPDK device and its EAL; the ports go to the shards.
 pub struct DpdkBackend {
@@ -61,19 +97,35 @@ impl DpdkBackend {
             .memory_mb(d.memory_mb.unwrap_or(256))
             .log_level(if log::log_enabled!(log::Level::Debug) { "notice" } else { "error" })
             .device(&spec);
+        // The EAL pins this thread to its main lcore; shard threads would inherit that, so the
+        // affinity is restored afterwards (shards are pinned by cpu_mask, if given).
+        let saved = affinity();
+        // One lcore, the main one, unless the configuration names its own: the shards are our
+        // threads, not EAL lcores, so worker lcores would only be idle threads pinned to every
+        // CPU, and EAL's start-up hand-shake with them over pipes (rte_eal_remote_launch) is a
+        // step that was seen to block forever at start-up.
+        let user_lcores = d.eal_args.iter().any(|a| matches!(a.as_str(), "-l" | "-c" | "--lcores" | "--main-lcore"));
+        if let Some(cpu) = saved.as_ref().and_then(first_cpu).filter(|_| !user_lcores) {
+            args = args.main_lcore(cpu);
+        }
         for a in &d.eal_args {
             args = args.arg(a);
         }
         let argv = args.build();
         log::info!("DPDK EAL arguments: {}", argv.join(" "));
-        // The EAL pins this thread to its main lcore; shard threads would inherit that, so the
-        // affinity is restored afterwards (shards are pinned by cpu_mask, if given).
-        let saved = affinity();
+        let link_ms = d.link_timeout_ms.unwrap_or(10_000);
+        let step = Arc::new(AtomicU8::new(0));
+        watchdog(step.clone(), Duration::from_millis(d.start_timeout_ms.unwrap_or(link_ms + 20_000)));
+        let done = || step.store((STEPS.len() - 1) as u8, Ordering::Release);
         // The error text starts with "DPDK EAL initialisation failed".
-        let eal = Eal::init(argv).map_err(|e| e.to_string())?;
+        let eal = Eal::init(argv).map_err(|e| {
+            done();
+            e.to_string()
+        })?;
         if let Some(s) = saved {
             set_affinity(&s);
         }
+        step.store(1, Ordering::Release);
         let dc = DeviceConfig {
             queues,
             mtu: d.mtu.unwrap_or(1500),
@@ -84,13 +136,15 @@ impl DpdkBackend {
             mac: Some(mac),
             checksum_offload: d.checksum_offload.unwrap_or(true),
             rss: d.rss.unwrap_or(true),
-            link_timeout: match d.link_timeout_ms.unwrap_or(10_000) {
+            link_timeout: match link_ms {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
             },
             ..DeviceConfig::default()
         };
-        let mut dev = match DpdkDevice::open(&eal, &spec, &dc) {
+        let opened = DpdkDevice::open(&eal, &spec, &dc);
+        done();
+        let mut dev = match opened {
             Ok(dev) => dev,
             Err(e) => {
                 let msg = format!("cannot open DPDK device {device:?}: {e}");

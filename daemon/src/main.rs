@@ -237,7 +237,8 @@ where
             cmds: rx,
             fds: parker.fd_set(),
             report: report.clone(),
-            linger: Duration::from_millis(cfg.ext.channel.linger_ms.unwrap_or(500)),
+            linger: Duration::from_millis(cfg.ext.channel.linger_ms.unwrap_or(2000)),
+            gone_linger: Duration::from_millis(cfg.ext.channel.gone_linger_ms.unwrap_or(500)),
             mesh,
         };
         let scfg = ShardConfig {

@@ -95,6 +95,9 @@ pub enum ShardCmd {
     RemoveChannel {
         /// Channel id.
         id: u64,
+        /// The application died (its registration connection closed) rather than detaching:
+        /// its flows get the shorter `gone_linger`, so its peers learn of it promptly.
+        gone: bool,
     },
     /// Reset every flow, tell the applications, and stop.
     Shutdown,
@@ -395,6 +398,8 @@ pub struct ShardSetup<P: Port> {
     pub report: Arc<Reporting>,
     /// How long a detached channel's flows may take to drain.
     pub linger: Duration,
+    /// The same for the channels of an application that died.
+    pub gone_linger: Duration,
     /// Hand-off rings to and from the other shards.
     pub mesh: Mesh<P::Buf>,
 }
@@ -423,6 +428,7 @@ pub struct EngineShard<P: Port> {
     last_report: Instant,
     last_debug: u64,
     linger: Duration,
+    gone_linger: Duration,
     mesh: Mesh<P::Buf>,
 }
 
@@ -473,6 +479,7 @@ impl<P: Port> EngineShard<P> {
             last_report: Instant::ZERO,
             last_debug: 0,
             linger: s.linger,
+            gone_linger: s.gone_linger,
             mesh: s.mesh,
         }
     }
@@ -491,10 +498,11 @@ impl<P: Port> EngineShard<P> {
                     n += 1;
                     self.adopt(*slot);
                 }
-                Ok(ShardCmd::RemoveChannel { id }) => {
+                Ok(ShardCmd::RemoveChannel { id, gone }) => {
                     n += 1;
                     if let Some(owner) = self.owner_of_channel(id) {
-                        self.start_linger(now, owner);
+                        let linger = if gone { self.gone_linger.min(self.linger) } else { self.linger };
+                        self.start_linger(now, owner, linger);
                     }
                 }
                 Ok(ShardCmd::Shutdown) | Err(TryRecvError::Disconnected) => {
@@ -533,7 +541,7 @@ impl<P: Port> EngineShard<P> {
     /// The application detached the channel or died: its listeners close now; its flows close
     /// gracefully, so what it queued still reaches the peers; the channel is reclaimed when the
     /// last flow is gone or the linger time is up.
-    fn start_linger(&mut self, now: Instant, owner: Owner) {
+    fn start_linger(&mut self, now: Instant, owner: Owner, linger: Duration) {
         let Some(slot) = self.env.slot(owner) else { return };
         if slot.linger.is_some() {
             return;
@@ -557,7 +565,7 @@ impl<P: Port> EngineShard<P> {
             }
         }
         let Some(slot) = self.env.slot(owner) else { return };
-        slot.linger = Some(now + self.linger);
+        slot.linger = Some(now + linger);
         slot.next_check = now;
         slot.blocked = false;
         // Its flows no longer wait for room in a ring nobody reads.

@@ -60,6 +60,7 @@ fn side(ports: Vec<MemPort>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr
             fds: parker.fd_set(),
             report: report.clone(),
             linger: Duration::from_millis(100),
+            gone_linger: Duration::from_millis(100),
             mesh,
         }));
         s.cmds.push(tx);

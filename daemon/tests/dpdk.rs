@@ -186,6 +186,14 @@ fn af_packet_with_the_kernel_as_peer_and_faults_on_the_link() {
     let b = Daemon::spawn("afp-b", IP_B, MAC_B, 1, &ext(&v.vb), Some(v.ns.name(1)));
     a.wait_ready();
     b.wait_ready();
+    // One EAL lcore (the main one): no worker threads, no start-up hand-shake with them.
+    assert!(a.log_text().contains("DPDK EAL arguments: -l "), "{}", a.log_text());
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", a.child.as_ref().unwrap().id()))
+        .unwrap()
+        .flatten()
+        .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default())
+        .collect();
+    assert!(!threads.iter().any(|t| t.starts_with("rte-worker")), "{threads:?}");
 
     // The kernel in B's namespace resolves A by ARP and pings it (through A's lossy link:
     // the child retries).
@@ -297,4 +305,14 @@ fn start_up_errors_are_clear() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("link"), "{err}");
     assert!(!dir.0.join("s.sock").exists(), "no control socket left behind");
+    // Start-up is bounded as a whole: a step that takes longer than `start_timeout_ms` (here
+    // the link wait, given 10 s) ends the daemon with an error naming it.
+    let t = std::time::Instant::now();
+    let (code, err) = run(&format!(
+        r#""backend": "dpdk", "dpdk": {{"device": "net_memif0,role=server,socket={},socket-abstract=no", "link_timeout_ms": 10000, "start_timeout_ms": 500}}"#,
+        sock.display()
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("DPDK start-up did not finish within 0.5 s (stuck in device set-up)"), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5), "the watchdog ended it: {:?}", t.elapsed());
 }

@@ -395,7 +395,9 @@ impl Endpoint {
             self.path_map.remove(&path.ip);
             self.path_free.push(f.path);
         }
-        self.map.remove(&key(f.remote_ip, f.remote_port, f.local_port));
+        if !f.has(fl::UNMAPPED) {
+            self.map.remove(&key(f.remote_ip, f.remote_port, f.local_port));
+        }
         if f.timer_at != 0 {
             env.set_timer(id, None);
         }
@@ -439,6 +441,10 @@ impl Endpoint {
             Verdict::Keep => {
                 let id = self.id_of(i);
                 let f = &mut self.flows[i];
+                if f.state == FlowState::PeerClosed && !f.has(fl::UNMAPPED) {
+                    self.map.remove(&key(f.remote_ip, f.remote_port, f.local_port));
+                    f.set(fl::UNMAPPED);
+                }
                 // Lazy timer: only move the armed deadline earlier; a late firing re-arms.
                 if f.rto_at != 0 && (f.timer_at == 0 || f.rto_at < f.timer_at) {
                     f.timer_at = f.rto_at;

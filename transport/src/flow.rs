@@ -64,6 +64,10 @@ pub(crate) mod fl {
     /// On the endpoint's blocked list (kept across slot reuse, like `IN_WORK`, so a slot is
     /// never listed twice).
     pub const PARKED: u16 = 1 << 11;
+    /// Out of the 4-tuple map: a reset flow that only waits to deliver its last message no
+    /// longer receives, so a new connection on the same ports (a restarted peer) is not
+    /// mistaken for it.
+    pub const UNMAPPED: u16 = 1 << 12;
 }
 
 /// A sent DATA packet awaiting acknowledgement.

@@ -368,30 +368,43 @@ fn data_for_a_flow_the_peer_no_longer_has_is_answered_with_rst() {
 }
 
 /// A's side restarts (a new endpoint, nothing remembered) and connects again from the same
-/// port — the lowest free one, as before — while B still holds the old flow. B answers the new
-/// SYN with a challenge ACK, A resets the stale flow with an RST, and A's next SYN connects.
+/// port — the lowest free one, as before — while B still holds the old flow, idle or holding a
+/// message its application has not read. B answers the new SYN with a challenge ACK, A resets
+/// the stale flow with an RST, and A's next SYN connects.
 #[test]
 fn a_restarted_peer_connects_through_its_stale_flow() {
-    let mut sim = Sim::new(SimConfig::link(Config::default()));
-    let (fa, fb) = sim.connect(888);
-    sim.send(A, fa, fb, 1, 0, 100).unwrap();
-    assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1));
-    // Everything in flight arrives first: B's flow is idle and established.
-    sim.run_until(Duration::from_millis(10), |_| false);
-    let old_port = sim.sides[A].ep.flow_info(fa).unwrap().tuple.local_port;
-    // A restarts: a fresh endpoint with a new seed (new ISNs).
-    let fresh = Config { seed: 77, ..Config::default() };
-    sim.sides[A].ep = Endpoint::new(fresh, sim.sides[A].ep.local(), Endpoint::shared_ports()).expect("valid config");
-    sim.sides[A].env.events.clear();
-    let t0 = sim.now;
-    let f2 = sim.start_connect(888, 5);
-    assert_eq!(sim.sides[A].ep.flow_info(f2).unwrap().tuple.local_port, old_port, "the same ports");
-    assert!(sim.run_until(Duration::from_secs(3), |s| s.event(A, |e| matches!(e, Event::Connected { .. })).is_some()));
-    let took = sim.now - t0;
-    assert!(took < Duration::from_millis(50), "connected after {took:?} (one SYN retransmission)");
-    assert!(
-        sim.event(B, |e| matches!(e, Event::PeerClosed { flow, .. } if *flow == fb)).is_some(),
-        "B's stale flow was reset"
-    );
-    assert_eq!(sim.sides[B].ep.stats().syn_challenged, 1);
+    for unread in [false, true] {
+        let mut cfg = SimConfig::link(Config::default());
+        cfg.inbox = 1;
+        let mut sim = Sim::new(cfg);
+        let (fa, fb) = sim.connect(888);
+        if unread {
+            // B's application stops reading: a complete message waits in the flow.
+            sim.sides[B].next_read = sim.now + Duration::from_secs(100);
+        }
+        for k in 0..3 {
+            sim.send(A, fa, fb, 1, k, 100).unwrap();
+        }
+        // Everything in flight arrives first: B's flow is established and idle.
+        sim.run_until(Duration::from_millis(10), |_| false);
+        let old_port = sim.sides[A].ep.flow_info(fa).unwrap().tuple.local_port;
+        // A restarts: a fresh endpoint with a new seed (new ISNs).
+        let fresh = Config { seed: 77, ..Config::default() };
+        sim.sides[A].ep =
+            Endpoint::new(fresh, sim.sides[A].ep.local(), Endpoint::shared_ports()).expect("valid config");
+        sim.sides[A].env.events.clear();
+        let t0 = sim.now;
+        let f2 = sim.start_connect(888, 5);
+        assert_eq!(sim.sides[A].ep.flow_info(f2).unwrap().tuple.local_port, old_port, "the same ports");
+        assert!(
+            sim.run_until(Duration::from_secs(3), |s| s.event(A, |e| matches!(e, Event::Connected { .. })).is_some()),
+            "unread {unread}: no connect"
+        );
+        let took = sim.now - t0;
+        assert!(took < Duration::from_millis(50), "unread {unread}: connected after {took:?} (one SYN retransmission)");
+        assert_eq!(sim.sides[B].ep.stats().syn_challenged, 1, "unread {unread}");
+        if !unread {
+            assert!(sim.event(B, |e| matches!(e, Event::PeerClosed { flow, .. } if *flow == fb)).is_some());
+        }
+    }
 }
