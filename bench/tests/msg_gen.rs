@@ -2,7 +2,7 @@
 //! `--verify`, SIGINT, bad flags; here in embedded mode over the udp tunnel (no daemon, no
 //! DPDK), and kernel_rpc, which shares the loop.
 
-use machnet::testing::process::{output_within, ChildGuard, Lines};
+use machnet::testing::process::{output_within, port_taken, with_free_udp_ports, ChildGuard, Lines};
 use std::net::UdpSocket;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -12,20 +12,12 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// Clients give up when no response arrives for this long (instead of waiting forever).
 const NO_RESPONSE: &str = "20";
 
-/// Two UDP ports that were free a moment ago. The embedded stacks need each other's port
-/// before either starts, so a port can be taken in between: [`server`] notices (the server
-/// exits saying it cannot bind) and the caller picks new ones.
-fn free_ports() -> (u16, u16) {
-    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
-}
-
 /// An embedded msg_gen server on 198.18.0.2, serving once it printed its listening line, and
-/// the ports: (server's, client's). Retries with new ports if a port was taken meanwhile.
+/// the ports: (server's, client's). The embedded stacks need each other's port before either
+/// starts, so a port can be taken in between: the server then exits saying so, and it starts
+/// again on other ports.
 fn server(size: usize) -> (ChildGuard, u16, u16) {
-    for _ in 0..5 {
-        let (me, peer) = free_ports();
+    with_free_udp_ports("msg_gen server", |me, peer| {
         let mut g = ChildGuard::spawn(
             Command::new(env!("CARGO_BIN_EXE_msg_gen"))
                 .args(["--embedded", &format!("udp:127.0.0.1:{me},127.0.0.1:{peer}"), "--local_ip", "198.18.0.2"])
@@ -36,12 +28,14 @@ fn server(size: usize) -> (ChildGuard, u16, u16) {
         );
         let mut err = Lines::new(g.child().stderr.take().unwrap());
         if err.wait_for(Duration::from_secs(20), |l| l.contains("listening on")).is_some() {
-            return (g, me, peer);
+            return Ok((g, me, peer));
         }
-        assert!(g.try_status().is_some(), "msg_gen server printed no listening line in 20 s: {}", err.seen());
-        eprintln!("msg_gen server could not start (retrying with other ports): {}", err.seen());
-    }
-    panic!("msg_gen server did not start in 5 tries");
+        match g.wait_timeout(Duration::from_secs(1)) {
+            Some(_) if port_taken(&err.seen()) => Err(err.seen()),
+            Some(st) => panic!("msg_gen server exited ({st}) before listening: {}", err.seen()),
+            None => panic!("msg_gen server printed no listening line in 20 s: {}", err.seen()),
+        }
+    })
 }
 
 fn client(me: u16, peer: u16, extra: &[&str]) -> Command {
@@ -174,12 +168,10 @@ fn kernel_baselines_run_the_same_loop() {
                 .args(["--proto", proto, "--listen", "127.0.0.1:0", "--msg_size", "200", "--timeout", "60"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),
-            "kernel_rpc server",
+            &format!("kernel_rpc {proto} server"),
         );
         let mut err = Lines::new(srv.child().stderr.take().unwrap());
-        let line = err
-            .wait_for(Duration::from_secs(20), |l| l.contains("listening on"))
-            .unwrap_or_else(|| panic!("{proto}: kernel_rpc server printed no listening line in 20 s: {}", err.seen()));
+        let line = err.expect(&mut srv, Duration::from_secs(20), "a listening line", |l| l.contains("listening on"));
         let addr = line.rsplit(' ').next().unwrap().to_string();
         let out = output_within(
             Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))

@@ -574,10 +574,14 @@ mod tests {
         let mem = std::sync::Arc::new(ring_mem::<MsgDesc>(16));
         let (mut p, mut c) = pair::<MsgDesc>(&mem, 16);
         let keep = mem.clone();
+        // Either side gives up after a minute: a consumer that died must not leave the
+        // producer spinning on a full ring, nor a producer that died the consumer on an empty one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let t = std::thread::spawn(move || {
             let _keep = keep;
             let mut i = 0;
             while i < n {
+                assert!(std::time::Instant::now() < deadline, "producer: ring full for a minute at {i} of {n}");
                 let d = MsgDesc { head: i, count: !i, len: i.wrapping_mul(3), ..Default::default() };
                 if p.write(d).unwrap() {
                     i += 1;
@@ -594,6 +598,7 @@ mod tests {
         let mut expect = 0;
         let mut batch = [MsgDesc::default(); 5];
         while expect < n {
+            assert!(std::time::Instant::now() < deadline, "consumer: only {expect} of {n} arrived in a minute");
             let k = c.read_batch(&mut batch).unwrap();
             for d in &batch[..k] {
                 assert_eq!((d.head, d.count, d.len), (expect, !expect, expect.wrapping_mul(3)));

@@ -4,10 +4,11 @@
 //! function in its own process against the test engine in this one.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use machnet::layout::ChannelConfig;
+use machnet::testing::process::{libmachnet_dir, output_within};
 use machnet::testing::{unique_path, TestEngine, TestEngineConfig};
 
 /// A temp file removed when dropped, also when the test fails.
@@ -23,29 +24,6 @@ fn channel_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Where libmachnet.{a,so} built from the current sources are. `cargo test` builds the library
-/// only as an rlib, so build the C artifacts once per test run with a nested cargo into a target
-/// directory of their own (`<target>/capi-lib`, no lock shared with the outer build).
-fn lib_dir() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        // This test runs as <target>/<profile>/deps/capi-<hash>.
-        let exe = std::env::current_exe().unwrap();
-        let target = exe.parent().unwrap().parent().unwrap().parent().unwrap().join("capi-lib");
-        let out = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--lib", "--manifest-path"])
-            .arg(channel_dir().join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target)
-            .env_remove("CARGO_TARGET_DIR")
-            .output()
-            .expect("run cargo");
-        assert!(out.status.success(), "building libmachnet failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        target.join("debug")
-    })
-    .clone()
-}
-
 fn compiler(cpp: bool) -> Command {
     let target = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     let mut b = cc::Build::new();
@@ -53,9 +31,12 @@ fn compiler(cpp: bool) -> Command {
     b.get_compiler().to_command()
 }
 
+/// A compiler run: seconds, but bounded all the same.
+const COMPILE_LIMIT: Duration = Duration::from_secs(300);
+
 #[track_caller]
 fn run_ok(mut c: Command) {
-    let out = c.output().expect("run compiler");
+    let out = output_within(&mut c, COMPILE_LIMIT, "the C compiler");
     // The command without the compiler's environment (the cc crate sets it all).
     let args: Vec<_> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
     assert!(
@@ -176,7 +157,7 @@ fn machnet_h_brings_stdio_stdlib_unistd_like_the_original() {
 /// Builds the C test program; `static_link` picks libmachnet.a over libmachnet.so.
 fn build_program(static_link: bool) -> Temp {
     let exe = Temp(unique_path(if static_link { "machnet_test_static" } else { "machnet_test_shared" }));
-    let dir = lib_dir();
+    let dir = libmachnet_dir();
     let mut c = compiler(false);
     c.args(["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Werror", "-I"])
         .arg(channel_dir().join("include"))
@@ -194,25 +175,15 @@ fn build_program(static_link: bool) -> Temp {
 
 /// Runs `exe args` against `eng`, with a time limit; returns stdout.
 fn run_program(exe: &Path, args: &[&str], eng: &TestEngine, limit: Duration) -> String {
-    let mut child = Command::new(exe)
-        .args(args)
-        .env("MACHNET_CTRL_SOCK", eng.socket_path())
-        // cargo's LD_LIBRARY_PATH for tests may hold an older libmachnet.so; use the fresh one.
-        .env("LD_LIBRARY_PATH", lib_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("{exe:?} {args:?} timed out\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = output_within(
+        Command::new(exe)
+            .args(args)
+            .env("MACHNET_CTRL_SOCK", eng.socket_path())
+            // cargo's LD_LIBRARY_PATH for tests may hold an older libmachnet.so; use the fresh one.
+            .env("LD_LIBRARY_PATH", libmachnet_dir()),
+        limit,
+        &format!("{exe:?} {args:?}"),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{exe:?} {args:?} failed\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
     stdout

@@ -6,14 +6,16 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, IoSliceMut, Write};
+use std::io::{IoSliceMut, Write};
 use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{cuts, gather, pattern, scatter, spawn_self, wait_ok, KillOnDrop, Rng};
+use common::{cuts, gather, pattern, scatter, Rng};
 use machnet::client::{Channel, Error, Machnet};
 use machnet::layout::{MachnetFlow, MSG_MAX_LEN};
 use machnet::ops::EventKind;
+use machnet::testing::process::{self_test, ChildGuard, Lines};
 use machnet::testing::{TestEngine, TestEngineConfig};
 
 const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -202,19 +204,38 @@ fn role_kill_me() {
     }
 }
 
-fn child_env(eng: &TestEngine, role: &str, extra: &[(&str, String)]) -> Vec<(String, String)> {
-    let mut v = vec![
-        ("MACHNET_CTRL_SOCK".to_string(), eng.socket_path().display().to_string()),
-        ("MACHNET_TEST_ROLE".to_string(), role.to_string()),
-    ];
-    v.extend(extra.iter().map(|(k, val)| (k.to_string(), val.clone())));
-    v
+/// This test binary as an application child in `role`, reaching `eng`.
+fn app_command(eng: &TestEngine, role: &str, extra: &[(&str, String)]) -> Command {
+    let mut c = self_test(ENTRY);
+    c.env("MACHNET_CTRL_SOCK", eng.socket_path()).env("MACHNET_TEST_ROLE", role);
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Starts an application child whose output [`wait_ok`] collects.
+fn start_app(eng: &TestEngine, role: &str, extra: &[(&str, String)]) -> ChildGuard {
+    ChildGuard::spawn(
+        app_command(eng, role, extra).stdout(Stdio::piped()).stderr(Stdio::piped()),
+        &format!("child {role}"),
+    )
+}
+
+/// Waits for `child` up to `limit` (killing it and failing at the deadline); fails unless it
+/// exits 0. Returns its stdout.
+#[track_caller]
+fn wait_ok(child: ChildGuard, limit: Duration) -> String {
+    let out = child.output_within(limit);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "child failed: {}\n{stdout}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    stdout
 }
 
 #[test]
 fn rust_client_round_trips_2p20_messages_and_64_large_ones_across_processes() {
     let eng = TestEngine::start(TestEngineConfig::default()).unwrap();
-    let child = spawn_self(ENTRY, &child_env(&eng, "roundtrip", &[]));
+    let child = start_app(&eng, "roundtrip", &[]);
     let out = wait_ok(child, Duration::from_secs(900));
     println!("{out}");
     assert!(out.contains("roundtrip ok: 1048640 messages"), "{out}");
@@ -234,7 +255,7 @@ fn several_apps_with_several_channels_and_threads_at_once() {
             // The third app does without membarrier: its doorbell handshake uses SeqCst stores.
             let nomb = if i == 2 { "1" } else { "0" };
             let extra = [("CHILD_INDEX", i.to_string()), ("MACHNET_NO_MEMBARRIER", nomb.to_string())];
-            spawn_self(ENTRY, &child_env(&eng, "echo-threads", &extra))
+            start_app(&eng, "echo-threads", &extra)
         })
         .collect();
     for c in children {
@@ -254,22 +275,21 @@ fn several_apps_with_several_channels_and_threads_at_once() {
 #[test]
 fn sigkill_mid_send_reclaims_every_buffer() {
     let eng = TestEngine::start(TestEngineConfig::default()).unwrap();
-    let mut child = KillOnDrop(spawn_self(ENTRY, &child_env(&eng, "kill-me", &[])));
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("READY") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "child ended early");
-    }
+    let mut child = ChildGuard::spawn(
+        app_command(&eng, "kill-me", &[]).stdout(Stdio::piped()),
+        "child kill-me (before its SIGKILL)",
+    );
+    let mut out = Lines::new(child.child().stdout.take().unwrap());
+    out.expect(&mut child, Duration::from_secs(60), "READY", |l| l.contains("READY"));
     // Wait until the engine holds the held message and the app holds the 10 echoes.
-    let pid = child.0.id();
+    let pid = child.id();
     assert!(eng.wait_until(Duration::from_secs(30), |e| {
         e.snapshot().iter().any(|s| s.stats.tx_engine >= 4 && s.stats.rx_app >= 30)
     }));
     let before = eng.snapshot()[0].stats;
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-    let st = child.0.wait().unwrap();
+    let st = child.wait_within(Duration::from_secs(10));
     assert!(!st.success());
     let app = eng.registrations().into_iter().find(|(_, c)| c.pid == pid).map(|(a, _)| a).unwrap();
     assert!(eng.wait_until(Duration::from_secs(10), |e| e.reclaimed().iter().any(|r| r.app == app)));

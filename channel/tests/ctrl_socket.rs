@@ -6,7 +6,7 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use machnet::client::{Error, Machnet};
 use machnet::ctrl::{
@@ -18,6 +18,25 @@ use machnet::testing::{unique_path, TestEngine, TestEngineConfig};
 
 fn engine() -> TestEngine {
     TestEngine::start(TestEngineConfig::default()).unwrap()
+}
+
+/// The first connection to `listener`; fails if none comes within `limit`.
+#[track_caller]
+fn accept_within(listener: &std::os::unix::net::UnixListener, limit: Duration) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("no client connected within {limit:?}: {e}"),
+        }
+    }
 }
 
 fn raw_call(s: &mut UnixStream, bytes: &[u8; CTRL_MSG_LEN]) -> CtrlMsg {
@@ -155,20 +174,23 @@ fn a_reply_that_missed_its_timeout_does_not_derail_later_calls() {
     let path = unique_path("late-reply");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut b = [0u8; CTRL_MSG_LEN];
-        s.read_exact(&mut b).unwrap();
-        let first = CtrlMsg::decode(&b).unwrap();
+        // Every wait of this server is bounded, so joining it is too.
+        let mut s = accept_within(&listener, Duration::from_secs(10));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let request = |s: &mut UnixStream, n: u32| {
+            let mut b = [0u8; CTRL_MSG_LEN];
+            s.read_exact(&mut b).unwrap_or_else(|e| panic!("server: call {n} did not come within 10 s: {e}"));
+            CtrlMsg::decode(&b).unwrap()
+        };
+        let first = request(&mut s, 1);
         std::thread::sleep(Duration::from_millis(750));
         s.write_all(&first.reply(Status::Ok).encode()).unwrap();
-        s.read_exact(&mut b).unwrap();
-        let second = CtrlMsg::decode(&b).unwrap();
-        let mut r = second.reply(Status::Ok);
+        let mut r = request(&mut s, 2).reply(Status::Ok);
         r.channel = 42;
         s.write_all(&r.encode()).unwrap();
         // A torn reply: half a message, then silence.
-        s.read_exact(&mut b).unwrap();
-        s.write_all(&CtrlMsg::decode(&b).unwrap().reply(Status::Ok).encode()[..20]).unwrap();
+        let third = request(&mut s, 3);
+        s.write_all(&third.reply(Status::Ok).encode()[..20]).unwrap();
         std::thread::sleep(Duration::from_millis(1200));
     });
     let mut c = CtrlClient::connect(&path, Duration::from_millis(500)).unwrap();
@@ -183,6 +205,6 @@ fn a_reply_that_missed_its_timeout_does_not_derail_later_calls() {
         Err(CallError::Io(e)) => assert_eq!(e.kind(), ErrorKind::BrokenPipe, "{e}"),
         other => panic!("a torn stream must be reported broken, got {other:?}"),
     }
-    server.join().unwrap();
+    server.join().expect("the slow server failed (its panic is above)");
     let _ = std::fs::remove_file(&path);
 }

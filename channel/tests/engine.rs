@@ -284,7 +284,9 @@ fn control_requests_complete_by_id_and_events_interleave() {
     let (mut e, mut app) = pair(&small());
     let t = std::thread::spawn(move || {
         let mut served = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
         while served < 3 {
+            assert!(Instant::now() < deadline, "engine thread: only {served} of 3 control requests came in 30 s");
             if let Some(Ok(req)) = e.poll_ctrl() {
                 // An event before each answer: the app must queue it, not mistake it.
                 e.post_event(Event { kind: EventKind::FlowClosed, flow: FLOW, status: Status::Closed, aux: served });
@@ -319,12 +321,16 @@ fn control_requests_complete_by_id_and_events_interleave() {
     let late = e.poll_ctrl().unwrap().unwrap();
     e.complete(late.id, Ok(FLOW)).unwrap();
     app.set_ctrl_timeout(Duration::from_secs(5));
-    let t = std::thread::spawn(move || loop {
-        if let Some(Ok(req)) = e.poll_ctrl() {
-            e.complete(req.id, Err(Status::NoSuchFlow)).unwrap();
-            return e;
+    let t = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(Ok(req)) = e.poll_ctrl() {
+                e.complete(req.id, Err(Status::NoSuchFlow)).unwrap();
+                return e;
+            }
+            assert!(Instant::now() < deadline, "engine thread: no close request came in 30 s");
+            std::thread::yield_now();
         }
-        std::thread::yield_now();
     });
     assert_eq!(app.close(FLOW), Err(Error::Daemon(Status::NoSuchFlow)), "the stale completion is skipped");
     t.join().unwrap();

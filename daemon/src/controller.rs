@@ -25,6 +25,21 @@ pub const STATS_ARP: u64 = 4;
 /// Version of the statistics document.
 pub const STATS_VERSION: u32 = 1;
 
+/// Bytes the allocator has handed out and not had back (every arena): what `machnetctl status`
+/// reports as `heap_bytes`, to tell a leak from resident-memory noise.
+pub fn heap_in_use() -> u64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value.
+        let m = unsafe { libc::mallinfo2() };
+        (m.uordblks + m.hblkhd) as u64
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        0
+    }
+}
+
 /// What the controller reads about one shard.
 pub struct ShardView {
     /// The shard's own report (counters; lists on request).
@@ -194,6 +209,7 @@ impl Controller {
                 "channels": channels,
                 "flows": flows,
                 "access_refused": self.refused,
+                "heap_bytes": heap_in_use(),
             },
         });
         let shards: Vec<Value> = reports

@@ -103,7 +103,7 @@ fn steady_state(shards: usize, client_shard: usize, server_shard: usize) -> (u64
             if let Some((n, f)) = server.recv_blocking(&mut buf, Some(Duration::from_millis(50))).unwrap() {
                 let back =
                     MachnetFlow { src_ip: f.dst_ip, dst_ip: f.src_ip, src_port: f.dst_port, dst_port: f.src_port };
-                while server.send(back, &buf[..n]).is_err() {
+                while server.send(back, &buf[..n]).is_err() && !d1.load(Ordering::Relaxed) {
                     std::thread::yield_now();
                 }
             }
@@ -116,6 +116,9 @@ fn steady_state(shards: usize, client_shard: usize, server_shard: usize) -> (u64
         let mut buf = [0u8; 2048];
         while !d2.load(Ordering::Relaxed) {
             while client.send(flow, &msg).is_err() {
+                if d2.load(Ordering::Relaxed) {
+                    return;
+                }
                 std::thread::yield_now();
             }
             if let Some((n, _)) = client.recv_blocking(&mut buf, Some(Duration::from_secs(5))).unwrap() {
@@ -156,6 +159,8 @@ fn steady_state(shards: usize, client_shard: usize, server_shard: usize) -> (u64
     while !(srv.is_finished() && cli.is_finished()) && t.elapsed() < Duration::from_secs(10) {
         poll_all(&mut a, &mut b);
     }
+    // Their every wait is bounded (5 s receives, the done flag): not finished means stuck.
+    assert!(srv.is_finished() && cli.is_finished(), "the application threads did not finish within 10 s");
     srv.join().unwrap();
     cli.join().unwrap();
     let t = Instant::now();

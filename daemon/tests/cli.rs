@@ -4,10 +4,13 @@
 mod common;
 
 use common::*;
+use machnet::testing::process::output_within;
 use std::process::{Command, Output};
 
+/// machnetd with `args`, expected to exit by itself (an error, --help): bounded, so a
+/// configuration that is wrongly accepted fails the test instead of serving forever.
 fn machnetd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_machnetd")).args(args).output().expect("run machnetd")
+    output_within(Command::new(env!("CARGO_BIN_EXE_machnetd")).args(args), RUN, &format!("machnetd {args:?}"))
 }
 
 fn with_config(text: &str) -> Output {

@@ -12,13 +12,12 @@ use common::*;
 use dpdk_common::{
     ip, ip_output, is_child, raw_socket, recv_raw, require_root_and_ip, say, send_raw, ChildProc, Netns,
 };
+use machnet::testing::process::{libmachnet_dir, output_within};
 use machnet_net::wire::{IcmpEchoKind, IcmpEchoRepr, IcmpPacket, Ipv4Packet, Ipv4Repr};
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const MAC_A: &str = "02:00:00:00:00:01";
-const MAC_B: &str = "02:00:00:00:00:02";
 const PORT: u16 = 888;
 
 /// Two daemons joined by memif (A is the memif server and starts first), `threads` shards each.
@@ -31,14 +30,10 @@ fn memif_pair(dir: &TempDir, threads: u32, extra: &str) -> (Daemon, Daemon) {
             sock.display()
         )
     };
-    let a = Daemon::spawn("memif-a", IP_A, MAC_A, threads, &ext("server"), None);
+    let mut a = Daemon::spawn("memif-a", IP_A, MAC_A, threads, &ext("server"), None);
     // The server creates the socket; the client needs it.
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "memif server did not start: {}", a.log_text());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let b = Daemon::spawn("memif-b", IP_B, MAC_B, threads, &ext("client"), None);
+    a.wait_until("its memif socket", |_| sock.exists());
+    let mut b = Daemon::spawn("memif-b", IP_B, MAC_B, threads, &ext("client"), None);
     a.wait_ready();
     b.wait_ready();
     (a, b)
@@ -47,19 +42,10 @@ fn memif_pair(dir: &TempDir, threads: u32, extra: &str) -> (Daemon, Daemon) {
 /// Stops both daemons together (a memif peer must not poll while the other unmaps its rings)
 /// and returns their logs.
 fn stop_both(mut a: Daemon, mut b: Daemon) -> (String, String) {
-    let (ca, cb) = (a.child.take().unwrap(), b.child.take().unwrap());
-    for c in [&ca, &cb] {
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-    }
-    for (mut c, d) in [(ca, &a), (cb, &b)] {
-        let t = Instant::now();
-        let st = loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                break st;
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "machnetd did not stop: {}", d.log_text());
-            std::thread::sleep(Duration::from_millis(10));
-        };
+    a.terminate();
+    b.terminate();
+    for d in [&mut a, &mut b] {
+        let st = d.wait_exit(Duration::from_secs(20));
         assert!(st.success(), "machnetd {} exited with {st}: {}", d.ip, d.log_text());
     }
     (a.log_text(), b.log_text())
@@ -103,7 +89,7 @@ fn every_size_class(a: &Daemon, b: &Daemon, classes: &[(usize, u64, u64)]) {
 
 #[test]
 fn memif_hello_world_and_every_size_class_both_ways() {
-    let lib = lib_dir();
+    let lib = libmachnet_dir();
     let dir = TempDir::new("memif1");
     let exe = build_hello(&dir.0, &lib);
     let (a, b) = memif_pair(&dir, 1, "");
@@ -182,13 +168,13 @@ fn af_packet_with_the_kernel_as_peer_and_faults_on_the_link() {
             r#""backend": "dpdk", "idle": "adaptive", "dpdk": {{"device": "net_af_packet0,iface={iface}"}} {fault}"#
         )
     };
-    let a = Daemon::spawn("afp-a", IP_A, MAC_A, 1, &ext(&v.va), Some(v.ns.name(0)));
-    let b = Daemon::spawn("afp-b", IP_B, MAC_B, 1, &ext(&v.vb), Some(v.ns.name(1)));
+    let mut a = Daemon::spawn("afp-a", IP_A, MAC_A, 1, &ext(&v.va), Some(v.ns.name(0)));
+    let mut b = Daemon::spawn("afp-b", IP_B, MAC_B, 1, &ext(&v.vb), Some(v.ns.name(1)));
     a.wait_ready();
     b.wait_ready();
     // One EAL lcore (the main one): no worker threads, no start-up hand-shake with them.
     assert!(a.log_text().contains("DPDK EAL arguments: -l "), "{}", a.log_text());
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", a.child.as_ref().unwrap().id()))
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", a.pid()))
         .unwrap()
         .flatten()
         .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default())
@@ -274,13 +260,15 @@ fn start_up_errors_are_clear() {
             format!(r#"{{"machnet_config": {{"{MAC_A}": {{"ip": "{IP_A}"}}}}, "machnet_rs": {{{ext}}}}}"#),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_machnetd"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--ctrl-sock")
-            .arg(dir.0.join("s.sock"))
-            .output()
-            .unwrap();
+        let out = output_within(
+            Command::new(env!("CARGO_BIN_EXE_machnetd"))
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--ctrl-sock")
+                .arg(dir.0.join("s.sock")),
+            RUN,
+            &format!("machnetd ({ext})"),
+        );
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     // A driver DPDK does not have.

@@ -15,12 +15,11 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader, Read};
+use machnet::testing::process::{output_within, ChildGuard, Lines};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 /// How long a server gets to start listening, and a client to finish.
 const START: Duration = Duration::from_secs(20);
@@ -34,13 +33,13 @@ fn sources() -> PathBuf {
     channel_dir().join("tests/dropin")
 }
 
-/// libmachnet built from the current sources ([`lib_dir`]) plus the original's names for it,
+/// libmachnet built from the current sources ([`libmachnet_dir`](machnet::testing::process::libmachnet_dir)) plus the original's names for it,
 /// `libmachnet_shim.so` and `libmachnet_shim.a` (symlinks, created atomically: tests of this
 /// and other test binaries may look at the directory at the same time).
 fn shim_lib_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = lib_dir();
+        let dir = machnet::testing::process::libmachnet_dir();
         for (link, target) in [("libmachnet_shim.so", "libmachnet.so"), ("libmachnet_shim.a", "libmachnet.a")] {
             assert!(dir.join(target).exists(), "{} was not built", dir.join(target).display());
             if std::fs::read_link(dir.join(link)).is_ok_and(|t| t == Path::new(target)) {
@@ -56,126 +55,64 @@ fn shim_lib_dir() -> PathBuf {
     .clone()
 }
 
-/// A child process killed (and reaped) when dropped; its stdout and stderr are collected by
-/// two threads so that the test can wait for a line with a time limit.
+/// A Machnet application under test: killed (and reaped) when dropped, its stdout and stderr
+/// read on threads so that the test can wait for a line with a time limit.
 struct App {
-    name: String,
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-fn collect(pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            let mut s = into.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
-        }
-    })
+    child: ChildGuard,
+    out: Lines,
+    err: Lines,
 }
 
 impl App {
-    fn spawn(name: &str, mut cmd: Command) -> App {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name} ({cmd:?}): {e}"));
-        let (out, err) = (Arc::default(), Arc::default());
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), Arc::clone(&out)),
-            collect(child.stderr.take().unwrap(), Arc::clone(&err)),
-        ];
-        App { name: name.to_string(), child, out, err, readers }
-    }
-
     /// A Machnet application `exe args` registering with daemon `d`.
     fn machnet(name: &str, exe: &Path, args: &[&str], d: &Daemon) -> App {
         let mut cmd = Command::new(exe);
         // cargo's LD_LIBRARY_PATH for tests may hold an older libmachnet.so: only the fresh one.
-        cmd.args(args).env("MACHNET_CTRL_SOCK", &d.sock).env("LD_LIBRARY_PATH", shim_lib_dir());
-        App::spawn(name, cmd)
-    }
-
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap().clone()
+        cmd.args(args)
+            .env("MACHNET_CTRL_SOCK", &d.sock)
+            .env("LD_LIBRARY_PATH", shim_lib_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut cmd, name);
+        let out = Lines::new(child.child().stdout.take().unwrap());
+        let err = Lines::new(child.child().stderr.take().unwrap());
+        App { child, out, err }
     }
 
     fn describe(&self) -> String {
-        format!(
-            "---- {} stdout ----\n{}---- {} stderr ----\n{}",
-            self.name,
-            self.stdout(),
-            self.name,
-            self.err.lock().unwrap()
-        )
+        format!("---- stdout ----\n{}---- stderr ----\n{}", self.out.seen(), self.err.seen())
     }
 
-    /// Waits until the program has printed `needle`.
+    /// Waits until the program has printed a line containing `needle`.
+    #[track_caller]
     fn wait_for(&mut self, needle: &str, limit: Duration) {
-        let t = Instant::now();
-        while !self.stdout().contains(needle) {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(50)); // let the readers catch up
-                if self.stdout().contains(needle) {
-                    return;
-                }
-                panic!("{} exited ({st}) without printing {needle:?}\n{}", self.name, self.describe());
-            }
-            if t.elapsed() > limit {
-                panic!("waited {limit:?} for {} to print {needle:?}\n{}", self.name, self.describe());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.out.expect(&mut self.child, limit, &format!("{needle:?}"), |l| l.contains(needle));
     }
 
-    /// Waits until the program exits; returns its status (and all it printed is collected).
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let t = Instant::now();
-        let st = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if t.elapsed() > limit {
-                panic!("waited {limit:?} for {} to exit\n{}", self.name, self.describe());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        // The pipes are at EOF now that the process is gone (it starts no children).
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        st
-    }
-
-    /// Waits for a successful exit and returns what the program printed.
+    /// Waits for a successful exit and returns everything the program printed.
+    #[track_caller]
     fn finish(&mut self, limit: Duration) -> String {
-        let st = self.wait_exit(limit);
-        assert!(st.success(), "{} exited with {st}\n{}", self.name, self.describe());
-        self.stdout()
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let st = self.child.wait_within(limit);
+        // The pipes close with the process (it starts no children).
+        self.out.wait_closed(Duration::from_secs(5));
+        self.err.wait_closed(Duration::from_secs(5));
+        assert!(st.success(), "exited with {st}\n{}", self.describe());
+        self.out.seen()
     }
 }
 
 /// Runs a build command to completion within `limit` and returns its output; panics with
 /// the command's output if it fails or takes too long.
-fn run_bounded(what: &str, cmd: Command, limit: Duration) -> Output {
-    let desc = format!("{cmd:?}");
-    let mut app = App::spawn(what, cmd);
-    let st = app.wait_exit(limit);
-    let out =
-        Output { status: st, stdout: app.stdout().into_bytes(), stderr: app.err.lock().unwrap().clone().into_bytes() };
-    assert!(st.success(), "{what} failed ({st}): {desc}\n{}", app.describe());
+fn run_bounded(what: &str, mut cmd: Command, limit: Duration) -> Output {
+    let out = output_within(cmd.stdin(Stdio::null()), limit, what);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {cmd:?}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 

@@ -7,12 +7,12 @@ use common::*;
 use machnet::client::{Channel, Error as ClientError};
 use machnet::layout::MachnetFlow;
 use machnet::ops::{EventKind, Status};
+use machnet::testing::process::{self_test, with_free_udp_ports, ChildGuard};
 use machnet_net::wire::{
     classify, emit_arp, ArpOperation, ArpRepr, ChecksumCaps, EtherType, EthernetAddress, EthernetRepr, Frame,
     IcmpEchoKind, IcmpEchoRepr, IpProtocol, Ipv4Repr,
 };
 use std::net::UdpSocket;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 888;
@@ -71,12 +71,10 @@ fn sigkill_mid_transfer_reclaims_everything() {
     let mb = b.app();
     let mut rx = mb.attach().unwrap();
     rx.listen(IP_B, PORT).unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_sender", "--ignored", "--nocapture"])
-        .env("MACHNET_TEST_SOCK", &a.sock)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ChildGuard::spawn(
+        self_test("child_sender").env("MACHNET_TEST_SOCK", &a.sock).stdout(std::process::Stdio::null()),
+        "child_sender",
+    );
     let mut buf = vec![0u8; 1 << 17];
     let mut got = 0;
     let t = Instant::now();
@@ -86,8 +84,7 @@ fn sigkill_mid_transfer_reclaims_everything() {
         }
         assert!(t.elapsed() < Duration::from_secs(60));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     // The daemon notices the registration socket close, lets the flow send what the app had
     // queued, closes it, and reclaims the channel with every buffer accounted for (12288 each
     // way is the whole of both pools).
@@ -328,8 +325,9 @@ fn arp_and_icmp_from_an_independent_peer_are_answered() {
     // The "peer" is a plain UDP socket speaking raw Ethernet frames through the tunnel.
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     let peer_port = peer.local_addr().unwrap().port();
-    let (bind, _) = free_ports();
-    let _a = Daemon::start("icmp", IP_A, "02:00:00:00:00:01", bind, peer_port, "");
+    let (_a, bind) = with_free_udp_ports("machnetd", |bind, _| {
+        Ok((Daemon::try_start("icmp", IP_A, MAC_A, bind, peer_port, "")?, bind))
+    });
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let me = EthernetAddress([2, 0, 0, 0, 0, 9]);
     let my_ip = std::net::Ipv4Addr::new(198, 18, 0, 9);

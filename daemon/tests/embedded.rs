@@ -77,6 +77,7 @@ fn echo<P: Port, Q: Port>(
                 match b.send(reverse(from), &buf[..len]) {
                     Ok(()) => break,
                     Err(Error::NoBuffers) => {
+                        assert!(t.elapsed() < Duration::from_secs(120), "echo of {got}/{n} ({size} B): no buffers");
                         a.poll();
                         b.poll();
                     }
@@ -191,6 +192,8 @@ fn steady_state_allocates_nothing() {
     assert_eq!(count_allocs(|| std::hint::black_box(vec![1u8; 3])).0, 1);
     let mut out = [0x42u8; 1000];
     let mut buf = [0u8; 2048];
+    let t = Instant::now();
+    let limit = Duration::from_secs(120);
     let (allocs, ()) = count_allocs(|| {
         for k in 0..20_000u32 {
             out[..4].copy_from_slice(&k.to_le_bytes());
@@ -199,6 +202,7 @@ fn steady_state_allocates_nothing() {
                 if let Some(m) = b.recv(&mut buf).unwrap() {
                     break m;
                 }
+                assert!(t.elapsed() < limit, "request {k} did not arrive");
             };
             b.send(reverse(from), &buf[..n]).unwrap();
             loop {
@@ -206,6 +210,7 @@ fn steady_state_allocates_nothing() {
                     assert_eq!(&buf[..n], &out[..]);
                     break;
                 }
+                assert!(t.elapsed() < limit, "the echo of request {k} did not arrive");
             }
         }
     });

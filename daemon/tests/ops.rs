@@ -7,6 +7,7 @@ use common::*;
 use machnet::ctrl::{CtrlClient, KIND_CREATE_CHANNEL, KIND_REGISTER};
 use machnet::engine::AppFds;
 use machnet::layout::{CtrlEntry, MachnetFlow, MsgDesc, Part, MSG_MAX_LEN};
+use machnet::testing::process::{output_within, self_test, ChildGuard, Lines};
 use machnet::testing::RawView;
 use serde_json::Value;
 use std::os::unix::process::CommandExt;
@@ -17,8 +18,14 @@ use std::time::{Duration, Instant};
 const PORT: u16 = 888;
 const NOBODY: u32 = 65534;
 
+fn machnetctl_command(sock: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_machnetctl"));
+    c.arg("--ctrl-sock").arg(sock).args(args);
+    c
+}
+
 fn machnetctl(sock: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_machnetctl")).arg("--ctrl-sock").arg(sock).args(args).output().unwrap()
+    output_within(&mut machnetctl_command(sock, args), RUN, &format!("machnetctl {args:?}"))
 }
 
 fn ctl_json(sock: &Path, what: &str) -> Value {
@@ -88,34 +95,21 @@ fn machnetctl_shows_status_shards_flows_channels_apps_and_arp() {
     assert_eq!(c["channels"][0]["tx_app"], c["channels"][0]["tx_bufs"], "every TX buffer is back with the app");
 
     // --watch refreshes until interrupted: read three refreshes, then SIGINT; it exits 0.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_machnetctl"))
-        .arg("--ctrl-sock")
-        .arg(&a.sock)
-        .args(["--watch", "0.2", "status"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id().to_string();
-    let watchdog = {
-        let pid = pid.clone();
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-                let _ = Command::new("kill").arg("-KILL").arg(&pid).status();
-            }
-        });
-        tx
-    };
-    let mut refreshes = 0;
-    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap())) {
-        refreshes += line.unwrap().contains("machnetd pid") as usize;
-        if refreshes == 3 {
-            let _ = Command::new("kill").arg("-INT").arg(&pid).status();
-        }
+    let mut child = ChildGuard::spawn(
+        machnetctl_command(&a.sock, &["--watch", "0.2", "status"]).stdout(Stdio::piped()),
+        "machnetctl --watch",
+    );
+    let mut lines = Lines::new(child.child().stdout.take().unwrap());
+    for refresh in 1..=3 {
+        lines.expect(
+            &mut child,
+            Duration::from_secs(30),
+            &format!("refresh {refresh} (a \"machnetd pid\" line)"),
+            |l| l.contains("machnetd pid"),
+        );
     }
-    let status = child.wait().unwrap();
-    drop(watchdog);
-    assert!(refreshes >= 3, "refreshed {refreshes} times before being killed by the watchdog");
+    child.signal(libc::SIGINT);
+    let status = child.wait_within(Duration::from_secs(10));
     assert!(status.success(), "exit status after SIGINT: {status:?}");
 
     // No daemon: a clear error.
@@ -183,30 +177,19 @@ fn a_shard_parks_while_an_application_does_not_read_and_loses_nothing() {
 #[test]
 fn access_list_and_socket_mode_refuse_other_users() {
     // Only uid 4242 (and root) may use A; B has no list.
-    let (pa, pb) = free_ports();
-    let a = Daemon::start("a", IP_A, "02:00:00:00:00:01", pa, pb, r#", "access": {"allow_uids": [4242]}"#);
-    let b = Daemon::start("b", IP_B, "02:00:00:00:00:02", pb, pa, "");
-    let as_nobody = |sock: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_machnetctl"))
-            .arg("--ctrl-sock")
-            .arg(sock)
-            .arg("status")
-            .uid(NOBODY)
-            .output()
-            .unwrap()
-    };
+    let (a, b) = Daemon::pair_with(r#", "access": {"allow_uids": [4242]}"#, "");
+    let as_nobody =
+        |sock: &Path| output_within(machnetctl_command(sock, &["status"]).uid(NOBODY), RUN, "machnetctl as nobody");
     let out = as_nobody(&a.sock);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("not on its access list"), "{}", text(&out));
     assert!(a.wait_log("statistics refused: pid", Duration::from_secs(5)));
     // Registration is refused the same way (an application run as nobody).
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
-        .args(["--exact", "child_register", "--ignored", "--nocapture"])
-        .env("MACHNET_TEST_SOCK", &a.sock)
-        .uid(NOBODY)
-        .output()
-        .unwrap();
+    let out = output_within(
+        self_test("child_register").env("MACHNET_TEST_SOCK", &a.sock).uid(NOBODY),
+        RUN,
+        "child_register as nobody",
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("refused: not permitted"), "{}", text(&out));
     assert!(a.wait_log("registration refused: pid", Duration::from_secs(5)));

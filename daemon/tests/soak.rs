@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use machnet::client::Machnet;
 use machnet::layout::MachnetFlow;
+use machnet::testing::process::output_within;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -21,12 +22,11 @@ const FLOWS: usize = 16;
 const PORT: u16 = 888;
 
 fn ctl(sock: &Path) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_machnetctl"))
-        .arg("--ctrl-sock")
-        .arg(sock)
-        .args(["--json", "channels"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_machnetctl")).arg("--ctrl-sock").arg(sock).args(["--json", "channels"]),
+        RUN,
+        "machnetctl --json channels",
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -100,7 +100,7 @@ fn sixty_four_apps_churning_sixteen_flows_each_leak_nothing() {
     // with a message of up to 12 packets in flight (a pool smaller than flows × message leaves
     // partial messages holding every buffer; see docs/operations.md, channel.buffers).
     let (a, b) = Daemon::pair("");
-    let (pid_a, pid_b) = (a.child.as_ref().unwrap().id(), b.child.as_ref().unwrap().id());
+    let (pid_a, pid_b) = (a.pid(), b.pid());
     // The echo side: one application on B, echoing everything.
     let server = echo_server_on(&b, PORT, u64::MAX);
     let fd0 = fds(pid_a);

@@ -44,6 +44,26 @@ struct Pipe {
     target: u64,
     deadline: Option<Instant>,
     reached_deadline_at: Option<Instant>,
+    /// The shard ends by itself at this wall-clock time even if the target is not reached, so
+    /// joining it never waits forever; [`finished`] then fails the test.
+    give_up: std::time::Instant,
+}
+
+/// How long a test shard may run.
+const GIVE_UP: Duration = Duration::from_secs(30);
+
+/// Joins `shard`, failing if it ended because it ran out of time rather than by reaching its
+/// target or being stopped.
+#[track_caller]
+fn finished(shard: Shard<Pipe>, stop: bool) -> Pipe {
+    let p = if stop { shard.stop_and_join() } else { shard.join() }.expect("the shard thread panicked");
+    assert!(
+        std::time::Instant::now() < p.give_up,
+        "the shard did not finish within {GIVE_UP:?} (took {} of {} items)",
+        p.inbox.done,
+        p.target
+    );
+    p
 }
 
 impl Pipeline for Pipe {
@@ -64,7 +84,7 @@ impl Pipeline for Pipe {
         self.inbox.pending.load(Ordering::Acquire) == 0
     }
     fn done(&self) -> bool {
-        self.inbox.done >= self.target
+        self.inbox.done >= self.target || std::time::Instant::now() >= self.give_up
     }
 }
 
@@ -75,6 +95,7 @@ fn pipe(pending: &Arc<AtomicU64>, target: u64) -> Pipe {
         target,
         deadline: None,
         reached_deadline_at: None,
+        give_up: std::time::Instant::now() + GIVE_UP,
     }
 }
 
@@ -91,7 +112,7 @@ fn adaptive_shard_parks_and_is_woken_by_producers() {
         waker.wake();
     }
     let stats_handle = shard.stats_handle();
-    let p = shard.join().unwrap();
+    let p = finished(shard, false);
     assert_eq!(p.inbox.done, 100, "every item was taken although the shard slept between them");
     let s = stats_handle.lock().unwrap().clone();
     assert!(s.loops.parks >= 50, "{:?}", s.loops);
@@ -118,7 +139,7 @@ fn parked_shard_wakes_for_its_next_deadline() {
     std::thread::sleep(Duration::from_millis(200));
     pending.fetch_add(1, Ordering::AcqRel);
     shard.waker().wake();
-    let p = shard.join().unwrap();
+    let p = finished(shard, false);
     let at = p.reached_deadline_at.expect("the shard ran at its deadline");
     // It was parked, not spinning: woken by the timeout (the 100 ms park cap is not the reason).
     assert!(at >= deadline);
@@ -135,6 +156,6 @@ fn busy_shard_pinned_runs_and_stops_on_request() {
     let stats = shard.stats();
     assert!(stats.loops.loops > 1000, "busy loop spins: {:?}", stats.loops);
     assert_eq!(stats.loops.parks, 0);
-    let p = shard.stop_and_join().unwrap();
+    let p = finished(shard, true);
     assert_eq!(p.inbox.done, 5);
 }

@@ -13,7 +13,10 @@ static ALLOC: CountingAlloc = CountingAlloc;
 
 fn transfer(sim: &mut Sim, fa: machnet_transport::FlowId, fb: machnet_transport::FlowId, from: u64, n: u64) {
     let mut sent = from;
+    let start = sim.now;
     while sim.delivered(B, fb) < from + n || sim.delivered(A, fa) < from + n {
+        // Virtual time: a stalled transfer fails here, not after the flows give up.
+        assert!(sim.now - start < Duration::from_secs(60), "transfer stalled at {}", sim.delivered(B, fb));
         while sent < from + n && sim.pending(B, fb) < 64 {
             sim.send(A, fa, fb, 1, sent, 3000).unwrap();
             sim.send(B, fb, fa, 2, sent, 700).unwrap();

@@ -1,10 +1,9 @@
 //! Helpers shared by the integration tests: a seeded PRNG, message sizes, scatter/gather
-//! splits, a pattern pool to draw message contents from, and child-process plumbing.
+//! splits and a pattern pool to draw message contents from. (Child processes: see
+//! `machnet::testing::process`.)
 #![allow(dead_code)]
 
 use std::io::{IoSlice, IoSliceMut};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// splitmix64: small, seedable, good enough for test data.
 pub struct Rng(pub u64);
@@ -62,46 +61,4 @@ pub fn scatter<'a>(buf: &'a mut [u8], cuts: &[usize]) -> Vec<IoSliceMut<'a>> {
         out.push(IoSliceMut::new(a));
     }
     out
-}
-
-/// Re-runs this test binary as a child executing the ignored test `entry` with `env`.
-pub fn spawn_self(entry: &str, env: &[(String, String)]) -> Child {
-    let exe = std::env::current_exe().unwrap();
-    let mut c = Command::new(exe);
-    c.args(["--exact", entry, "--ignored", "--nocapture", "--test-threads=1"]);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn child")
-}
-
-/// Waits for `child` up to `limit`; kills it (and fails) on timeout. Returns its stdout.
-#[track_caller]
-pub fn wait_ok(mut child: Child, limit: Duration) -> String {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            let mut out = String::new();
-            use std::io::Read;
-            child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-            assert!(st.success(), "child failed: {st}\n{out}");
-            return out;
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("child did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Kills the child when dropped (a failing test must not leave it running).
-pub struct KillOnDrop(pub Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -2,8 +2,8 @@
 //! pinned to one CPU each (as on a shared VM where the daemon and its applications share a
 //! core with other work), and bounded `machnetctl` calls.
 
-use super::{free_ports, Daemon, TempDir, IP_A, IP_B};
-use machnet::testing::process::{output_within, ChildGuard};
+use super::{Daemon, Gone, TempDir, IP_A, IP_B, READY};
+use machnet::testing::process::{output_within, port_taken, with_free_udp_ports, ChildGuard};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -47,20 +47,19 @@ pub fn pin_thread(cpu: usize) {
 
 impl Daemon {
     /// Starts `machnetd` on the udp backend with the whole process (shards and controller)
-    /// pinned to `cpu` through `taskset` and `cpu_mask`; `extra` as in [`Daemon::start`].
-    pub fn start_pinned(
+    /// pinned to `cpu` through `taskset` and `cpu_mask`; `extra` as in [`Daemon::try_start`].
+    /// `Err` if its UDP port was taken.
+    pub fn try_start_pinned(
         tag: &str,
         ip: std::net::Ipv4Addr,
         mac: &str,
         ports: (u16, u16),
         cpu: usize,
         extra: &str,
-    ) -> Daemon {
+    ) -> Result<Daemon, String> {
         let cpu = cpu % cpus();
         let dir = TempDir::new(tag);
         let cfg = dir.0.join("config.json");
-        let sock = dir.0.join("ctrl.sock");
-        let log = dir.0.join("machnetd.log");
         let (bind, peer) = ports;
         std::fs::write(
             &cfg,
@@ -72,29 +71,47 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let child = Command::new("taskset")
-            .args(["-c", &cpu.to_string(), env!("CARGO_BIN_EXE_machnetd")])
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--ctrl-sock")
-            .arg(&sock)
-            .arg("--log-level")
-            .arg(std::env::var("MACHNETD_LOG").unwrap_or_else(|_| "info".into()))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn machnetd");
-        let d = Daemon { child: Some(child), sock, log, ip, _dir: dir };
-        d.wait_ready();
-        d
+        let mut d =
+            Daemon { child: None, sock: dir.0.join("ctrl.sock"), log: dir.0.join("machnetd.log"), ip, _dir: dir };
+        d.child = Some(d.spawn_pinned(cpu, false));
+        match d.until(READY, |d| d.sock.exists()) {
+            Ok(()) => Ok(d),
+            Err(Gone::Exited(_)) if port_taken(&d.log_text()) => {
+                Err(format!("machnetd {ip} could not bind 127.0.0.1:{bind}: {}", d.log_text().trim()))
+            }
+            Err(why) => d.failed(why, "its control socket"),
+        }
+    }
+
+    /// `taskset -c CPU machnetd` with this daemon's configuration, socket and log.
+    fn spawn_pinned(&self, cpu: usize, append_log: bool) -> ChildGuard {
+        let log = if append_log {
+            std::fs::OpenOptions::new().append(true).open(&self.log).unwrap()
+        } else {
+            std::fs::File::create(&self.log).unwrap()
+        };
+        ChildGuard::spawn(
+            Command::new("taskset")
+                .args(["-c", &(cpu % cpus()).to_string(), env!("CARGO_BIN_EXE_machnetd")])
+                .arg("--config")
+                .arg(self._dir.0.join("config.json"))
+                .arg("--ctrl-sock")
+                .arg(&self.sock)
+                .arg("--log-level")
+                .arg(std::env::var("MACHNETD_LOG").unwrap_or_else(|_| "info".into()))
+                .stdout(Stdio::null())
+                .stderr(log),
+            &format!("machnetd {}", self.ip),
+        )
     }
 
     /// A pair like [`Daemon::pair`], A pinned to CPU 0 and B to CPU 1.
     pub fn pair_pinned(extra: &str) -> (Daemon, Daemon) {
-        let (pa, pb) = free_ports();
-        let a = Daemon::start_pinned("a", IP_A, "02:00:00:00:00:01", (pa, pb), 0, extra);
-        let b = Daemon::start_pinned("b", IP_B, "02:00:00:00:00:02", (pb, pa), 1, extra);
-        (a, b)
+        with_free_udp_ports("a pinned machnetd pair", |pa, pb| {
+            let a = Daemon::try_start_pinned("a", IP_A, "02:00:00:00:00:01", (pa, pb), 0, extra)?;
+            let b = Daemon::try_start_pinned("b", IP_B, "02:00:00:00:00:02", (pb, pa), 1, extra)?;
+            Ok((a, b))
+        })
     }
 
     /// Starts the daemon again with the same configuration, control socket and log (after
@@ -103,26 +120,8 @@ impl Daemon {
         assert!(self.child.is_none(), "respawn of a running daemon");
         // The killed daemon left its socket file: wait for the new one's.
         let _ = std::fs::remove_file(&self.sock);
-        let log = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
-        let child = Command::new("taskset")
-            .args(["-c", &(cpu % cpus()).to_string(), env!("CARGO_BIN_EXE_machnetd")])
-            .arg("--config")
-            .arg(self._dir.0.join("config.json"))
-            .arg("--ctrl-sock")
-            .arg(&self.sock)
-            .arg("--log-level")
-            .arg(std::env::var("MACHNETD_LOG").unwrap_or_else(|_| "info".into()))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn machnetd");
-        self.child = Some(child);
+        self.child = Some(self.spawn_pinned(cpu, true));
         self.wait_ready();
-    }
-
-    /// The daemon's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
     }
 
     /// `machnetctl --json WHAT`, which must answer within `limit`.
@@ -130,29 +129,27 @@ impl Daemon {
         ctl_json_within(&self.sock, what, limit)
     }
 
-    /// SIGTERM, then how long the daemon took to exit (it must exit 0 within `limit`).
+    /// SIGTERM, then how long the daemon took to exit (it must exit 0 within `limit`; if it
+    /// does not, the failure shows where its threads were).
     pub fn stop_within(&mut self, limit: Duration) -> Duration {
-        let mut child = self.child.take().expect("running");
+        let pid = self.pid();
         let t = Instant::now();
-        // SAFETY: kill(2) on the daemon this test started and has not reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                let took = t.elapsed();
+        self.terminate();
+        let mut child = self.child.take().expect("running");
+        match child.wait_timeout(limit) {
+            Some(st) => {
                 assert!(st.success(), "machnetd {} exited with {st}: {}", self.ip, self.log_text());
-                return took;
+                t.elapsed()
             }
-            if t.elapsed() > limit {
-                let stacks = thread_stacks(child.id());
-                let _ = child.kill();
-                let _ = child.wait();
+            None => {
+                let stacks = thread_stacks(pid);
+                child.kill();
                 panic!(
                     "machnetd {} did not stop within {limit:?} of SIGTERM; its threads:\n{stacks}\nlog:\n{}",
                     self.ip,
                     self.log_text()
                 );
             }
-            std::thread::sleep(Duration::from_millis(2));
         }
     }
 }

@@ -5,10 +5,11 @@ pub mod load;
 
 use machnet::client::{Channel, Machnet};
 use machnet::layout::MachnetFlow;
+use machnet::testing::process::{output_within, port_taken, with_free_udp_ports, ChildGuard};
 use std::io::Read;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -36,19 +37,28 @@ impl Drop for TempDir {
     }
 }
 
-/// Two free UDP ports on loopback.
-pub fn free_ports() -> (u16, u16) {
-    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
-}
-
 pub const IP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const IP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const MAC_A: &str = "02:00:00:00:00:01";
+pub const MAC_B: &str = "02:00:00:00:00:02";
+
+/// How long a daemon may take to serve its control socket.
+pub(crate) const READY: Duration = Duration::from_secs(20);
+/// How long it may take to stop on SIGTERM.
+const STOP: Duration = Duration::from_secs(10);
+/// Every run of a short-lived program (machnetd refusing a configuration, machnetctl, a C
+/// client) is bounded by this.
+pub const RUN: Duration = Duration::from_secs(60);
+
+/// Why [`Daemon::until`] gave up.
+pub(crate) enum Gone {
+    Exited(ExitStatus),
+    TimedOut,
+}
 
 /// A running daemon, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Daemon {
-    pub child: Option<Child>,
+    child: Option<ChildGuard>,
     pub sock: PathBuf,
     pub log: PathBuf,
     pub ip: Ipv4Addr,
@@ -57,14 +67,28 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `machnetd` for `ip`/`mac` tunnelling on `bind_port` to `peer_port`, with extra
-    /// `machnet_rs` keys (a JSON fragment starting with a comma, or empty).
-    pub fn start(tag: &str, ip: Ipv4Addr, mac: &str, bind_port: u16, peer_port: u16, extra: &str) -> Daemon {
+    /// `machnet_rs` keys (a JSON fragment starting with a comma, or empty), and waits until it
+    /// serves. `Err` if it exited because its UDP port was taken (for
+    /// [`with_free_udp_ports`]); any other failure fails the test.
+    pub fn try_start(
+        tag: &str,
+        ip: Ipv4Addr,
+        mac: &str,
+        bind_port: u16,
+        peer_port: u16,
+        extra: &str,
+    ) -> Result<Daemon, String> {
         let ext = format!(
             r#""udp": {{"bind": "127.0.0.1:{bind_port}", "peers": ["127.0.0.1:{peer_port}"]}}, "idle": "adaptive" {extra}"#
         );
-        let d = Daemon::spawn(tag, ip, mac, 1, &ext, None);
-        d.wait_ready();
-        d
+        let mut d = Daemon::spawn(tag, ip, mac, 1, &ext, None);
+        match d.until(READY, |d| d.sock.exists()) {
+            Ok(()) => Ok(d),
+            Err(Gone::Exited(_)) if port_taken(&d.log_text()) => {
+                Err(format!("machnetd {ip} could not bind 127.0.0.1:{bind_port}: {}", d.log_text().trim()))
+            }
+            Err(why) => d.failed(why, "its control socket"),
+        }
     }
 
     /// Spawns `machnetd` for `ip`/`mac` with `engine_threads` shards and the body of its
@@ -83,6 +107,7 @@ impl Daemon {
             ),
         )
         .unwrap();
+        // `ip netns exec` executes machnetd in its own place: the pid is the daemon's.
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -91,35 +116,78 @@ impl Daemon {
             }
             None => Command::new(env!("CARGO_BIN_EXE_machnetd")),
         };
-        let child = cmd
-            .arg("--config")
+        cmd.arg("--config")
             .arg(&cfg)
             .arg("--ctrl-sock")
             .arg(&sock)
             .arg("--log-level")
             .arg(std::env::var("MACHNETD_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn machnetd");
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = ChildGuard::spawn(&mut cmd, &format!("machnetd {ip}"));
         Daemon { child: Some(child), sock, log, ip, _dir: dir }
     }
 
-    /// Waits until the daemon serves its control socket.
-    pub fn wait_ready(&self) {
+    /// Polls `cond` until it holds; gives up at once when the daemon exits, or after `limit`.
+    fn until(&mut self, limit: Duration, cond: impl Fn(&Daemon) -> bool) -> Result<(), Gone> {
         let t = Instant::now();
-        while !self.sock.exists() {
-            assert!(t.elapsed() < Duration::from_secs(20), "machnetd did not start: {}", self.log_text());
+        loop {
+            if cond(self) {
+                return Ok(());
+            }
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_status()) {
+                return Err(Gone::Exited(st));
+            }
+            if t.elapsed() >= limit {
+                return Err(Gone::TimedOut);
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
+    #[track_caller]
+    fn failed(&self, why: Gone, what: &str) -> ! {
+        match why {
+            Gone::Exited(st) => {
+                panic!("machnetd {} exited ({st}) while the test waited for {what}:\n{}", self.ip, self.log_text())
+            }
+            Gone::TimedOut => panic!("machnetd {}: waited {READY:?} in vain for {what}:\n{}", self.ip, self.log_text()),
+        }
+    }
+
+    /// Waits (20 s at most) until `cond` holds; fails the test, saying it waited for `what`,
+    /// as soon as the daemon exits or at the deadline.
+    #[track_caller]
+    pub fn wait_until(&mut self, what: &str, cond: impl Fn(&Daemon) -> bool) {
+        if let Err(why) = self.until(READY, cond) {
+            self.failed(why, what);
+        }
+    }
+
+    /// Waits until the daemon serves its control socket (see [`wait_until`](Self::wait_until)).
+    #[track_caller]
+    pub fn wait_ready(&mut self) {
+        self.wait_until("its control socket", |d| d.sock.exists());
+    }
+
     /// A started pair A (198.18.0.1) and B (198.18.0.2) tunnelling to each other.
     pub fn pair(extra: &str) -> (Daemon, Daemon) {
-        let (pa, pb) = free_ports();
-        let a = Daemon::start("a", IP_A, "02:00:00:00:00:01", pa, pb, extra);
-        let b = Daemon::start("b", IP_B, "02:00:00:00:00:02", pb, pa, extra);
-        (a, b)
+        Daemon::pair_with(extra, extra)
+    }
+
+    /// A started pair with different extra keys for A and B. The two need each other's port
+    /// before either starts, so if either finds its port taken both start again on new ones.
+    pub fn pair_with(extra_a: &str, extra_b: &str) -> (Daemon, Daemon) {
+        with_free_udp_ports("a machnetd pair", |pa, pb| {
+            let a = Daemon::try_start("a", IP_A, MAC_A, pa, pb, extra_a)?;
+            let b = Daemon::try_start("b", IP_B, MAC_B, pb, pa, extra_b)?;
+            Ok((a, b))
+        })
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn app(&self) -> Machnet {
@@ -146,24 +214,33 @@ impl Daemon {
         false
     }
 
-    /// SIGTERM, wait; returns the exit status.
-    pub fn stop(&mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM (see [`wait_exit`](Self::wait_exit)).
+    pub fn terminate(&self) {
+        self.child.as_ref().expect("running").signal(libc::SIGTERM);
+    }
+
+    /// Waits at most `limit` for the daemon to exit; kills it and fails otherwise.
+    #[track_caller]
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-        let t = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
+        match child.wait_timeout(limit) {
+            Some(st) => st,
+            None => {
+                child.kill();
+                panic!("machnetd {} did not stop within {limit:?} of SIGTERM:\n{}", self.ip, self.log_text());
             }
-            if t.elapsed() > Duration::from_secs(10) {
-                let _ = child.kill();
-                panic!("machnetd did not stop on SIGTERM: {}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
+    /// SIGTERM, wait; returns the exit status.
+    #[track_caller]
+    pub fn stop(&mut self) -> ExitStatus {
+        self.terminate();
+        self.wait_exit(STOP)
+    }
+
     /// Stops the daemon (SIGTERM), checks it exited 0, and returns its log.
+    #[track_caller]
     pub fn stop_log(mut self) -> String {
         let st = self.stop();
         let log = self.log_text();
@@ -174,8 +251,7 @@ impl Daemon {
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill();
         }
     }
 
@@ -200,17 +276,10 @@ impl Drop for Daemon {
                 eprintln!("{l}");
             }
         }
+        // SIGTERM, 5 s to exit in order, then the guard's SIGKILL.
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            c.signal(libc::SIGTERM);
+            c.wait_timeout(Duration::from_secs(5));
         }
     }
 }
@@ -306,38 +375,24 @@ pub fn channel_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("channel")
 }
 
-/// libmachnet.so built from the current sources (`cargo test` builds the crate only as an
-/// rlib), in a target directory of its own shared with the channel crate's C tests.
-pub fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.parent().unwrap().parent().unwrap().parent().unwrap().join("capi-lib");
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--lib", "--manifest-path"])
-        .arg(channel_dir().join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target)
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .expect("run cargo");
-    assert!(out.status.success(), "building libmachnet failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    target.join("debug")
-}
-
+/// Builds the C hello_world example against libmachnet in `lib`.
 pub fn build_hello(dir: &Path, lib: &Path) -> PathBuf {
     let exe = dir.join("hello_world_c");
-    let out = Command::new("cc")
-        .arg("-std=c99")
-        .arg("-D_DEFAULT_SOURCE")
-        .arg("-Wall")
-        .arg("-Werror")
-        .arg("-o")
-        .arg(&exe)
-        .arg(channel_dir().join("examples/hello_world.c"))
-        .arg(format!("-I{}", channel_dir().join("include").display()))
-        .arg(format!("-L{}", lib.display()))
-        .arg("-lmachnet")
-        .output()
-        .expect("run cc");
+    let out = output_within(
+        Command::new("cc")
+            .arg("-std=c99")
+            .arg("-D_DEFAULT_SOURCE")
+            .arg("-Wall")
+            .arg("-Werror")
+            .arg("-o")
+            .arg(&exe)
+            .arg(channel_dir().join("examples/hello_world.c"))
+            .arg(format!("-I{}", channel_dir().join("include").display()))
+            .arg(format!("-L{}", lib.display()))
+            .arg("-lmachnet"),
+        Duration::from_secs(300),
+        "cc (hello_world.c)",
+    );
     assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
     exe
 }
@@ -348,6 +403,7 @@ pub fn c_client_to_rust_server(exe: &Path, lib: &Path, a: &Daemon, b: &Daemon) {
     let mb = b.app();
     let mut srv = mb.attach().unwrap();
     srv.listen(b.ip, 31580).unwrap();
+    // Bounded by its receive timeout (and the sleep), so joining it is too.
     let server = std::thread::spawn(move || {
         let _m = mb;
         let mut buf = [0u8; 64];
@@ -356,12 +412,14 @@ pub fn c_client_to_rust_server(exe: &Path, lib: &Path, a: &Daemon, b: &Daemon) {
         srv.send(reverse(f), &buf[..n]).unwrap();
         std::thread::sleep(Duration::from_millis(200));
     });
-    let out = Command::new(exe)
-        .args(["--local", &a.ip.to_string(), "--remote", &b.ip.to_string()])
-        .env("MACHNET_CTRL_SOCK", &a.sock)
-        .env("LD_LIBRARY_PATH", lib)
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(exe)
+            .args(["--local", &a.ip.to_string(), "--remote", &b.ip.to_string()])
+            .env("MACHNET_CTRL_SOCK", &a.sock)
+            .env("LD_LIBRARY_PATH", lib),
+        RUN,
+        "the C hello_world client",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "C client failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("Listening on {}:31580", a.ip)), "{stdout}");

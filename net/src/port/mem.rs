@@ -208,10 +208,13 @@ mod tests {
     #[test]
     fn ends_work_from_two_threads() {
         let (mut a, mut b) = pair(MemConfig::default(), EthernetAddress::ZERO, EthernetAddress::ZERO);
+        // Both ends give up after a minute (a dead receiver must not leave the sender spinning).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let t = std::thread::spawn(move || {
             let mut got = 0u32;
             let mut rx = Burst::new();
             while got < 10_000 {
+                assert!(std::time::Instant::now() < deadline, "receiver: {got} of 10000 frames in a minute");
                 b.rx_burst(&mut rx);
                 for f in rx.drain(..) {
                     assert_eq!(u32::from_le_bytes(f.frame()[..4].try_into().unwrap()), got);
@@ -236,6 +239,7 @@ mod tests {
                 }
             }
             while !burst.is_empty() {
+                assert!(std::time::Instant::now() < deadline, "sender: queue full for a minute at {next} of 10000");
                 a.tx_burst(&mut burst);
                 std::thread::yield_now();
             }

@@ -7,12 +7,12 @@
 //! to the parent with `MN:<word> ...` lines on stdout and read commands from stdin.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use machnet::testing::process::{output_within, self_test, ChildGuard, Lines};
+use std::io::{BufRead, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 pub const CHILD_ENV: &str = "MACHNET_DPDK_CHILD";
@@ -65,106 +65,70 @@ pub fn wait_for(rx: &Receiver<String>, word: &str) {
 /// A child process running one child test of this binary, killed if still running on drop.
 pub struct ChildProc {
     pub name: String,
-    child: Option<Child>,
+    child: ChildGuard,
     stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stdout_log: Arc<Mutex<Vec<String>>>,
-    stderr_log: Arc<Mutex<Vec<String>>>,
-    /// The child's EAL file prefix, if any: its runtime directory is removed if the child has
-    /// to be killed.
+    stdout: Lines,
+    stderr: Lines,
+    /// The child's EAL file prefix, if any: its runtime directory is removed if the child
+    /// fails or has to be killed.
     prefix: Option<String>,
+}
+
+/// The protocol part of a child's stdout line (libtest may print `test x ... ` before it on
+/// the same line).
+fn protocol(line: &str) -> Option<&str> {
+    line.find("MN:").map(|at| &line[at + 3..])
 }
 
 impl ChildProc {
     /// Runs child test `test` (optionally inside network namespace `netns`) with `envs`.
     pub fn spawn(test: &str, envs: &[(&str, String)], netns: Option<&str>) -> ChildProc {
-        let exe = std::env::current_exe().expect("test binary path");
+        let direct = self_test(test);
         let mut cmd = match netns {
+            // `ip netns exec` executes the test binary in its own place: the pid is the child's.
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&exe);
+                c.args(["netns", "exec", ns]).arg(direct.get_program()).args(direct.get_args());
                 c
             }
-            None => Command::new(&exe),
+            None => direct,
         };
-        cmd.args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.env(CHILD_ENV, "1").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {test}: {e}"));
-        let (tx, lines) = mpsc::channel();
-        let stdout_log = Arc::new(Mutex::new(Vec::new()));
-        let stderr_log = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let log = Arc::clone(&stdout_log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                log.lock().unwrap().push(line.clone());
-                // libtest may print `test x ... ` before a child's line on the same line.
-                if let Some(at) = line.find("MN:") {
-                    let _ = tx.send(line[at + 3..].to_string());
-                }
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        let log = Arc::clone(&stderr_log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                log.lock().unwrap().push(line);
-            }
-        });
-        let stdin = child.stdin.take();
+        let mut child = ChildGuard::spawn(&mut cmd, test);
+        let stdout = Lines::new(child.child().stdout.take().expect("piped"));
+        let stderr = Lines::new(child.child().stderr.take().expect("piped"));
+        let stdin = child.child().stdin.take();
         let prefix = envs.iter().find(|(k, _)| *k == "MN_PREFIX").map(|(_, v)| v.clone());
-        ChildProc { name: test.to_string(), child: Some(child), stdin, lines, stdout_log, stderr_log, prefix }
+        ChildProc { name: test.to_string(), child, stdin, stdout, stderr, prefix }
     }
 
     /// Everything the child wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr_log.lock().unwrap().join("\n")
+        self.stderr.seen()
     }
 
     /// Everything the child wrote to stdout so far.
     pub fn stdout(&self) -> String {
-        self.stdout_log.lock().unwrap().join("\n")
+        self.stdout.seen()
     }
 
-    /// Waits for a protocol line starting with `word`; returns the rest of it.
+    /// Waits for a protocol line starting with `word`; returns the rest of it. Fails when the
+    /// child exits first (at once) or after `timeout`.
     #[track_caller]
     pub fn expect(&mut self, word: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    if let Some(rest) = l.strip_prefix(word) {
-                        return rest.trim().to_string();
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{}: no `{word}` within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
-                        self.name,
-                        self.stdout(),
-                        self.stderr()
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.wait(Duration::from_secs(5));
-                    panic!(
-                        "{}: exited ({status:?}) before `{word}`\nstdout:\n{}\nstderr:\n{}",
-                        self.name,
-                        self.stdout(),
-                        self.stderr()
-                    )
-                }
-            }
+        let is_word = |l: &str| protocol(l).is_some_and(|m| m.starts_with(word));
+        if let Some(l) = self.stdout.wait_for(timeout, is_word) {
+            return protocol(&l).and_then(|m| m.strip_prefix(word)).unwrap_or_default().trim().to_string();
         }
+        // The pipe closes as the child exits: give the exit a moment to be seen.
+        let how = match self.child.wait_timeout(Duration::from_secs(1)) {
+            Some(st) => format!("exited ({st}) before `{word}`"),
+            None => format!("no `{word}` within {timeout:?}"),
+        };
+        panic!("{}: {how}\nstdout:\n{}\nstderr:\n{}", self.name, self.stdout(), self.stderr())
     }
 
     /// Sends a command line to the child.
@@ -175,23 +139,18 @@ impl ChildProc {
         }
     }
 
-    /// Waits for the child to exit (killing it after `timeout`).
+    /// Waits for the child to exit (killing it and failing after `timeout`), then for its
+    /// output to be read.
+    #[track_caller]
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("already waited");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                // Let the reader threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
-                return st;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let st = child.wait().expect("wait");
-                panic!("{}: did not exit within {timeout:?}; killed ({st:?})\nstderr:\n{}", self.name, self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let Some(st) = self.child.wait_timeout(timeout) else {
+            self.child.kill();
+            panic!("{}: did not exit within {timeout:?}; killed\nstderr:\n{}", self.name, self.stderr());
+        };
+        let drained = Duration::from_secs(2);
+        self.stdout.wait_closed(drained);
+        self.stderr.wait_closed(drained);
+        st
     }
 
     /// Waits for a successful exit, failing with the child's output otherwise. A successful
@@ -207,12 +166,10 @@ impl ChildProc {
 
 impl Drop for ChildProc {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            if let Some(p) = &self.prefix {
-                let _ = std::fs::remove_dir(Path::new("/var/run/dpdk").join(p));
-            }
+        let ok = self.child.try_status().is_some_and(|st| st.success());
+        self.child.kill();
+        if let (false, Some(p)) = (ok, &self.prefix) {
+            let _ = std::fs::remove_dir(Path::new("/var/run/dpdk").join(p));
         }
     }
 }
@@ -268,17 +225,23 @@ pub fn require_root_and_ip() {
     assert!(ok, "this DPDK test needs the `ip` command (iproute2), which is not available");
 }
 
+/// Runs `ip <args>` (bounded: it should take milliseconds).
+#[track_caller]
+fn run_ip(args: &[&str]) -> std::process::Output {
+    output_within(Command::new("ip").args(args), Duration::from_secs(30), &format!("ip {}", args.join(" ")))
+}
+
 /// Runs `ip <args>`, failing the test with its output on error.
 #[track_caller]
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
+    let out = run_ip(args);
     assert!(out.status.success(), "ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 /// Output of `ip <args>`.
+#[track_caller]
 pub fn ip_output(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&run_ip(args).stdout).into_owned()
 }
 
 /// Network namespaces created by a test, deleted on drop (which also deletes the interfaces
