@@ -206,7 +206,7 @@ fn shard_summary(d: &Value) -> String {
     let s = &d["shards"][0];
     let e = &s["endpoint"];
     format!(
-        "max loop {:.0} us, stalls {}, flows failed {}, rto {} (spurious {}), retransmitted {} + {} probes of {} data",
+        "max loop {:.0} us, stalls {}, flows failed {}, rto {} (spurious {}), retransmitted {} (of which {} probes) of {} data",
         s["max_loop_us"].as_f64().unwrap_or(0.0),
         s["stalls"],
         e["flows_failed"],

@@ -63,7 +63,7 @@ pub struct EndpointStats {
     pub tx_bytes: u64,
     /// DATA packets sent for the first time.
     pub tx_data: u64,
-    /// DATA packets retransmitted.
+    /// DATA frames sent again (loss recovery, timeouts and tail-loss probes alike).
     pub tx_retransmits: u64,
     /// Pure ACKs sent.
     pub tx_acks: u64,
@@ -75,7 +75,7 @@ pub struct EndpointStats {
     pub tx_chain_errors: u64,
     /// Fast recoveries entered.
     pub fast_recoveries: u64,
-    /// Tail-loss probes sent.
+    /// Tail-loss probes sent (also counted in `tx_retransmits`).
     pub tail_probes: u64,
     /// Retransmission timeouts.
     pub rto_fired: u64,
@@ -98,6 +98,8 @@ pub struct EndpointStats {
     /// New SYNs on the ports of an established flow, answered with a challenge ACK (the peer
     /// restarted).
     pub syn_challenged: u64,
+    /// SYNs and SYN-ACKs sent again after a handshake timeout.
+    pub syn_retransmits: u64,
 }
 
 /// Per-flow counters.

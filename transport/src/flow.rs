@@ -64,6 +64,9 @@ pub(crate) mod fl {
     /// On the endpoint's blocked list (kept across slot reuse, like `IN_WORK`, so a slot is
     /// never listed twice).
     pub const PARKED: u16 = 1 << 11;
+    /// A first retransmission timeout resent only the oldest packet (F-RTO); the next ACK
+    /// decides whether the rest is resent too.
+    pub const FRTO: u16 = 1 << 13;
     /// Out of the 4-tuple map: a reset flow that only waits to deliver its last message no
     /// longer receives, so a new connection on the same ports (a restarted peer) is not
     /// mistaken for it.
@@ -379,6 +382,7 @@ impl<E: Env> FlowCx<'_, E> {
                     st.state |= ts::EVER_RETX;
                     st.sent_at = self.now.as_nanos();
                     self.stats.tail_probes += 1;
+                    self.stats.tx_retransmits += 1;
                     self.c.retransmits += 1;
                 } else {
                     self.stats.tx_no_buffer += 1;
@@ -862,18 +866,24 @@ impl<E: Env> FlowCx<'_, E> {
             if let Some(e) = echo {
                 sample = self.echo_sample(e);
             }
+            let mut frto_loss = false;
             if self.f.rto_mark != 0 {
                 // The first progress after a timeout: if it acknowledges the original
                 // transmission (its echo predates the timeout), the timeout was spurious — the
                 // ACK was late. Undo the window cut (RFC 3522's response); retransmissions of
                 // later packets go on, since some of those may really be lost.
+                let mut spurious = false;
                 if let Some(e) = echo {
                     let e_us = (e / 1000) as u32;
                     if (self.f.rto_mark.wrapping_sub(e_us) as i32) > 0 {
+                        spurious = true;
                         self.stats.spurious_rto += 1;
                         self.f.cc.undo_timeout(self.f.cwnd_saved);
                     }
                 }
+                // After an F-RTO timeout, a real loss means the rest is resent now.
+                frto_loss = self.f.has(fl::FRTO) && !spurious;
+                self.f.clear(fl::FRTO);
                 self.f.rto_mark = 0;
             }
             // Karn, as Linux applies it: no full-RTT sample from an ACK that covers any
@@ -890,6 +900,9 @@ impl<E: Env> FlowCx<'_, E> {
             self.f.dupacks = 0;
             self.f.rto_shift = 0;
             self.f.clear(fl::PROBED);
+            if frto_loss && self.f.outstanding() > 0 {
+                self.lose_all_outstanding();
+            }
             if seq::lt(self.f.retx_cursor, a) {
                 self.f.retx_cursor = a;
             }
@@ -917,6 +930,11 @@ impl<E: Env> FlowCx<'_, E> {
             }
         } else if self.f.outstanding() > 0 {
             self.f.dupacks = self.f.dupacks.saturating_add(1);
+            if self.f.has(fl::FRTO) {
+                // The peer still lacks the oldest packet: the timeout was a loss.
+                self.f.clear(fl::FRTO);
+                self.lose_all_outstanding();
+            }
         }
 
         // Selective acknowledgements and loss detection.
@@ -1146,6 +1164,7 @@ impl<E: Env> FlowCx<'_, E> {
                     return Verdict::Free(Some(Event::ConnectFailed { token, error: ConnectError::Timeout }));
                 }
                 self.f.rto_shift += 1;
+                self.stats.syn_retransmits += 1;
                 let ts = self.stamp();
                 self.send_control(PacketType::Syn, self.f.snd_una, 0, ts);
                 self.f.rto_at = (self.now + self.handshake_timeout()).as_nanos();
@@ -1166,6 +1185,7 @@ impl<E: Env> FlowCx<'_, E> {
                     return Verdict::Free(None);
                 }
                 self.f.rto_shift += 1;
+                self.stats.syn_retransmits += 1;
                 self.send_synack();
                 self.f.rto_at = (self.now + self.handshake_timeout()).as_nanos();
                 Verdict::Keep
@@ -1199,32 +1219,27 @@ impl<E: Env> FlowCx<'_, E> {
                     return Verdict::Free(Some(Event::FlowFailed { flow: self.id, tuple }));
                 }
                 self.f.rto_shift = self.f.rto_shift.saturating_add(1);
-                if self.f.rto_mark == 0 {
+                let first = self.f.rto_mark == 0;
+                if first {
                     self.f.rto_mark = ((self.now.as_nanos() / 1000) as u32).max(1);
                     self.f.cwnd_saved = self.f.cc.cwnd() as f32;
                 }
                 self.f.cc.on_timeout(&self.cfg.cc, self.now, &self.f.rtt);
-                // A new loss episode. The peer may have reneged on SACKed packets (it frees them
-                // when its buffers run out), so the scoreboard is rebuilt from the next ACKs
-                // (RFC 6675 §5.1); what is unacknowledged is sent again, oldest first, as the
-                // window allows.
-                let mask = self.mask();
-                let mut lost = 0u16;
-                let mut s = self.f.snd_una;
-                while s != self.f.snd_nxt {
-                    let slot = &mut self.tx[(s & mask) as usize];
-                    slot.state &= !(ts::RETX | ts::SACKED);
-                    if slot.seg != NO_SEG {
-                        slot.state |= ts::LOST;
-                        lost += 1;
-                    }
-                    s = s.wrapping_add(1);
+                if !self.f.has(fl::LEGACY) && self.f.sacked == 0 && self.f.lost == 0 {
+                    // F-RTO (RFC 5682), decided by the timestamp echo (Eifel): with no sign of
+                    // loss (nothing SACKed above a hole, nothing marked lost), a timeout on a
+                    // busy host is most often an ACK that is merely late (its sender or we were
+                    // not scheduled). Until an ACK arrives, each timeout resends only the oldest
+                    // packet (as TCP's window of one does); if that ACK echoes an original
+                    // transmission nothing was lost and nothing more goes out; otherwise
+                    // everything unacknowledged is resent, one round trip later. With signs of
+                    // loss the timeout is taken as one at once.
+                    self.f.set(fl::FRTO);
+                    self.resend_oldest();
+                } else {
+                    self.f.clear(fl::FRTO);
+                    self.lose_all_outstanding();
                 }
-                self.f.sacked = 0;
-                self.f.high_sacked = self.f.snd_una;
-                self.f.lost = lost;
-                self.f.retx_cursor = self.f.snd_una;
-                self.f.loss_scan = self.f.snd_una;
                 self.f.dupacks = 0;
                 self.f.set(fl::RECOVERY);
                 self.f.recover = self.f.snd_nxt;
@@ -1233,6 +1248,50 @@ impl<E: Env> FlowCx<'_, E> {
                 Verdict::Keep
             }
         }
+    }
+
+    /// Sends the oldest unacknowledged packet again, whatever the window (F-RTO's probe). Also
+    /// when it is SACKed: a receiver that holds it but cannot consume it (its application does
+    /// not read) answers the probe, which shows it alive.
+    fn resend_oldest(&mut self) {
+        let mask = self.mask();
+        let s = self.f.snd_una;
+        let slot = self.tx[(s & mask) as usize];
+        if slot.seg == NO_SEG {
+            return;
+        }
+        if self.transmit_data(s, &slot) {
+            let st = &mut self.tx[(s & mask) as usize];
+            st.state |= ts::RETX | ts::EVER_RETX;
+            st.sent_at = self.now.as_nanos();
+            self.stats.tx_retransmits += 1;
+            self.c.retransmits += 1;
+        } else {
+            self.stats.tx_no_buffer += 1;
+        }
+    }
+
+    /// A loss episode after a timeout: the peer may have reneged on SACKed packets (it frees
+    /// them when its buffers run out), so the scoreboard is rebuilt from the next ACKs (RFC 6675
+    /// §5.1); what is unacknowledged is sent again, oldest first, as the window allows.
+    fn lose_all_outstanding(&mut self) {
+        let mask = self.mask();
+        let mut lost = 0u16;
+        let mut s = self.f.snd_una;
+        while s != self.f.snd_nxt {
+            let slot = &mut self.tx[(s & mask) as usize];
+            slot.state &= !(ts::RETX | ts::SACKED);
+            if slot.seg != NO_SEG {
+                slot.state |= ts::LOST;
+                lost += 1;
+            }
+            s = s.wrapping_add(1);
+        }
+        self.f.sacked = 0;
+        self.f.high_sacked = self.f.snd_una;
+        self.f.lost = lost;
+        self.f.retx_cursor = self.f.snd_una;
+        self.f.loss_scan = self.f.snd_una;
     }
 
     // ---------------------------------------------------------------------------------------

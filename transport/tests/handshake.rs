@@ -408,3 +408,32 @@ fn a_restarted_peer_connects_through_its_stale_flow() {
         }
     }
 }
+
+/// A receiver that is not scheduled for 30 ms (a busy host) makes the sender's timer fire with
+/// nothing lost. F-RTO resends only the oldest packet, the late ACK (echoing an original
+/// transmission) shows the timeout was spurious, and nothing more is resent: a few
+/// retransmitted packets, not a window's worth per timeout.
+#[test]
+fn a_late_ack_costs_one_retransmission_not_a_window() {
+    let mut sim = Sim::new(SimConfig::link(Config::default()));
+    let (fa, fb) = sim.connect(888);
+    for k in 0..40 {
+        sim.send(A, fa, fb, 1, k, 50_000).unwrap();
+    }
+    sim.run_until(Duration::from_micros(200), |_| false);
+    sim.paused_until[B] = sim.now + Duration::from_millis(30);
+    assert!(sim.run_until(Duration::from_secs(5), |s| s.delivered(B, fb) == 40));
+    let st = sim.sides[A].ep.stats();
+    eprintln!(
+        "rto {} spurious {} retransmits {} probes {}",
+        st.rto_fired, st.spurious_rto, st.tx_retransmits, st.tail_probes
+    );
+    assert!(st.rto_fired >= 1 && st.spurious_rto >= 1, "the pause made a timeout, found spurious: {st:?}");
+    assert!(
+        st.tx_retransmits <= st.rto_fired + st.tail_probes,
+        "one packet per timeout or probe: {} retransmitted for {} timeouts and {} probes",
+        st.tx_retransmits,
+        st.rto_fired,
+        st.tail_probes
+    );
+}
