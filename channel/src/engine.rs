@@ -1008,9 +1008,17 @@ pub fn sleep_barrier() -> bool {
     shm::membarrier_global()
 }
 
-impl Drop for EngineChannel {
-    fn drop(&mut self) {
+impl EngineChannel {
+    /// Marks the channel closed for the application (and wakes it), before the engine's side
+    /// is dropped (dropping it unmaps the region, which can be left to another thread).
+    pub fn mark_dead(&mut self) {
         self.region.header().state.store(STATE_DEAD, Ordering::Release);
         shm::ring(self.app_bell.as_fd());
+    }
+}
+
+impl Drop for EngineChannel {
+    fn drop(&mut self) {
+        self.mark_dead();
     }
 }

@@ -244,6 +244,19 @@ impl Controller {
                     "parked_share": st.loops.parked_ns as f64 / up,
                     "stalls": st.loops.stalls,
                     "max_loop_us": st.loops.max_loop_ns as f64 / 1e3,
+                    // Where the longest loop's time went: the publish window that held it, as
+                    // the kernel accounted the shard thread (ran: its own work; waited: other
+                    // processes had the CPU; the rest beyond parked: the host took the CPU).
+                    "max_loop_window": {
+                        "window_us": st.loops.max_loop.window_ns as f64 / 1e3,
+                        "ran_us": st.loops.max_loop.ran_ns as f64 / 1e3,
+                        "waited_us": st.loops.max_loop.waited_ns as f64 / 1e3,
+                        "parked_us": st.loops.max_loop.parked_ns as f64 / 1e3,
+                        "unaccounted_us": st.loops.max_loop.window_ns.saturating_sub(
+                            st.loops.max_loop.ran_ns + st.loops.max_loop.waited_ns + st.loops.max_loop.parked_ns) as f64 / 1e3,
+                    },
+                    "cpu_s": st.loops.cpu_ns as f64 / 1e9,
+                    "runqueue_s": st.loops.runqueue_ns as f64 / 1e9,
                     "stages": stages,
                     "channels": r.channels,
                     "flows": r.flows,
@@ -257,6 +270,7 @@ impl Controller {
                         "rx_orphaned": c.rx_orphaned, "linger_expired": c.linger_expired,
                         "timer_overflow": c.timer_overflow, "handoff_sent": c.handoff_sent,
                         "handoff_received": c.handoff_received, "handoff_dropped": c.handoff_dropped,
+                        "max_channel_op_cpu_us": c.max_channel_op_cpu_ns as f64 / 1e3,
                     },
                     "faults": r.faults.map(|f| json!({"offered": f.offered, "dropped": f.dropped,
                         "duplicated": f.duplicated, "reordered": f.reordered, "corrupted": f.corrupted})),

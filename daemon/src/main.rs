@@ -217,6 +217,8 @@ where
         .collect::<Result<Vec<_>, _>>()?;
     let wakers: Vec<_> = parkers.iter().map(|p| p.waker()).collect();
     let meshes = Mesh::build(&wakers);
+    // Closed channels come back from the shards to be unmapped here (10-20 ms each).
+    let (graveyard, dead_channels) = mpsc::sync_channel(256);
     for (i, (((port, fd), parker), mesh)) in ports.into_iter().zip(parkers).zip(meshes).enumerate() {
         let local = LocalAddr { mac: cfg.mac, ip: cfg.ip };
         let mut endpoint =
@@ -240,6 +242,7 @@ where
             linger: Duration::from_millis(cfg.ext.channel.linger_ms.unwrap_or(2000)),
             gone_linger: Duration::from_millis(cfg.ext.channel.gone_linger_ms.unwrap_or(500)),
             mesh,
+            graveyard: graveyard.clone(),
         };
         let scfg = ShardConfig {
             name: format!("machnet-shard{i}"),
@@ -298,6 +301,9 @@ where
         if let Err(e) = server.poll(Some(Duration::from_millis(100)), &mut controller) {
             log::error!("control socket: {e}");
             std::thread::sleep(Duration::from_millis(100));
+        }
+        while let Ok(slot) = dead_channels.try_recv() {
+            drop(slot);
         }
     }
     log::info!("shutting down: resetting flows and telling {} application(s)", controller.app_count());

@@ -30,7 +30,7 @@ use machnet_transport::{
 };
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,14 @@ const CTRL_BUDGET: usize = 16;
 /// While a delivery waits for an application to read, or frames for the device to take them,
 /// parks are cut to this.
 const BLOCKED_RECHECK: Duration = Duration::from_micros(100);
+
+/// CPU time of the calling thread, ns (a system call: only for rare operations).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// A channel adopted by a shard.
 pub struct ChannelSlot {
@@ -140,6 +148,9 @@ pub struct ShardCounters {
     pub handoff_received: u64,
     /// Hand-offs dropped because the other shard's ring was full.
     pub handoff_dropped: u64,
+    /// The most CPU time one channel adoption or removal took on the shard thread, ns
+    /// (thread CPU time: a preemption in the middle does not count).
+    pub max_channel_op_cpu_ns: u64,
 }
 
 /// Where a shard publishes its report, and how a controller asks for a fresh one.
@@ -402,6 +413,8 @@ pub struct ShardSetup<P: Port> {
     pub gone_linger: Duration,
     /// Hand-off rings to and from the other shards.
     pub mesh: Mesh<P::Buf>,
+    /// Where closed channels go to be unmapped and freed (by the controller).
+    pub graveyard: SyncSender<Box<ChannelSlot>>,
 }
 
 /// The pipeline of one shard.
@@ -430,6 +443,7 @@ pub struct EngineShard<P: Port> {
     linger: Duration,
     gone_linger: Duration,
     mesh: Mesh<P::Buf>,
+    graveyard: SyncSender<Box<ChannelSlot>>,
 }
 
 /// Channels one shard serves at most.
@@ -481,6 +495,7 @@ impl<P: Port> EngineShard<P> {
             linger: s.linger,
             gone_linger: s.gone_linger,
             mesh: s.mesh,
+            graveyard: s.graveyard,
         }
     }
 
@@ -515,6 +530,18 @@ impl<P: Port> EngineShard<P> {
     }
 
     fn adopt(&mut self, slot: ChannelSlot) {
+        let cpu0 = thread_cpu_ns();
+        self.adopt_inner(slot);
+        self.note_channel_op(cpu0);
+    }
+
+    /// Records the CPU time of a channel operation that began at `cpu0`.
+    fn note_channel_op(&mut self, cpu0: u64) {
+        let c = &mut self.env.counters.max_channel_op_cpu_ns;
+        *c = (*c).max(thread_cpu_ns().saturating_sub(cpu0));
+    }
+
+    fn adopt_inner(&mut self, slot: ChannelSlot) {
         let bell = slot.ch.engine_bell().as_raw_fd();
         let owner = match self.env.channels.iter().position(|s| s.is_none()) {
             Some(i) => i,
@@ -595,6 +622,12 @@ impl<P: Port> EngineShard<P> {
 
     /// Closes an owner's flows (RST to peers), reclaims its buffers, forgets the channel.
     fn remove_owner(&mut self, now: Instant, owner: Owner, why: &str) {
+        let cpu0 = thread_cpu_ns();
+        self.remove_owner_inner(now, owner, why);
+        self.note_channel_op(cpu0);
+    }
+
+    fn remove_owner_inner(&mut self, now: Instant, owner: Owner, why: &str) {
         let flows = self.ep.close_owner(now, &mut self.env, owner);
         self.ep.flush(now, &mut self.env);
         self.env.nic.flush();
@@ -611,6 +644,15 @@ impl<P: Port> EngineShard<P> {
                 st.tx_reclaimed,
                 st.rx_free
             );
+            // Unmapping a channel's tens of megabytes takes 10-20 ms (measured): the controller
+            // does it, off this thread. The application learns at once that the channel is
+            // closed.
+            slot.ch.mark_dead();
+            if let Err(std::sync::mpsc::TrySendError::Full(slot) | std::sync::mpsc::TrySendError::Disconnected(slot)) =
+                self.graveyard.try_send(Box::new(slot))
+            {
+                drop(slot);
+            }
         }
     }
 

@@ -43,6 +43,8 @@ fn side(ports: Vec<MemPort>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr
     let wakers: Vec<_> = parkers.iter().map(|p| p.waker()).collect();
     let meshes = Mesh::build(&wakers);
     let space = Endpoint::shared_ports();
+    // No channel closes in these tests; a closed one would be dropped by its shard.
+    let (graveyard, _) = mpsc::sync_channel(1);
     let mut s = Side { shards: Vec::new(), cmds: Vec::new(), reports: Vec::new(), _parkers: Vec::new() };
     for (i, ((port, mesh), parker)) in ports.into_iter().zip(meshes).zip(&parkers).enumerate() {
         let mut endpoint =
@@ -62,6 +64,7 @@ fn side(ports: Vec<MemPort>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr
             linger: Duration::from_millis(100),
             gone_linger: Duration::from_millis(100),
             mesh,
+            graveyard: graveyard.clone(),
         }));
         s.cmds.push(tx);
         s.reports.push(report);

@@ -305,3 +305,30 @@ fn udp_pair_under_cpu_hogs_loses_nothing_and_stays_responsive() {
     }
     drop(hogs);
 }
+
+/// Closing a channel must not stop its shard: unmapping a used channel's tens of megabytes takes
+/// 10-20 ms, which the controller does, not the shard. Judged by the shard thread's CPU time in
+/// each channel adoption and removal, so that a loaded machine's preemptions do not count.
+#[test]
+fn closing_used_channels_does_not_stall_the_shard() {
+    const PORT_ECHO: u16 = 890;
+    let (a, b) = Daemon::pair("");
+    let server = echo_server_on(&b, PORT_ECHO, u64::MAX);
+    let m = a.app();
+    for round in 0..10 {
+        let mut ch = m.attach().unwrap();
+        let flow = ch.connect(IP_A, IP_B, PORT_ECHO).unwrap();
+        // Touch a few thousand pages of the channel: 64 messages of 64 KiB out, and back.
+        ping_pong(&mut ch, flow, round, 65_536, 64, 8);
+        ch.detach().unwrap();
+    }
+    drop(m);
+    for d in [&a, &b] {
+        let s = d.ctl_within("shards", Duration::from_secs(5));
+        let sh = &s["shards"][0];
+        let op = sh["counters"]["max_channel_op_cpu_us"].as_f64().unwrap();
+        eprintln!("{}: the longest channel adoption or removal took {op:.0} us of the shard's CPU", d.ip);
+        assert!(op < 1000.0, "{}: a channel operation held the shard for {op:.0} us", d.ip);
+    }
+    drop(server);
+}

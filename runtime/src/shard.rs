@@ -91,6 +91,56 @@ pub struct LoopStats {
     pub stalls: u64,
     /// Longest iteration (parks excluded), ns.
     pub max_loop_ns: u64,
+    /// Where the time of the longest iteration went, from the thread's scheduler statistics
+    /// over the publish window that held it (see [`LongLoop`]).
+    pub max_loop: LongLoop,
+    /// CPU time the shard thread ran, ns (the kernel's count).
+    pub cpu_ns: u64,
+    /// Time the shard thread was runnable but waited for a CPU, ns (the kernel's count: other
+    /// processes had the CPU).
+    pub runqueue_ns: u64,
+}
+
+/// The publish window (about `publish_every`) that held a shard's longest loop iteration, as
+/// the kernel accounted the shard thread's time in it (`/proc/thread-self/schedstat`). A long
+/// iteration with `waited_ns` near its length was the guest's scheduler running other
+/// processes; with `ran_ns` near it, the shard's own work; with neither (the window's wall time
+/// far above `ran + waited + parked`), the CPU itself was taken away (the host preempted the
+/// virtual CPU: steal time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LongLoop {
+    /// Wall time of the window, ns.
+    pub window_ns: u64,
+    /// CPU time the thread ran in it, ns.
+    pub ran_ns: u64,
+    /// Time it waited for a CPU in it, ns.
+    pub waited_ns: u64,
+    /// Time it was parked (sleeping by its own choice) in it, ns.
+    pub parked_ns: u64,
+}
+
+/// Reads this thread's `/proc/thread-self/schedstat`: CPU time and run-queue wait, ns.
+#[derive(Debug)]
+struct SchedStat {
+    file: Option<std::fs::File>,
+}
+
+impl SchedStat {
+    fn open() -> Self {
+        SchedStat { file: std::fs::File::open("/proc/thread-self/schedstat").ok() }
+    }
+
+    /// (ran, waited), ns; zeros where the kernel does not keep them. No allocation.
+    fn read(&mut self) -> (u64, u64) {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.file else { return (0, 0) };
+        let mut buf = [0u8; 96];
+        let Ok(n) = f.read_at(&mut buf, 0) else { return (0, 0) };
+        let mut it = buf[..n].split(|b| b.is_ascii_whitespace()).filter(|x| !x.is_empty()).map(|x| {
+            x.iter().try_fold(0u64, |a, &d| d.is_ascii_digit().then(|| a * 10 + u64::from(d - b'0'))).unwrap_or(0)
+        });
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    }
 }
 
 /// A snapshot of a shard's statistics, refreshed by the shard and read by anyone.
@@ -255,6 +305,11 @@ fn run<P: Pipeline>(cfg: &ShardConfig, p: &mut P, parker: &Parker, stop: &Atomic
     let mut idle_since: Option<Instant> = None;
     let mut last_publish = start;
     let mut now = start;
+    let mut sched = SchedStat::open();
+    let (mut ran0, mut waited0) = sched.read();
+    let mut parked0 = 0u64;
+    // The longest iteration of the current publish window, and of all windows so far.
+    let mut window_max = 0u64;
     loop {
         rec.timing = loops.loops % every == 0;
         let work = p.poll(now, &mut rec);
@@ -267,7 +322,7 @@ fn run<P: Pipeline>(cfg: &ShardConfig, p: &mut P, parker: &Parker, stop: &Atomic
         if ns > stall_ns {
             loops.stalls += 1;
         }
-        loops.max_loop_ns = loops.max_loop_ns.max(ns);
+        window_max = window_max.max(ns);
         now = after;
         if work.is_idle() {
             loops.idle_loops += 1;
@@ -308,6 +363,19 @@ fn run<P: Pipeline>(cfg: &ShardConfig, p: &mut P, parker: &Parker, stop: &Atomic
             idle_since = None;
         }
         if now.as_nanos() - last_publish.as_nanos() >= publish_ns {
+            let (ran, waited) = sched.read();
+            if window_max > loops.max_loop_ns {
+                loops.max_loop_ns = window_max;
+                loops.max_loop = LongLoop {
+                    window_ns: now.as_nanos() - last_publish.as_nanos(),
+                    ran_ns: ran.saturating_sub(ran0),
+                    waited_ns: waited.saturating_sub(waited0),
+                    parked_ns: loops.parked_ns - parked0,
+                };
+            }
+            loops.cpu_ns = ran;
+            loops.runqueue_ns = waited;
+            (ran0, waited0, parked0, window_max) = (ran, waited, loops.parked_ns, 0);
             last_publish = now;
             // Never wait for a reader: skip this refresh if the snapshot is being read.
             if let Ok(mut s) = shared.try_lock() {
@@ -320,6 +388,7 @@ fn run<P: Pipeline>(cfg: &ShardConfig, p: &mut P, parker: &Parker, stop: &Atomic
         }
     }
     let end = clock.now();
+    loops.max_loop_ns = loops.max_loop_ns.max(window_max);
     p.shutdown(end);
     if let Ok(mut s) = shared.lock() {
         for (dst, src) in s.stages.iter_mut().zip(rec.stats()) {

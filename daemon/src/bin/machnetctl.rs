@@ -190,6 +190,20 @@ fn render(what: What, d: &Value) -> String {
                 "violations",
             ]);
             let mut stages = Table::new(&["shard", "stage", "polls", "work", "busy%", "max poll us", "stalls"]);
+            // Where the longest loop's time went (its publish window, as the kernel counted the
+            // shard thread): running our code, waiting for a CPU other processes had, parked,
+            // or unaccounted (the host took the virtual CPU away).
+            let mut long = Table::new(&[
+                "shard",
+                "max loop us",
+                "window us",
+                "ran us",
+                "waited us",
+                "parked us",
+                "host us",
+                "cpu s",
+                "runqueue s",
+            ]);
             for sh in d["shards"].as_array().into_iter().flatten() {
                 let st = sh["stages"].as_array().cloned().unwrap_or_default();
                 let busy: u64 = st.iter().map(|x| u(&x["busy_ns"])).sum();
@@ -214,6 +228,19 @@ fn render(what: What, d: &Value) -> String {
                     s(&c["handoff_received"]),
                     s(&c["channel_violations"]),
                 ]);
+                let w = &sh["max_loop_window"];
+                let us = |v: &serde_json::Value| format!("{:.0}", v.as_f64().unwrap_or(0.0));
+                long.row(vec![
+                    s(&sh["index"]),
+                    us(&sh["max_loop_us"]),
+                    us(&w["window_us"]),
+                    us(&w["ran_us"]),
+                    us(&w["waited_us"]),
+                    us(&w["parked_us"]),
+                    us(&w["unaccounted_us"]),
+                    format!("{:.2}", sh["cpu_s"].as_f64().unwrap_or(0.0)),
+                    format!("{:.2}", sh["runqueue_s"].as_f64().unwrap_or(0.0)),
+                ]);
                 for x in &st {
                     stages.row(vec![
                         s(&sh["index"]),
@@ -226,7 +253,7 @@ fn render(what: What, d: &Value) -> String {
                     ]);
                 }
             }
-            format!("{}\n{}", t.render(), stages.render())
+            format!("{}\n{}\n{}", t.render(), stages.render(), long.render())
         }
         What::Flows => {
             let mut t = Table::new(&[
