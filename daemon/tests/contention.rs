@@ -332,3 +332,23 @@ fn closing_used_channels_does_not_stall_the_shard() {
     }
     drop(server);
 }
+
+/// A daemon serving many used channels stops within a second of SIGTERM (it resets the flows,
+/// tells the applications and exits; unmapping every channel one by one would take seconds).
+#[test]
+fn sigterm_with_many_used_channels_stops_within_a_second() {
+    const PORT_ECHO: u16 = 891;
+    let (mut a, b) = Daemon::pair("");
+    let server = echo_server_on(&b, PORT_ECHO, u64::MAX);
+    let m = a.app();
+    let mut chans = Vec::new();
+    for round in 0..48 {
+        let mut ch = m.attach().unwrap();
+        let flow = ch.connect(IP_A, IP_B, PORT_ECHO).unwrap();
+        ping_pong(&mut ch, flow, round, 65_536, 32, 8);
+        chans.push(ch);
+    }
+    let took = a.stop_within(Duration::from_secs(1));
+    eprintln!("48 used channels: stopped {took:?} after SIGTERM");
+    drop((chans, m, server));
+}
