@@ -188,8 +188,16 @@ impl DpdkBackend {
             // DPDK 22.11's memif can crash a peer that still polls (or is closing its own port)
             // when this side disconnects. When both sides shut down together, both stop polling
             // within ~150 ms; then the client disconnects first and the server, which only
-            // notes the disconnect while idle, closes later.
-            std::thread::sleep(Duration::from_millis(if client { 250 } else { 750 }));
+            // notes the disconnect while idle, closes once it has (or after 750 ms).
+            if client {
+                std::thread::sleep(Duration::from_millis(250));
+            } else {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_millis(750) && self.dev.link().is_ok_and(|l| l.up) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         if let Err(e) = self.dev.stop() {
             log::warn!("DPDK device stop: {e}");

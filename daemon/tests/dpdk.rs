@@ -304,3 +304,46 @@ fn start_up_errors_are_clear() {
     assert!(err.contains("DPDK start-up did not finish within 0.5 s (stuck in device set-up)"), "{err}");
     assert!(t.elapsed() < std::time::Duration::from_secs(5), "the watchdog ended it: {:?}", t.elapsed());
 }
+
+/// The contention harness (`common::traffic`, see daemon/tests/contention.rs) on DPDK ports,
+/// with CPU hogs on every CPU: nothing lost or failed, `machnetctl` prompt, and SIGTERM stops
+/// both daemons within a second (a memif pair is stopped together, as it must be).
+fn under_hogs(a: Daemon, b: Daemon, what: &str) {
+    let hogs = common::load::Hogs::start(2);
+    eprintln!("{what}: {} CPU hogs; traffic for {} s", hogs.count(), common::traffic::secs());
+    let t = common::traffic::run_traffic(&a, &b, common::traffic::secs(), (0, 1));
+    t.stop_servers.store(true, std::sync::atomic::Ordering::Relaxed);
+    let start = Instant::now();
+    let (la, lb) = stop_both(a, b);
+    let took = start.elapsed();
+    eprintln!("{what}: SIGTERM to exit under load: {took:?}");
+    assert!(took < Duration::from_secs(1), "{what}: the daemons took {took:?} to stop:\n{la}\n{lb}");
+    for h in t.servers {
+        common::traffic::join_within(h, Duration::from_secs(10), "an echo server");
+    }
+    drop(hogs);
+}
+
+#[test]
+fn memif_under_cpu_hogs_loses_nothing() {
+    let dir = TempDir::new("memif-hogs");
+    let (a, b) = memif_pair(&dir, 1, "");
+    under_hogs(a, b, "memif");
+}
+
+#[test]
+fn af_packet_under_cpu_hogs_loses_nothing() {
+    if is_child() {
+        return;
+    }
+    let v = veth();
+    let ext = |iface: &str| {
+        format!(r#""backend": "dpdk", "idle": "adaptive", "dpdk": {{"device": "net_af_packet0,iface={iface}"}}"#)
+    };
+    let mut a = Daemon::spawn("afp-hogs-a", IP_A, MAC_A, 1, &ext(&v.va), Some(v.ns.name(0)));
+    let mut b = Daemon::spawn("afp-hogs-b", IP_B, MAC_B, 1, &ext(&v.vb), Some(v.ns.name(1)));
+    a.wait_ready();
+    b.wait_ready();
+    under_hogs(a, b, "af_packet");
+    drop(v.ns);
+}

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod traffic;
 
 use machnet::client::{Channel, Machnet};
 use machnet::layout::MachnetFlow;
