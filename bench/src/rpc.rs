@@ -101,6 +101,52 @@ pub struct Totals {
     pub rtt_max_us: f64,
     /// Round trips recorded.
     pub rtt_samples: u64,
+    /// What the local stack (the daemon, or the embedded stack) counted during the run, when
+    /// the transport can tell (client only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<StackDelta>,
+}
+
+/// Transport counters of the local stack over a run: every frame of an RPC passes through the
+/// client's stack (the request and its ACK out, the response and its ACK in), so frames per
+/// RPC is `(frames_out + frames_in) / responses`. Other traffic on the same daemon counts too.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct StackDelta {
+    /// Frames sent (DATA, pure ACKs, RSTs).
+    pub frames_out: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Pure ACKs sent.
+    pub acks_out: u64,
+    /// DATA frames sent again (timeouts, loss recovery, tail probes).
+    pub retransmits: u64,
+    /// Retransmission timeouts.
+    pub rto_fired: u64,
+    /// Timeouts found spurious (the ACK was late, not lost).
+    pub spurious_rto: u64,
+    /// `(frames_out + frames_in) / responses`.
+    pub frames_per_rpc: f64,
+}
+
+impl StackDelta {
+    /// The difference `after − before` of two snapshots (the same fields, as absolute
+    /// counts), with frames per RPC for `responses`.
+    pub fn between(before: &StackDelta, after: &StackDelta, responses: u64) -> StackDelta {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        let mut x = StackDelta {
+            frames_out: d(after.frames_out, before.frames_out),
+            frames_in: d(after.frames_in, before.frames_in),
+            acks_out: d(after.acks_out, before.acks_out),
+            retransmits: d(after.retransmits, before.retransmits),
+            rto_fired: d(after.rto_fired, before.rto_fired),
+            spurious_rto: d(after.spurious_rto, before.spurious_rto),
+            frames_per_rpc: 0.0,
+        };
+        if responses > 0 {
+            x.frames_per_rpc = (x.frames_out + x.frames_in) as f64 / responses as f64;
+        }
+        x
+    }
 }
 
 /// Byte `i` of every message (bytes 0..8 carry the slot).

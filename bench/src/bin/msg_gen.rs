@@ -22,7 +22,7 @@
 use clap::Parser;
 use machnet::client::{Channel, Error, Machnet};
 use machnet::layout::MachnetFlow;
-use machnet_bench::rpc::{self, RpcError, RpcIo, RpcOptions};
+use machnet_bench::rpc::{self, RpcError, RpcIo, RpcOptions, StackDelta};
 use std::net::Ipv4Addr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -80,7 +80,8 @@ struct Args {
     cpu: Option<usize>,
 }
 
-/// Listens (server) or connects (client) with `connect`, then runs the RPC loop.
+/// Listens (server) or connects (client) with `connect`, then runs the RPC loop; a client
+/// reads its stack's counters (`counters`) before and after.
 fn run_rpc<T: RpcIo<Peer = MachnetFlow>>(
     args: &Args,
     io: &mut T,
@@ -88,6 +89,7 @@ fn run_rpc<T: RpcIo<Peer = MachnetFlow>>(
     opts: &RpcOptions,
     stop: &AtomicBool,
     connect: impl FnOnce(&mut T, Ipv4Addr, Ipv4Addr, u16) -> Result<MachnetFlow, Error>,
+    counters: impl Fn(&T) -> Option<StackDelta>,
 ) -> Result<rpc::Totals, RpcError> {
     match remote {
         None => {
@@ -97,9 +99,50 @@ fn run_rpc<T: RpcIo<Peer = MachnetFlow>>(
         Some(ip) => {
             let flow = connect(io, args.local_ip, ip, args.remote_port).map_err(rpc_err)?;
             eprintln!("msg_gen client: connected {}:{} -> {ip}:{}", args.local_ip, flow.src_port, args.remote_port);
-            rpc::run_client(io, flow, opts, stop)
+            let before = counters(io);
+            let mut t = rpc::run_client(io, flow, opts, stop)?;
+            if let (Some(b), Some(a)) = (before, counters(io)) {
+                let d = StackDelta::between(&b, &a, t.rx_msgs);
+                eprintln!(
+                    "Stack: {:.2} frames per RPC ({} out, {} in, {} pure ACKs out), {} retransmitted, {} timeouts ({} spurious)",
+                    d.frames_per_rpc, d.frames_out, d.frames_in, d.acks_out, d.retransmits, d.rto_fired, d.spurious_rto
+                );
+                t.stack = Some(d);
+            }
+            Ok(t)
         }
     }
+}
+
+/// A snapshot of transport counters, as [`StackDelta`] holds them.
+fn snapshot(e: &machnet_transport::EndpointStats) -> StackDelta {
+    StackDelta {
+        frames_out: e.tx_data + e.tx_acks + e.tx_rsts,
+        frames_in: e.rx_packets,
+        acks_out: e.tx_acks,
+        retransmits: e.tx_retransmits,
+        rto_fired: e.rto_fired,
+        spurious_rto: e.spurious_rto,
+        frames_per_rpc: 0.0,
+    }
+}
+
+/// The local daemon's transport counters (all its shards), from its statistics document.
+fn daemon_counters() -> Option<StackDelta> {
+    let mut c = machnet::ctrl::CtrlClient::connect(&machnet::ctrl::socket_path(), Duration::from_secs(2)).ok()?;
+    let doc: serde_json::Value = serde_json::from_slice(&c.stats(0).ok()?).ok()?;
+    let mut sum = StackDelta::default();
+    for sh in doc["shards"].as_array()? {
+        let e = &sh["endpoint"];
+        let n = |k: &str| e[k].as_u64().unwrap_or(0);
+        sum.frames_out += n("tx_data") + n("tx_acks") + n("tx_rsts");
+        sum.frames_in += n("rx_packets");
+        sum.acks_out += n("tx_acks");
+        sum.retransmits += n("tx_retransmits");
+        sum.rto_fired += n("rto_fired");
+        sum.spurious_rto += n("spurious_rto");
+    }
+    Some(sum)
 }
 
 /// The client library as the RPC loop's transport.
@@ -183,7 +226,15 @@ fn main() {
                 ch.listen(args.local_ip, args.local_port).map_err(rpc_err)?;
             }
             let mut io = Io { ch: &mut ch, blocking: args.blocking };
-            let t = run_rpc(&args, &mut io, remote, &opts, &stop, |io, l, r, p| io.ch.connect(l, r, p))?;
+            let t = run_rpc(
+                &args,
+                &mut io,
+                remote,
+                &opts,
+                &stop,
+                |io, l, r, p| io.ch.connect(l, r, p),
+                |_| daemon_counters(),
+            )?;
             // Let the last replies leave before the channel goes.
             std::thread::sleep(Duration::from_millis(20));
             Ok(t)
@@ -265,7 +316,15 @@ mod embedded {
         if remote.is_none() {
             io.stack.listen(args.local_ip, args.local_port).map_err(rpc_err)?;
         }
-        let t = run_rpc(args, &mut io, remote, opts, stop, |io, l, r, p| io.stack.connect(l, r, p))?;
+        let t = run_rpc(
+            args,
+            &mut io,
+            remote,
+            opts,
+            stop,
+            |io, l, r, p| io.stack.connect(l, r, p),
+            |io| Some(snapshot(io.stack.endpoint_stats())),
+        )?;
         // Let the last replies leave, then close (dropping the stack resets its flows).
         let until = std::time::Instant::now() + Duration::from_millis(20);
         while std::time::Instant::now() < until {
