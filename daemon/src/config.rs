@@ -123,6 +123,9 @@ pub struct TransportSection {
     pub swift_target_us: Option<u64>,
     /// Swift's extra target at small windows (flow scaling), µs (50; 100 on the udp backend).
     pub swift_fs_range_us: Option<u64>,
+    /// Window (packets) below which delay alone never takes Swift (32, the original's fixed
+    /// window; loss still can; 1: pure Swift).
+    pub swift_delay_floor: Option<f64>,
     /// Receive window and send cap, packets, a power of two ≤ 256 (256).
     pub window: Option<usize>,
     /// Flows per shard (4096).
@@ -563,6 +566,7 @@ impl Config {
                     CcConfig::Swift(SwiftParams {
                         base_target: us(t.swift_target_us, 100, d.base_target),
                         fs_range: us(t.swift_fs_range_us, 100, d.fs_range),
+                        delay_floor: t.swift_delay_floor.unwrap_or(d.delay_floor),
                         ..d
                     })
                 }

@@ -360,7 +360,9 @@ impl<E: Env> FlowCx<'_, E> {
         let can_send_more =
             self.f.pend_count > 0 && self.can_send() && self.f.outstanding() < self.f.peer_window(self.cfg);
         if !can_send_more && self.f.rtt.has_sample() && !self.f.has(fl::PROBED | fl::RECOVERY) {
-            let pto = (2 * self.f.rtt.srtt()).max(Duration::from_micros(2));
+            // Not earlier than the longest round trip seen lately either: a probe is for a lost
+            // tail, not for an ACK that is merely as late as others were.
+            let pto = (2 * self.f.rtt.srtt()).max(self.f.rtt.recent_max()).max(Duration::from_micros(2));
             if pto < self.rto() {
                 self.f.set(fl::PROBE_ARMED);
                 self.f.rto_at = (self.now + pto).as_nanos();
@@ -891,7 +893,7 @@ impl<E: Env> FlowCx<'_, E> {
             // jump over packets sent long ago, and timing those would measure the recovery).
             if !any_retx && last.seg != NO_SEG {
                 let full = self.now.saturating_since(Instant(last.sent_at));
-                self.f.rtt.sample_full(full);
+                self.f.rtt.sample_full(self.now, full);
                 if legacy {
                     sample = Some(full);
                 }

@@ -16,7 +16,17 @@ pub struct RttEstimator {
     standing_start: u32,
     /// Smallest sample seen, in ns (u32::MAX until the first sample).
     min: u32,
+    /// The largest full round trip of the current and of the previous epoch (~1 s each), ns:
+    /// a floor for the RTO, so that delays this path showed lately (a peer or this end not
+    /// scheduled for milliseconds on a busy host) do not fire spurious timeouts.
+    max_cur: u32,
+    max_prev: u32,
+    /// Start of the current epoch, ms (wrapping).
+    max_epoch: u32,
 }
+
+/// Length of an epoch of the windowed maximum, ms.
+const MAX_EPOCH_MS: u32 = 1000;
 
 impl Default for RttEstimator {
     fn default() -> Self {
@@ -31,20 +41,36 @@ fn ns(d: Duration) -> u32 {
 impl RttEstimator {
     /// No samples yet.
     pub const fn new() -> Self {
-        RttEstimator { srtt: 0, rttvar: 0, standing: 0, standing_start: 0, min: u32::MAX }
+        RttEstimator {
+            srtt: 0,
+            rttvar: 0,
+            standing: 0,
+            standing_start: 0,
+            min: u32::MAX,
+            max_cur: 0,
+            max_prev: 0,
+            max_epoch: 0,
+        }
     }
 
     /// Feeds a sample that is both a full round trip and a network-delay measurement (the
     /// handshake; peers that echo no timestamps).
     pub fn sample(&mut self, now: Instant, rtt: Duration) {
-        self.sample_full(rtt);
+        self.sample_full(now, rtt);
         self.sample_fabric(now, rtt);
     }
 
     /// Feeds a full round trip (send to acknowledgement, endpoint delays included): the smoothed
     /// RTT and variance behind the RTO and the tail-loss probe.
-    pub fn sample_full(&mut self, rtt: Duration) {
+    pub fn sample_full(&mut self, now: Instant, rtt: Duration) {
         let r = ns(rtt).max(1);
+        let now_ms = (now.as_nanos() / 1_000_000) as u32;
+        if now_ms.wrapping_sub(self.max_epoch) >= MAX_EPOCH_MS {
+            self.max_prev = self.max_cur;
+            self.max_cur = 0;
+            self.max_epoch = now_ms;
+        }
+        self.max_cur = self.max_cur.max(r);
         if self.srtt == 0 {
             self.srtt = r;
             self.rttvar = r / 2;
@@ -98,13 +124,23 @@ impl RttEstimator {
         (self.min != u32::MAX).then(|| Duration::from_nanos(u64::from(self.min)))
     }
 
-    /// `srtt + 4·rttvar` clamped to `[min, max]`, or `initial` before the first sample.
+    /// The largest full round trip of the last one to two seconds.
+    pub fn recent_max(&self) -> Duration {
+        Duration::from_nanos(u64::from(self.max_cur.max(self.max_prev)))
+    }
+
+    /// `srtt + 4·rttvar`, and at least 1.25 × the largest recent full round trip, clamped to
+    /// `[min, max]`; `initial` before the first sample. RFC 6298's estimate follows a
+    /// heavy-tailed delay only slowly: after a run of fast samples its variance is small and
+    /// the next late ACK (a process not scheduled for a few milliseconds) fires the timer; a
+    /// floor at the delays the path showed lately keeps such timeouts rare.
     pub fn rto(&self, initial: Duration, min: Duration, max: Duration) -> Duration {
         if self.srtt == 0 {
             return initial.clamp(min, max);
         }
         let base = u64::from(self.srtt) + 4 * u64::from(self.rttvar);
-        Duration::from_nanos(base).clamp(min, max)
+        let recent = u64::from(self.max_cur.max(self.max_prev));
+        Duration::from_nanos(base.max(recent + recent / 4)).clamp(min, max)
     }
 }
 
@@ -132,12 +168,33 @@ mod tests {
         // rttvar = (3·50 + 9900)/4 = 2512.5 us; srtt = (7·100 + 10000)/8 = 1337.5 us.
         assert_eq!(e.srtt().as_nanos(), 1_337_500);
         assert_eq!(e.rttvar().as_nanos(), 2_512_500);
-        assert_eq!(e.rto(init, min, max).as_nanos(), 1_337_500 + 4 * 2_512_500);
+        // srtt + 4·rttvar = 11.39 ms, below 1.25 × the 10 ms sample just seen.
+        assert_eq!(e.rto(init, min, max).as_nanos(), 12_500_000);
         assert_eq!(e.min(), Some(Duration::from_micros(100)));
         assert_eq!(e.standing(), Duration::from_micros(100), "the minimum within the window");
         // A round trip later the window starts over.
         e.sample(Instant::from_micros(100_000), Duration::from_micros(300));
         assert_eq!(e.standing(), Duration::from_micros(300));
+    }
+
+    #[test]
+    fn the_rto_floor_of_recent_delays_is_forgotten_after_two_epochs() {
+        let (init, min, max) = (Duration::from_millis(5), Duration::from_millis(1), Duration::from_millis(100));
+        let mut e = RttEstimator::new();
+        let mut now = Instant::from_micros(1_000_000);
+        e.sample(now, Duration::from_millis(8));
+        for _ in 0..100 {
+            now += Duration::from_micros(100);
+            e.sample(now, Duration::from_micros(50));
+        }
+        // The smoothed estimate forgot the 8 ms sample; the floor did not.
+        assert_eq!(e.rto(init, min, max), Duration::from_millis(10));
+        // Two epochs of fast samples later it is gone.
+        for _ in 0..3 {
+            now += Duration::from_millis(1000);
+            e.sample(now, Duration::from_micros(50));
+        }
+        assert_eq!(e.rto(init, min, max), min);
     }
 
     #[test]

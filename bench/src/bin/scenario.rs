@@ -18,6 +18,10 @@
 //! * `embedded` (S2, `dpdk` build): two `msg_gen --embedded` joined by memif, no daemon, the
 //!   client busy-polling on CPU 0 and the server on CPU 1; against raw memif and the kernel
 //!   baselines.
+//! * `busy` (S7): the `udp` topology with two CPU hogs per CPU (shell loops at normal priority)
+//!   for the whole run: Swift (the default) against the original's `Fixed(32)` window, daemons
+//!   restarted for each, interleaved; reports frames per RPC and retransmissions per thousand
+//!   RPCs from the client daemon's counters.
 //!
 //! Every configuration runs at window 1 (E1) and 32 (E2), 64 B and 1 KiB, unless narrowed by
 //! `--windows` and `--sizes`. The raw results go to `--out` (JSON) for plotting.
@@ -204,9 +208,9 @@ impl Env {
         self.pair(&format!("kernel {proto}"), s, c)
     }
 
-    /// Two machnetd over the udp backend, A on CPU 0 and B on CPU 1; returns them and their
-    /// control sockets.
-    fn udp_daemons(&self) -> Result<(Vec<Proc>, [PathBuf; 2]), String> {
+    /// Two machnetd over the udp backend, A on CPU 0 and B on CPU 1, with `transport` (a JSON
+    /// object or empty) as their `machnet_rs.transport`; returns them and their control sockets.
+    fn udp_daemons(&self, transport: &str) -> Result<(Vec<Proc>, [PathBuf; 2]), String> {
         let ports = [free_udp_port(), free_udp_port()];
         let mut procs = Vec::new();
         let mut socks = [PathBuf::new(), PathBuf::new()];
@@ -214,12 +218,13 @@ impl Env {
             let cfg = self.work.join(format!("d{i}.json"));
             let json = format!(
                 r#"{{"machnet_config": {{"02:00:00:00:00:0{}": {{"ip": "198.18.0.{}", "cpu_mask": "{}"}}}},
- "machnet_rs": {{"backend": "udp", "idle": "adaptive", "udp": {{"bind": "127.0.0.1:{}", "peers": ["127.0.0.1:{}"]}}}}}}"#,
+ "machnet_rs": {{"backend": "udp", "idle": "adaptive", "udp": {{"bind": "127.0.0.1:{}", "peers": ["127.0.0.1:{}"]}}{}}}}}"#,
                 i + 1,
                 i + 1,
                 if i == 0 { "0x1" } else { "0x2" },
                 ports[i],
-                ports[1 - i]
+                ports[1 - i],
+                if transport.is_empty() { String::new() } else { format!(r#", "transport": {transport}"#) }
             );
             std::fs::write(&cfg, json).map_err(|e| format!("cannot write {}: {e}", cfg.display()))?;
             socks[i] = self.work.join(format!("d{i}.sock"));
@@ -356,6 +361,34 @@ impl Env {
     }
 }
 
+/// CPU hogs: `per_cpu` busy shell loops pinned to every CPU, at normal priority, killed when
+/// dropped (the conditions of a shared VM or CI runner).
+struct Hogs(Vec<Proc>);
+
+impl Hogs {
+    fn start(per_cpu: usize) -> Result<Hogs, String> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut v = Vec::new();
+        for cpu in 0..cpus {
+            for _ in 0..per_cpu {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"]).stdout(Stdio::null());
+                v.push(Proc::spawn("CPU hog", &mut c)?);
+            }
+        }
+        Ok(Hogs(v))
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for h in &mut self.0 {
+            let _ = h.child.kill();
+            let _ = h.child.wait();
+        }
+    }
+}
+
 fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     (v[v.len() / 2], v[0], v[v.len() - 1])
@@ -368,9 +401,9 @@ fn report(records: &[Record], main: &str) -> String {
     }
     let mut s = String::new();
     s.push_str(
-        "| size | window | system | RTT p50 µs (min–max) | p99 | p99.9 | K RPC/s (min–max) | p50 × | RPC/s × |\n",
+        "| size | window | system | RTT p50 µs (min–max) | p99 | p99.9 | K RPC/s (min–max) | p50 × | RPC/s × | frames/RPC | retx per 1K RPC |\n",
     );
-    s.push_str("|---:|---:|---|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for ((size, window), systems) in &groups {
         let stat = |rs: &Vec<&Record>, f: fn(&Totals) -> f64| median_min_max(rs.iter().map(|r| f(&r.totals)).collect());
         let main_p50 = systems.get(main).map(|rs| stat(rs, |t| t.rtt_p50_us).0);
@@ -392,8 +425,23 @@ fn report(records: &[Record], main: &str) -> String {
                     main_rps.map_or("—".into(), |m| format!("{:.2}", m / rps.0)),
                 )
             };
+            // The client stack's counters, where the system reports them (machnet, not baselines).
+            let stacks: Vec<_> = rs.iter().filter_map(|r| r.totals.stack).collect();
+            let (fpr, retx) = if stacks.len() == rs.len() {
+                let fpr = median_min_max(stacks.iter().map(|x| x.frames_per_rpc).collect()).0;
+                let retx = median_min_max(
+                    rs.iter()
+                        .zip(&stacks)
+                        .map(|(r, x)| 1e3 * x.retransmits as f64 / r.totals.rx_msgs.max(1) as f64)
+                        .collect(),
+                )
+                .0;
+                (format!("{fpr:.2}"), format!("{retx:.1}"))
+            } else {
+                ("—".to_string(), "—".to_string())
+            };
             s.push_str(&format!(
-                "| {size} | {window} | {name} | {:.1} ({:.1}–{:.1}) | {p99:.1} | {p999:.1} | {:.1} ({:.1}–{:.1}) | {rl} | {rr} |\n",
+                "| {size} | {window} | {name} | {:.1} ({:.1}–{:.1}) | {p99:.1} | {p999:.1} | {:.1} ({:.1}–{:.1}) | {rl} | {rr} | {fpr} | {retx} |\n",
                 p50.0,
                 p50.1,
                 p50.2,
@@ -434,8 +482,10 @@ fn run(args: &Args) -> Result<(), String> {
         "udp" => "machnet udp backend",
         "memif" => "machnet memif (DPDK)",
         "embedded" => "machnet embedded, memif",
-        other => return Err(format!("unknown scenario {other:?} (known: udp, memif, embedded)")),
+        "busy" => "machnet udp, Swift, busy host",
+        other => return Err(format!("unknown scenario {other:?} (known: udp, memif, embedded, busy)")),
     };
+    let busy = args.scenario == "busy";
     let embedded = args.scenario == "embedded";
     let memif = args.scenario == "memif" || embedded;
     if memif && !env.bin.join("memif_pingpong").exists() {
@@ -462,6 +512,24 @@ fn run(args: &Args) -> Result<(), String> {
                 Ok(())
             };
             // The system under test, then (with its daemons stopped) the baselines.
+            if busy {
+                // Hogs for the whole measurement of both configurations.
+                let _hogs = Hogs::start(2)?;
+                for (system, transport) in
+                    [(main, ""), ("machnet udp, Fixed(32), busy host", r#"{"cc": "fixed", "fixed_window": 32}"#)]
+                {
+                    let (mut daemons, socks) = env.udp_daemons(transport)?;
+                    for &size in &args.sizes {
+                        for &window in &args.windows {
+                            measure(system, size, window, env.msg_gen(&socks, size, window, Some([0, 1])))?;
+                        }
+                    }
+                    for d in &mut daemons {
+                        d.interrupt();
+                    }
+                }
+                continue;
+            }
             if embedded {
                 for &size in &args.sizes {
                     for &window in &args.windows {
@@ -469,7 +537,7 @@ fn run(args: &Args) -> Result<(), String> {
                     }
                 }
             } else {
-                let (mut daemons, socks) = if memif { env.memif_daemons()? } else { env.udp_daemons()? };
+                let (mut daemons, socks) = if memif { env.memif_daemons()? } else { env.udp_daemons("")? };
                 // Each application on its daemon's CPU (on this 2-core machine: one daemon and one
                 // application per core).
                 let cpus = Some([0, 1]);
