@@ -265,8 +265,12 @@ pub fn group_id(name: &str) -> Option<u32> {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Extension {
-    /// `"udp"` (default) or `"dpdk"`.
-    #[serde(default)]
+    /// `"udp"` or `"dpdk"` as written; see [`Extension::backend`].
+    #[serde(default, rename = "backend")]
+    backend_key: Option<Backend>,
+    /// The backend: as given, else `"udp"` if a `"udp"` section is present, else `"dpdk"` — so
+    /// the original's `config.json`, which has no `machnet_rs` at all, means its DPDK NIC.
+    #[serde(skip)]
     pub backend: Backend,
     /// UDP backend settings (required with `"udp"`).
     pub udp: Option<UdpSection>,
@@ -406,7 +410,8 @@ impl Config {
                 Some(m)
             }
         };
-        let ext = raw.machnet_rs.unwrap_or_default();
+        let mut ext = raw.machnet_rs.unwrap_or_default();
+        ext.backend = ext.backend_key.unwrap_or(if ext.udp.is_some() { Backend::Udp } else { Backend::Dpdk });
         let mut udp_bind = None;
         let mut udp_peers = Vec::new();
         match ext.backend {
@@ -682,7 +687,17 @@ mod tests {
                 "",
                 "unknown field `extra`",
             ),
-            (r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}}"#, "machnet_rs.udp", "udp backend needs"),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"backend": "udp"}}"#,
+                "machnet_rs.udp",
+                "udp backend needs",
+            ),
+            // The original's config.json alone means its DPDK NIC, found by MAC.
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}}"#,
+                "pcie",
+                "no PCI network interface has MAC",
+            ),
             (
                 r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4", "cpu_mask": "0xg"}}, "machnet_rs": {"backend": "dpdk"}}"#,
                 "cpu_mask",

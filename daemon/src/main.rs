@@ -106,7 +106,7 @@ fn run(cli: &Cli, cfg: Config) -> Result<(), String> {
             r
         }
         #[cfg(not(feature = "dpdk"))]
-        Backend::Dpdk => Err("the dpdk backend is not built into this machnetd (build with --features dpdk)".into()),
+        Backend::Dpdk => Err("the dpdk backend is not built into this machnetd (build with --features dpdk; a configuration without machnet_rs.udp means the DPDK NIC, as the original's does)".into()),
     }
 }
 
