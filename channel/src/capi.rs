@@ -497,6 +497,7 @@ unsafe fn recvmsg_impl(ch: &mut Channel, h: &mut MachnetMsgHdr, timeout_us: i64)
         });
         match ch.recv_segs(cap, segs) {
             Ok(Some((n, f))) => {
+                ch.after_poll(false);
                 h.msg_size = n as u32;
                 h.flow_info = f;
                 return 1;
@@ -505,6 +506,8 @@ unsafe fn recvmsg_impl(ch: &mut Channel, h: &mut MachnetMsgHdr, timeout_us: i64)
             Err(e) => return fail(e, -1),
         }
         if timeout_us == 0 {
+            // Nothing: a polling application gives the CPU away as MACHNET_POLL says.
+            ch.after_poll(true);
             return 0;
         }
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {

@@ -57,6 +57,46 @@ const ABANDONED: usize = 16;
 /// `poll` of the registration socket): 10 ms.
 const ALIVE_CHECK_NS: u64 = 10_000_000;
 
+/// What a non-blocking call does when it finds nothing to do (an empty receive, a full ring):
+/// `MACHNET_POLL=spin|yield|adaptive`, read once per process (default `adaptive`).
+///
+/// Applications written for Machnet busy-poll (`while (machnet_recv(...) == 0) {}`). When
+/// such an application shares a CPU with its daemon's shard (or anything else), spinning
+/// leaves the shard the scheduler's tick: every hand-off waits milliseconds. `adaptive` spins
+/// for [`ADAPTIVE_SPIN`] empty calls in a row, then calls `sched_yield` in each further one, so
+/// whoever waits for the CPU runs now; the call still returns at once (0: nothing), as the API
+/// says. On a core of its own a yield returns at once too: it costs one system call (about a
+/// microsecond here) per empty call after the spin. `spin` never yields (dedicated cores,
+/// lowest latency); `yield` yields on every empty call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollPolicy {
+    /// Never give the CPU away.
+    Spin,
+    /// Yield on every empty call.
+    Yield,
+    /// Spin briefly, then yield.
+    Adaptive,
+}
+
+/// Empty calls in a row before an `adaptive` channel starts yielding (a few microseconds).
+pub const ADAPTIVE_SPIN: u32 = 512;
+
+impl PollPolicy {
+    /// The process's policy, from `MACHNET_POLL` (read once).
+    pub fn from_env() -> PollPolicy {
+        static P: std::sync::OnceLock<PollPolicy> = std::sync::OnceLock::new();
+        *P.get_or_init(|| match std::env::var("MACHNET_POLL").as_deref() {
+            Ok("spin") => PollPolicy::Spin,
+            Ok("yield") => PollPolicy::Yield,
+            Ok("adaptive") | Err(_) => PollPolicy::Adaptive,
+            Ok(other) => {
+                eprintln!("machnet: MACHNET_POLL={other:?} is not spin, yield or adaptive; using adaptive");
+                PollPolicy::Adaptive
+            }
+        })
+    }
+}
+
 /// What went wrong. Small and `Copy`; `Display` gives a human-readable text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {
@@ -237,6 +277,9 @@ pub struct Channel {
     daemon_gone: bool,
     /// When the registration socket is next looked at from a non-blocking call (coarse ns).
     next_alive_check: u64,
+    /// What an empty non-blocking call does, and how many came in a row.
+    poll: PollPolicy,
+    idle_calls: u32,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -362,6 +405,8 @@ impl Channel {
             reg_fd: None,
             daemon_gone: false,
             next_alive_check: 0,
+            poll: PollPolicy::from_env(),
+            idle_calls: 0,
             _not_sync: PhantomData,
         })
     }
@@ -471,6 +516,7 @@ impl Channel {
         match self.tx.free(1) {
             Ok(0) => {
                 self.check_alive(true)?;
+                self.after_poll(true);
                 self.stats.tx_ring_full += 1;
                 set(&self.region.counters().app.tx_ring_full, self.stats.tx_ring_full);
                 return Err(Error::RingFull);
@@ -482,6 +528,7 @@ impl Channel {
             self.refill_tx();
             if self.free.len() < count {
                 self.check_alive(true)?;
+                self.after_poll(true);
                 self.stats.tx_no_bufs += 1;
                 set(&self.region.counters().app.tx_no_bufs, self.stats.tx_no_bufs);
                 return Err(Error::NoBuffers);
@@ -533,6 +580,7 @@ impl Channel {
         debug_assert_eq!(wrote, Ok(true));
         publish(&mut self.tx, self.cheap_wake);
         self.wake_engine();
+        self.idle_calls = 0;
         self.stats.tx_msgs += 1;
         self.stats.tx_bytes += len as u64;
         let c = &self.region.counters().app;
@@ -574,20 +622,53 @@ impl Channel {
 
     // --- Receive ------------------------------------------------------------------------------
 
-    /// Receives one message into `buf`. `Ok(None)` when nothing is pending;
-    /// `Err(TooSmall)` when `buf` is shorter than the message, which is then discarded (its
-    /// buffers go back to the engine). Returns the length and the flow (src = remote sender,
-    /// dst = local; reply on `flow.reversed()`).
+    /// Receives one message into `buf`. `Ok(None)` when nothing is pending (after giving the
+    /// CPU away if the [`PollPolicy`] says so); `Err(TooSmall)` when `buf` is shorter than the
+    /// message, which is then discarded (its buffers go back to the engine). Returns the length
+    /// and the flow (src = remote sender, dst = local; reply on `flow.reversed()`).
     #[inline]
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(usize, MachnetFlow)>, Error> {
         let cap = buf.len();
-        self.recv_segs(cap, std::iter::once(buf))
+        let r = self.recv_segs(cap, std::iter::once(buf));
+        self.after_poll(matches!(r, Ok(None)));
+        r
     }
 
     /// Receives one message scattered over `iov` (zero-length slices are skipped).
     pub fn recvmsg(&mut self, iov: &mut [IoSliceMut<'_>]) -> Result<Option<(usize, MachnetFlow)>, Error> {
         let cap = iov.iter().map(|s| s.len()).sum();
-        self.recv_segs(cap, iov.iter_mut().map(|s| &mut **s))
+        let r = self.recv_segs(cap, iov.iter_mut().map(|s| &mut **s));
+        self.after_poll(matches!(r, Ok(None)));
+        r
+    }
+
+    /// Counts a non-blocking call that found nothing to do (`idle`) or something, and gives the
+    /// CPU away as the [`PollPolicy`] says.
+    #[inline]
+    pub(crate) fn after_poll(&mut self, idle: bool) {
+        if !idle {
+            self.idle_calls = 0;
+            return;
+        }
+        self.idle_calls = self.idle_calls.saturating_add(1);
+        let give_away = match self.poll {
+            PollPolicy::Spin => false,
+            PollPolicy::Yield => true,
+            PollPolicy::Adaptive => self.idle_calls > ADAPTIVE_SPIN,
+        };
+        if give_away {
+            std::thread::yield_now();
+        }
+    }
+
+    /// The policy of this channel (from `MACHNET_POLL`).
+    pub fn poll_policy(&self) -> PollPolicy {
+        self.poll
+    }
+
+    /// Sets the policy of this channel.
+    pub fn set_poll_policy(&mut self, p: PollPolicy) {
+        self.poll = p;
     }
 
     /// Receives into `segs` (total capacity `cap`).
@@ -720,8 +801,9 @@ impl Channel {
         timeout: Option<Duration>,
     ) -> Result<Option<(usize, MachnetFlow)>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let cap = buf.len();
         loop {
-            if let Some(r) = self.recv(buf)? {
+            if let Some(r) = self.recv_segs(cap, std::iter::once(&mut *buf))? {
                 return Ok(Some(r));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -738,8 +820,9 @@ impl Channel {
         timeout: Option<Duration>,
     ) -> Result<Option<(usize, MachnetFlow)>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let cap = iov.iter().map(|s| s.len()).sum();
         loop {
-            if let Some(r) = self.recvmsg(iov)? {
+            if let Some(r) = self.recv_segs(cap, iov.iter_mut().map(|s| &mut **s))? {
                 return Ok(Some(r));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {

@@ -10,6 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// An adaptive shard that spins yields at least this often (ns): a co-located application (or
+/// anything else) waiting for the CPU gets it within microseconds; on a core of its own a yield
+/// returns at once.
+const SPIN_YIELD_EVERY_NS: u64 = 5_000;
+
 /// A shard's stages, wired statically: `poll` calls each stage in order through
 /// [`Recorder::run`], which keeps per-stage counters.
 pub trait Pipeline: Send + 'static {
@@ -303,6 +308,7 @@ fn run<P: Pipeline>(cfg: &ShardConfig, p: &mut P, parker: &Parker, stop: &Atomic
     let publish_ns = u64::try_from(cfg.publish_every.as_nanos()).unwrap_or(u64::MAX);
     let every = u64::from(cfg.timing_every.max(1));
     let mut idle_since: Option<Instant> = None;
+    let mut last_yield = start;
     let mut last_publish = start;
     let mut now = start;
     let mut sched = SchedStat::open();
@@ -349,10 +355,14 @@ fn run<P: Pipeline>(cfg: &ShardConfig, p: &mut P, parker: &Parker, stop: &Atomic
                         loops.parked_ns += woke.as_nanos() - now.as_nanos();
                         now = woke;
                     }
-                } else if idle >= spin {
+                } else if idle >= spin || now.as_nanos() - last_yield.as_nanos() >= SPIN_YIELD_EVERY_NS {
+                    // Even while spinning, give the CPU away now and then: an application on
+                    // this CPU that the shard just handed a message would otherwise wait for
+                    // the end of the spin (or the scheduler's tick) to read it.
                     loops.yields += 1;
                     std::thread::yield_now();
                     now = clock.now();
+                    last_yield = now;
                 } else {
                     core::hint::spin_loop();
                 }

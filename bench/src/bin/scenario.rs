@@ -18,6 +18,10 @@
 //! * `embedded` (S2, `dpdk` build): two `msg_gen --embedded` joined by memif, no daemon, the
 //!   client busy-polling on CPU 0 and the server on CPU 1; against raw memif and the kernel
 //!   baselines.
+//! * `shared` (S8): the `udp` topology (each application on its daemon's CPU, as in the demo)
+//!   with msg_gen busy-polling `machnet_recv` (no `--blocking`, as the original's msg_gen does)
+//!   under `MACHNET_POLL=adaptive` (the default) and `MACHNET_POLL=spin`, against msg_gen
+//!   `--blocking`, interleaved.
 //! * `busy` (S7): the `udp` topology with two CPU hogs per CPU (shell loops at normal priority)
 //!   for the whole run: Swift (the default) against the original's `Fixed(32)` window, daemons
 //!   restarted for each, interleaved; reports frames per RPC and retransmissions per thousand
@@ -274,13 +278,27 @@ impl Env {
         Ok((procs, socks))
     }
 
-    /// msg_gen client on daemon 0 and server on daemon 1, pinned to `cpus` if given.
+    /// msg_gen client on daemon 0 and server on daemon 1, pinned to `cpus` if given, sleeping
+    /// on the doorbell when idle.
     fn msg_gen(
         &self,
         socks: &[PathBuf; 2],
         size: usize,
         window: u64,
         cpus: Option<[u32; 2]>,
+    ) -> Result<Totals, String> {
+        self.msg_gen_polling(socks, size, window, cpus, None)
+    }
+
+    /// As [`msg_gen`](Self::msg_gen); with `poll` the applications busy-poll instead (no
+    /// `--blocking`) under `MACHNET_POLL=poll`.
+    fn msg_gen_polling(
+        &self,
+        socks: &[PathBuf; 2],
+        size: usize,
+        window: u64,
+        cpus: Option<[u32; 2]>,
+        poll: Option<&str>,
     ) -> Result<Totals, String> {
         let prog = |side: usize| {
             let mut c = match cpus {
@@ -293,7 +311,15 @@ impl Env {
                 None => self.cmd("msg_gen"),
             };
             c.env("MACHNET_CTRL_SOCK", &socks[side]);
-            c.args(["--msg_size", &size.to_string(), "--msg_window", &window.to_string(), "--blocking"]);
+            c.args(["--msg_size", &size.to_string(), "--msg_window", &window.to_string()]);
+            match poll {
+                None => {
+                    c.arg("--blocking");
+                }
+                Some(p) => {
+                    c.env("MACHNET_POLL", p);
+                }
+            }
             c
         };
         let mut s = prog(1);
@@ -483,9 +509,11 @@ fn run(args: &Args) -> Result<(), String> {
         "memif" => "machnet memif (DPDK)",
         "embedded" => "machnet embedded, memif",
         "busy" => "machnet udp, Swift, busy host",
+        "shared" => "machnet udp, spinning app, MACHNET_POLL=adaptive",
         other => return Err(format!("unknown scenario {other:?} (known: udp, memif, embedded, busy)")),
     };
     let busy = args.scenario == "busy";
+    let shared = args.scenario == "shared";
     let embedded = args.scenario == "embedded";
     let memif = args.scenario == "memif" || embedded;
     if memif && !env.bin.join("memif_pingpong").exists() {
@@ -527,6 +555,29 @@ fn run(args: &Args) -> Result<(), String> {
                     for d in &mut daemons {
                         d.interrupt();
                     }
+                }
+                continue;
+            }
+            if shared {
+                let (mut daemons, socks) = env.udp_daemons("")?;
+                for &size in &args.sizes {
+                    for &window in &args.windows {
+                        for (system, poll) in [
+                            (main, Some("adaptive")),
+                            ("machnet udp, spinning app, MACHNET_POLL=spin", Some("spin")),
+                            ("machnet udp, --blocking app", None),
+                        ] {
+                            measure(
+                                system,
+                                size,
+                                window,
+                                env.msg_gen_polling(&socks, size, window, Some([0, 1]), poll),
+                            )?;
+                        }
+                    }
+                }
+                for d in &mut daemons {
+                    d.interrupt();
                 }
                 continue;
             }
