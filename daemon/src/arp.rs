@@ -1,5 +1,20 @@
 //! The ARP table of one shard: static entries, learned entries that age out, and resolutions
 //! in progress with retries. Sans-IO: the shard sends the requests this table asks for.
+//!
+//! ARP has no authentication, so the table believes as little as it can (stricter than Linux
+//! with `arp_accept=0`, which still lets any reply refresh an entry it has):
+//!
+//! * only a reply to a request of ours, while that resolution is in progress, creates or
+//!   changes an entry ([`ArpTable::on_reply`]); unsolicited replies, gratuitous ARP and the
+//!   sender fields of requests change nothing;
+//! * static entries from the configuration never change and are never re-resolved;
+//! * an entry whose peer leaves our SYNs unanswered is re-resolved
+//!   ([`ArpTable::revalidate`]) while still in use: a peer that restarted with a new MAC is
+//!   reachable again within a SYN timeout and an ARP round trip, and a forged entry (an
+//!   attacker who answered a request faster than the peer) is corrected the same way.
+//!
+//! What remains: an attacker who answers each of our requests faster than the peer wins each
+//! time. Static entries are the defence against that.
 
 use hashbrown::HashMap;
 use machnet_net::time::Instant;
@@ -48,6 +63,17 @@ struct Pending {
 /// Longest wait between two requests of one resolution.
 const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What a reply did to the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learned {
+    /// Nothing: no resolution of ours was waiting for it (or it named a static entry).
+    Ignored,
+    /// A resolution completed: the entry is new or confirmed.
+    Resolved,
+    /// A resolution completed with a MAC other than the entry's: the peer moved.
+    Changed,
+}
+
 /// What [`ArpTable::resolve`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolve {
@@ -90,16 +116,26 @@ impl ArpTable {
         }
     }
 
-    /// Records `ip → mac` (from a reply, or from a request addressed to us). Static entries
-    /// are not overwritten. Returns true if a resolution for `ip` was waiting.
-    pub fn learn(&mut self, ip: Ipv4Addr, mac: EthernetAddress, now: Instant) -> bool {
-        if !mac.is_unicast() || ip.is_unspecified() {
-            return false;
+    /// An ARP reply says `ip` is at `mac`. Believed only while a resolution of ours for `ip`
+    /// is in progress (see the module docs); then it completes the resolution and creates or
+    /// refreshes the entry.
+    pub fn on_reply(&mut self, ip: Ipv4Addr, mac: EthernetAddress, now: Instant) -> Learned {
+        if !mac.is_unicast() || ip.is_unspecified() || self.pending.remove(&ip).is_none() {
+            return Learned::Ignored;
         }
         let fresh = Entry { mac, expires: Some(now + self.cfg.timeout) };
         match self.entries.get_mut(&ip) {
-            Some(e) if e.expires.is_none() => {}
-            Some(e) => *e = fresh,
+            // (A static entry is never resolved: no request of ours asked.)
+            Some(e) if e.expires.is_none() => Learned::Ignored,
+            Some(e) => {
+                let changed = e.mac != mac && e.expires.is_some_and(|t| t > now);
+                *e = fresh;
+                if changed {
+                    Learned::Changed
+                } else {
+                    Learned::Resolved
+                }
+            }
             None => {
                 if self.entries.len() >= self.cfg.capacity {
                     // Full: make room by dropping what has aged out (ageing is otherwise lazy).
@@ -108,9 +144,20 @@ impl ArpTable {
                 if self.entries.len() < self.cfg.capacity {
                     self.entries.insert(ip, fresh);
                 }
+                Learned::Resolved
             }
         }
-        self.pending.remove(&ip).is_some()
+    }
+
+    /// Our SYNs to `ip` went unanswered: resolve it again while its entry stays in use. True if
+    /// a request should go out now (a learned entry, no resolution already in progress).
+    pub fn revalidate(&mut self, ip: Ipv4Addr, now: Instant) -> bool {
+        let learned = self.entries.get(&ip).is_some_and(|e| e.expires.is_some());
+        if !learned || self.pending.contains_key(&ip) || self.pending.len() >= self.cfg.capacity {
+            return false;
+        }
+        self.pending.insert(ip, Pending { sent: 1, next: now + self.cfg.retry, interval: self.cfg.retry });
+        true
     }
 
     /// Looks `ip` up, starting a resolution if needed.
@@ -133,12 +180,17 @@ impl ArpTable {
     /// passes.
     pub fn poll(&mut self, now: Instant, mut send: impl FnMut(Ipv4Addr), mut failed: impl FnMut(Ipv4Addr)) {
         let retries = self.cfg.retries;
+        let entries = &mut self.entries;
         self.pending.retain(|ip, p| {
             if p.next > now {
                 return true;
             }
             if p.sent >= retries {
                 failed(*ip);
+                // A re-resolution nobody answered: the entry is not trusted any more.
+                if entries.get(ip).is_some_and(|e| e.expires.is_some()) {
+                    entries.remove(ip);
+                }
                 return false;
             }
             p.sent += 1;
@@ -203,26 +255,76 @@ mod tests {
     fn learned_entries_complete_resolution_and_age_out_static_ones_do_not() {
         let mut t = ArpTable::new(ArpConfig { timeout: Duration::from_secs(1), ..ArpConfig::default() });
         t.resolve(IP, ms(0));
-        assert!(t.learn(IP, MAC, ms(5)), "the pending resolution completes");
+        assert_eq!(t.on_reply(IP, MAC, ms(5)), Learned::Resolved, "the pending resolution completes");
         assert_eq!(t.resolve(IP, ms(6)), Resolve::Known(MAC));
         assert_eq!(t.lookup(IP, ms(1004)), Some(MAC));
         assert_eq!(t.lookup(IP, ms(1006)), None, "aged out");
         let other = Ipv4Addr::new(198, 18, 0, 3);
         t.add_static(other, MAC);
-        assert!(!t.learn(other, EthernetAddress([2, 0, 0, 0, 0, 9]), ms(0)));
+        assert_eq!(t.resolve(other, ms(0)), Resolve::Known(MAC));
+        assert_eq!(t.on_reply(other, EthernetAddress([2, 0, 0, 0, 0, 9]), ms(0)), Learned::Ignored);
+        assert!(!t.revalidate(other, ms(0)), "static entries are never re-resolved");
         assert_eq!(t.lookup(other, ms(1_000_000)), Some(MAC), "static entries never expire or change");
-        assert!(!t.learn(IP, EthernetAddress::BROADCAST, ms(0)), "broadcast MACs are not learned");
+        t.resolve(IP, ms(2000));
+        assert_eq!(
+            t.on_reply(IP, EthernetAddress::BROADCAST, ms(2001)),
+            Learned::Ignored,
+            "broadcast MACs are not learned"
+        );
+    }
+
+    /// A forged reply nobody asked for creates nothing and changes nothing; neither does a
+    /// second reply to a request already answered.
+    #[test]
+    fn unsolicited_replies_are_not_believed() {
+        let evil = EthernetAddress([2, 0xee, 0, 0, 0, 1]);
+        let mut t = ArpTable::new(ArpConfig::default());
+        assert_eq!(t.on_reply(IP, evil, ms(0)), Learned::Ignored);
+        assert_eq!(t.lookup(IP, ms(1)), None, "no entry from an unsolicited reply");
+        t.resolve(IP, ms(10));
+        assert_eq!(t.on_reply(IP, MAC, ms(11)), Learned::Resolved);
+        assert_eq!(t.on_reply(IP, evil, ms(12)), Learned::Ignored, "the resolution is over");
+        assert_eq!(t.lookup(IP, ms(13)), Some(MAC));
+    }
+
+    /// Unanswered SYNs re-resolve an entry while it stays in use; a reply with a new MAC
+    /// replaces it (the peer restarted), and a re-resolution nobody answers drops it.
+    #[test]
+    fn revalidation_follows_a_peer_that_moved_and_drops_one_that_is_gone() {
+        let moved = EthernetAddress([2, 0, 0, 0, 0, 0x22]);
+        let mut t = ArpTable::new(ArpConfig::default());
+        assert!(!t.revalidate(IP, ms(0)), "nothing to re-resolve");
+        t.resolve(IP, ms(0));
+        t.on_reply(IP, MAC, ms(1));
+        assert!(t.revalidate(IP, ms(100)));
+        assert!(!t.revalidate(IP, ms(101)), "one re-resolution at a time");
+        assert_eq!(t.resolve(IP, ms(102)), Resolve::Known(MAC), "still in use meanwhile");
+        assert_eq!(t.on_reply(IP, moved, ms(103)), Learned::Changed);
+        assert_eq!(t.lookup(IP, ms(104)), Some(moved));
+        assert!(t.revalidate(IP, ms(200)));
+        assert_eq!(t.on_reply(IP, moved, ms(201)), Learned::Resolved, "confirmed");
+        assert!(t.revalidate(IP, ms(300)));
+        let mut failed = Vec::new();
+        for now in 300..3000 {
+            t.poll(ms(now), |_| {}, |ip| failed.push(ip));
+        }
+        assert_eq!(failed, vec![IP]);
+        assert_eq!(t.lookup(IP, ms(3000)), None, "an unanswered re-resolution drops the entry");
     }
 
     #[test]
     fn a_full_table_makes_room_from_aged_out_entries() {
         let mut t = ArpTable::new(ArpConfig { timeout: Duration::from_secs(1), capacity: 2, ..ArpConfig::default() });
         let ip = |k| Ipv4Addr::new(198, 18, 1, k);
-        t.learn(ip(1), MAC, ms(0));
-        t.learn(ip(2), MAC, ms(0));
-        t.learn(ip(3), MAC, ms(10));
+        let learn = |t: &mut ArpTable, k, now| {
+            t.resolve(ip(k), now);
+            t.on_reply(ip(k), MAC, now)
+        };
+        learn(&mut t, 1, ms(0));
+        learn(&mut t, 2, ms(0));
+        learn(&mut t, 3, ms(10));
         assert_eq!(t.lookup(ip(3), ms(11)), None, "full of fresh entries: not stored");
-        t.learn(ip(3), MAC, ms(2000));
+        learn(&mut t, 3, ms(2000));
         assert_eq!(t.lookup(ip(3), ms(2001)), Some(MAC), "the aged-out entries made room");
     }
 }

@@ -130,6 +130,14 @@ pub struct TransportSection {
     pub window: Option<usize>,
     /// Flows per shard (4096).
     pub max_flows: Option<usize>,
+    /// Half-open flows (SYN received, handshake not finished) per shard; past it a new SYN
+    /// evicts the oldest half-open flow (a quarter of `max_flows`).
+    pub max_half_open: Option<usize>,
+    /// Half-open flows from one remote IP per shard; its further SYNs are dropped (32).
+    pub max_half_open_per_source: Option<usize>,
+    /// Established and outgoing flows one application may hold per shard (`max_flows` less a
+    /// sixteenth: 3840 of 4096).
+    pub max_flows_per_app: Option<usize>,
 }
 
 /// Shared-memory channel sizes.
@@ -142,6 +150,8 @@ pub struct ChannelSection {
     pub ring_entries: Option<u32>,
     /// Most channels the daemon serves (256).
     pub max_channels: Option<usize>,
+    /// Most channels one application may have (`max_channels` less a sixteenth: 240 of 256).
+    pub max_per_app: Option<usize>,
     /// After an application detaches a channel, how long its flows may take to send what it
     /// queued before they are reset, ms (2000).
     pub linger_ms: Option<u64>,
@@ -552,7 +562,7 @@ impl Config {
         let t = &self.ext.transport;
         let d = machnet_transport::Config::default();
         let us = |v: Option<u64>, dflt: Duration| v.map_or(dflt, Duration::from_micros);
-        machnet_transport::Config {
+        let c = machnet_transport::Config {
             rto_min: us(t.rto_min_us, d.rto_min),
             rto_initial: us(t.rto_initial_us, d.rto_initial),
             rto_max: us(t.rto_max_us, d.rto_max),
@@ -577,9 +587,25 @@ impl Config {
                 }
             },
             window: t.window.unwrap_or(d.window),
-            max_flows: t.max_flows.unwrap_or(d.max_flows),
-            ..d
+            ..d.with_max_flows(t.max_flows.unwrap_or(d.max_flows))
+        };
+        machnet_transport::Config {
+            max_half_open: t.max_half_open.unwrap_or(c.max_half_open),
+            max_half_open_per_source: t.max_half_open_per_source.unwrap_or(c.max_half_open_per_source),
+            max_flows_per_group: t.max_flows_per_app.unwrap_or(c.max_flows_per_group),
+            ..c
         }
+    }
+
+    /// Most channels the daemon serves.
+    pub fn max_channels(&self) -> usize {
+        self.ext.channel.max_channels.unwrap_or(256)
+    }
+
+    /// Most channels one application may have.
+    pub fn max_channels_per_app(&self) -> usize {
+        let n = self.max_channels();
+        self.ext.channel.max_per_app.unwrap_or(n.saturating_sub((n / 16).max(1)).max(1))
     }
 
     /// The control socket's file mode.

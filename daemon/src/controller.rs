@@ -115,6 +115,8 @@ pub struct Controller {
     apps: HashMap<AppId, App>,
     channel_cfg: ChannelConfig,
     max_channels: usize,
+    /// Channels one application may have.
+    max_channels_per_app: usize,
     next_channel: u64,
     hugepages: bool,
     views: Vec<ShardView>,
@@ -133,6 +135,7 @@ impl Controller {
             apps: HashMap::new(),
             channel_cfg,
             max_channels,
+            max_channels_per_app: max_channels,
             next_channel: 1,
             hugepages: true,
             views: Vec::new(),
@@ -147,6 +150,12 @@ impl Controller {
     pub fn with_stats(mut self, info: DaemonInfo, views: Vec<ShardView>) -> Self {
         self.info = Some(info);
         self.views = views;
+        self
+    }
+
+    /// At most `n` channels per application (default: `max_channels`).
+    pub fn with_channels_per_app(mut self, n: usize) -> Self {
+        self.max_channels_per_app = n;
         self
     }
 
@@ -260,9 +269,12 @@ impl Controller {
                     "stages": stages,
                     "channels": r.channels,
                     "flows": r.flows,
+                    "half_open": r.half_open,
                     "endpoint": r.endpoint,
                     "counters": {
                         "rx_dropped": c.rx_dropped, "arp_replies": c.arp_replies, "arp_requests": c.arp_requests,
+                        "arp_ignored": c.arp_ignored, "arp_revalidations": c.arp_revalidations,
+                        "arp_changed": c.arp_changed,
                         "icmp_replies": c.icmp_replies, "tx_refused": c.tx_refused, "tx_rejected": c.tx_rejected,
                         "channel_violations": c.channel_violations, "violations": violations,
                         "channels_closed_violation": c.channels_closed_violation,
@@ -334,6 +346,14 @@ impl Controller {
                 }
             }
             doc["flows"] = Value::Array(list);
+            // Who holds half-open flows (a SYN flood's sources), per shard, most first.
+            let mut sources = Vec::new();
+            for (shard, r) in reports.iter().enumerate() {
+                for (ip, n) in &r.detail.half_open_sources {
+                    sources.push(json!({"shard": shard, "ip": ip.to_string(), "half_open": n}));
+                }
+            }
+            doc["half_open_sources"] = Value::Array(sources);
         }
         if selector & STATS_ARP != 0 {
             let mut list = Vec::new();
@@ -409,6 +429,14 @@ impl CtrlHandler for Controller {
         }
         if self.channel_count() >= self.max_channels {
             log::warn!("app {}: channel refused, the daemon serves its maximum of {}", app.0, self.max_channels);
+            return Err(Status::NoResources);
+        }
+        let held = self.apps.get(&app).map_or(0, |a| a.channels.len());
+        if held >= self.max_channels_per_app {
+            log::warn!(
+                "app {}: channel refused, it has {held}, the most one application may have (channel.max_per_app)",
+                app.0
+            );
             return Err(Status::NoResources);
         }
         let id = self.next_channel;

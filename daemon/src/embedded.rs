@@ -47,7 +47,7 @@
 //! assert_eq!((from.src_port, from.dst_port), (flow.src_port, flow.dst_port)); // from A, to B
 //! ```
 
-use crate::arp::{ArpConfig, ArpTable, Resolve};
+use crate::arp::{ArpConfig, ArpTable, Learned, Resolve};
 use crate::nic::{handle_frame, FlowTimers, PortTx, Rx};
 use machnet::client::Error;
 use machnet::layout::MachnetFlow;
@@ -403,10 +403,15 @@ impl<P: Port> Embedded<P> {
             let rx_at = b.rx_timestamp().unwrap_or(now);
             match handle_frame(&mut self.env.nic, &mut self.arp, self.local, b.frame(), caps, now) {
                 Rx::Machnet(m) => self.ep.handle_at(now, rx_at, &mut self.env, &m),
-                Rx::Arp { ip, mac, resolved, replied } => {
+                Rx::Arp { ip, mac, learned, replied } => {
                     self.stats.arp_replies += u64::from(replied);
-                    if resolved {
-                        self.resolved(now, ip, Some(mac));
+                    match learned {
+                        Some(Learned::Resolved) => self.resolved(now, ip, Some(mac)),
+                        Some(Learned::Changed) => {
+                            self.ep.update_peer_mac(now, &mut self.env, ip, mac);
+                            self.resolved(now, ip, Some(mac));
+                        }
+                        Some(Learned::Ignored) | None => {}
                     }
                 }
                 Rx::Icmp(replied) => self.stats.icmp_replies += u64::from(replied),
@@ -422,6 +427,12 @@ impl<P: Port> Embedded<P> {
             self.ep.on_timer(now, &mut self.env, f);
         }
         self.env.timers.done(fired);
+        let unanswered: arrayvec::ArrayVec<Ipv4Addr, 64> = self.ep.take_unanswered().collect();
+        for ip in unanswered {
+            if self.arp.revalidate(ip, now) {
+                self.env.nic.send_arp_request(self.local, ip);
+            }
+        }
         if self.arp.next_deadline().is_some_and(|d| d <= now) {
             let (mut send, mut failed) = core::mem::take(&mut self.scratch);
             self.arp.poll(now, |ip| send.push(ip), |ip| failed.push(ip));

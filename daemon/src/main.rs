@@ -274,7 +274,8 @@ where
     };
     let access =
         Access { allow_uids: cfg.ext.access.allow_uids.clone(), allow_gids: cfg.ext.access.allow_gids.clone() };
-    let mut controller = Controller::new(links, channel_cfg, cfg.ext.channel.max_channels.unwrap_or(256))
+    let mut controller = Controller::new(links, channel_cfg, cfg.max_channels())
+        .with_channels_per_app(cfg.max_channels_per_app())
         .with_stats(info, views)
         .with_access(access);
     let group = cfg.ext.access.socket_group.as_deref().and_then(config::group_id);

@@ -1,7 +1,7 @@
 //! What every user of a port queue needs besides the transport: a transmit burst, and the
 //! answers to ARP and ICMP echo. Shared by the daemon's shards and the embedded mode.
 
-use crate::arp::ArpTable;
+use crate::arp::{ArpTable, Learned};
 use machnet_net::port::{Burst, PacketBuf, Port};
 use machnet_net::time::Instant;
 use machnet_net::wire::{
@@ -109,15 +109,15 @@ impl<P: Port> PortTx<P> {
 pub enum Rx<'a> {
     /// A Machnet frame for our MAC, for the transport.
     Machnet(MachnetFrame<'a>),
-    /// ARP for our IP: the sender's mapping, learnt; `resolved` if it completed a resolution
-    /// in progress; `replied` if it was a request we answered.
+    /// ARP for our IP: a request (answered: `replied`) or a reply (`learned`: what it did to
+    /// the table; see [`crate::arp`] for what is believed).
     Arp {
         /// Sender IP.
         ip: Ipv4Addr,
         /// Sender MAC.
         mac: EthernetAddress,
-        /// A resolution in progress completed.
-        resolved: bool,
+        /// `Some` for a reply: whether it completed a resolution of ours.
+        learned: Option<Learned>,
         /// A request was answered.
         replied: bool,
     },
@@ -139,15 +139,18 @@ pub fn handle_frame<'a, P: Port>(
 ) -> Rx<'a> {
     match classify(frame, caps) {
         Ok(Frame::Machnet(m)) if m.dst_mac == local.mac => Rx::Machnet(m),
-        Ok(Frame::Arp { arp: a, .. }) if a.target_protocol_addr == local.ip => {
-            let resolved = arp.learn(a.source_protocol_addr, a.source_hardware_addr, now);
-            let mut replied = false;
+        // Gratuitous ARP names its sender as the target too: never ours (see crate::arp).
+        Ok(Frame::Arp { arp: a, .. }) if a.target_protocol_addr == local.ip && a.source_protocol_addr != local.ip => {
+            let (mut replied, mut learned) = (false, None);
             if a.operation == ArpOperation::Request {
+                // Answered; its sender fields teach the table nothing.
                 let reply = ArpRepr::reply_to(&a, local.mac);
                 replied = tx
                     .send_raw(|buf| emit_arp(buf, reply.source_hardware_addr, reply.target_hardware_addr, &reply).ok());
+            } else if a.target_hardware_addr == local.mac {
+                learned = Some(arp.on_reply(a.source_protocol_addr, a.source_hardware_addr, now));
             }
-            Rx::Arp { ip: a.source_protocol_addr, mac: a.source_hardware_addr, resolved, replied }
+            Rx::Arp { ip: a.source_protocol_addr, mac: a.source_hardware_addr, learned, replied }
         }
         Ok(Frame::Icmp(icmp))
             if icmp.echo.kind == IcmpEchoKind::Request

@@ -11,7 +11,7 @@
 //! | `timers` | the timing wheel (retransmission, handshakes), ARP retries |
 //! | `tx` | owed ACKs and window-permitted data, the transmit burst, channel doorbells |
 
-use crate::arp::{ArpConfig, ArpTable, Resolve};
+use crate::arp::{ArpConfig, ArpTable, Learned, Resolve};
 use crate::mesh::{Handoff, Mesh};
 use crate::nic::{handle_frame, FlowTimers, PortTx, Rx};
 use arrayvec::ArrayVec;
@@ -57,6 +57,9 @@ pub struct ChannelSlot {
     pub id: u64,
     /// The application that owns it.
     pub app: AppId,
+    /// The application's group on this shard: its channels' flows together may number
+    /// `transport.max_flows_per_app`.
+    group: u16,
     /// Engine side of the shared memory.
     pub ch: EngineChannel,
     /// Transmit chains as the transport links them (engine-private: the app cannot change
@@ -83,6 +86,7 @@ impl ChannelSlot {
         ChannelSlot {
             id,
             app,
+            group: 0,
             ch,
             tx_next: vec![NIL; n],
             tx_flags: vec![0; n],
@@ -120,6 +124,13 @@ pub struct ShardCounters {
     pub arp_replies: u64,
     /// ARP requests sent.
     pub arp_requests: u64,
+    /// ARP replies not believed: unsolicited (no request of ours waiting), or naming a
+    /// static entry.
+    pub arp_ignored: u64,
+    /// Re-resolutions started because SYNs to a peer went unanswered.
+    pub arp_revalidations: u64,
+    /// Re-resolutions that found the peer at a new MAC.
+    pub arp_changed: u64,
     /// ICMP echo requests answered.
     pub icmp_replies: u64,
     /// Messages refused because the flow does not exist or belongs to another application.
@@ -203,7 +214,12 @@ pub struct Detail {
     pub channels: Vec<ChannelInfo>,
     /// ARP entries: IP, MAC, static.
     pub arp: Vec<(Ipv4Addr, EthernetAddress, bool)>,
+    /// The remote IPs holding the most half-open flows (at most [`TOP_HALF_OPEN`]), most first.
+    pub half_open_sources: Vec<(Ipv4Addr, u32)>,
 }
+
+/// Sources [`Detail::half_open_sources`] lists.
+pub const TOP_HALF_OPEN: usize = 16;
 
 /// A snapshot a controller can read without stalling the shard (the shard only ever
 /// `try_lock`s it).
@@ -217,6 +233,8 @@ pub struct ShardReport {
     pub channels: usize,
     /// Live flows.
     pub flows: usize,
+    /// Of them, half-open (a SYN received, the handshake not finished).
+    pub half_open: usize,
     /// Endpoint counters.
     pub endpoint: machnet_transport::EndpointStats,
     /// Shard counters.
@@ -464,6 +482,7 @@ impl<P: Port> EngineShard<P> {
             d.flows.reserve(max_flows);
             d.channels.reserve(MAX_CHANNELS_PER_SHARD);
             d.arp.reserve(arp_capacity);
+            d.half_open_sources.reserve(TOP_HALF_OPEN);
         }
         EngineShard {
             index: s.index,
@@ -541,7 +560,7 @@ impl<P: Port> EngineShard<P> {
         *c = (*c).max(thread_cpu_ns().saturating_sub(cpu0));
     }
 
-    fn adopt_inner(&mut self, slot: ChannelSlot) {
+    fn adopt_inner(&mut self, mut slot: ChannelSlot) {
         let bell = slot.ch.engine_bell().as_raw_fd();
         let owner = match self.env.channels.iter().position(|s| s.is_none()) {
             Some(i) => i,
@@ -557,6 +576,13 @@ impl<P: Port> EngineShard<P> {
         if let Err(e) = self.fds.add(bell, owner as u64) {
             log::warn!("shard {}: cannot watch doorbell of channel {}: {e}", self.index, slot.id);
         }
+        // The application's group: that of its other channels here, else the lowest unused
+        // (group 0 is the transport's default and stays unused).
+        let live = || self.env.channels.iter().flatten();
+        slot.group = live().find(|s| s.app == slot.app).map(|s| s.group).unwrap_or_else(|| {
+            (1..=u16::MAX).find(|&g| !live().any(|s| s.group == g)).expect("fewer channels than groups")
+        });
+        self.ep.set_owner_group(owner as Owner, slot.group);
         log::info!("shard {}: serving channel {} of app {}", self.index, slot.id, slot.app.0);
         self.env.channels[owner] = Some(slot);
     }
@@ -701,8 +727,10 @@ impl<P: Port> EngineShard<P> {
                 self.on_frame(now, buf, rx_at, true);
             }
             for (ip, mac) in arps {
-                if self.arp.learn(ip, mac, now) {
-                    self.run_pending(now, ip, Some(mac));
+                // Another shard's reply: it counts here only if this shard asked too.
+                let learned = self.arp.on_reply(ip, mac, now);
+                if learned != Learned::Ignored {
+                    self.on_learned(now, ip, mac, learned);
                 }
             }
         }
@@ -725,14 +753,14 @@ impl<P: Port> EngineShard<P> {
                 }
                 _ => self.ep.handle_at(now, rx_at, &mut self.env, &m),
             },
-            Rx::Arp { ip, mac, resolved, replied } => {
+            Rx::Arp { ip, mac, learned, replied } => {
                 self.env.counters.arp_replies += u64::from(replied);
-                if self.mesh.shards() > 1 {
-                    // A connect waiting for this address may be on another shard.
-                    self.mesh.broadcast_arp(ip, mac);
-                }
-                if resolved {
-                    self.run_pending(now, ip, Some(mac));
+                if let Some(learned) = learned {
+                    if self.mesh.shards() > 1 {
+                        // A resolution waiting for this reply may be another shard's.
+                        self.mesh.broadcast_arp(ip, mac);
+                    }
+                    self.on_learned(now, ip, mac, learned);
                 }
             }
             Rx::Icmp(replied) => self.env.counters.icmp_replies += u64::from(replied),
@@ -745,6 +773,20 @@ impl<P: Port> EngineShard<P> {
                 }
             }
             None => self.env.nic.port.free(b),
+        }
+    }
+
+    /// An ARP reply did `learned` to the table.
+    fn on_learned(&mut self, now: Instant, ip: Ipv4Addr, mac: EthernetAddress, learned: Learned) {
+        match learned {
+            Learned::Ignored => self.env.counters.arp_ignored += 1,
+            Learned::Resolved => self.run_pending(now, ip, Some(mac)),
+            Learned::Changed => {
+                self.env.counters.arp_changed += 1;
+                let n = self.ep.update_peer_mac(now, &mut self.env, ip, mac);
+                log::info!("shard {}: {ip} moved to {mac}; {n} connects in progress follow it", self.index);
+                self.run_pending(now, ip, Some(mac));
+            }
         }
     }
 
@@ -768,6 +810,14 @@ impl<P: Port> EngineShard<P> {
                 None => self.complete(p.owner, p.id, Err(Status::Unreachable)),
             }
         }
+    }
+
+    /// Whether `owner`'s application has fewer connects waiting for ARP than it may hold flows
+    /// (a scan of the pending list: a control path).
+    fn may_wait_for_arp(&self, owner: Owner) -> bool {
+        let group = |o: Owner| self.env.channels.get(o as usize).and_then(|s| s.as_ref()).map(|s| s.group);
+        let g = group(owner);
+        self.pending.iter().filter(|p| group(p.owner) == g).count() < self.ep.config().max_flows_per_group
     }
 
     fn connect_now(&mut self, now: Instant, p: PendingConnect, mac: EthernetAddress) {
@@ -926,8 +976,11 @@ impl<P: Port> EngineShard<P> {
                     let p = PendingConnect { owner, id: r.id, remote_ip, remote_port };
                     match self.arp.resolve(remote_ip, now) {
                         Resolve::Known(mac) => self.connect_now(now, p, mac),
-                        // As many connects wait for ARP as the shard has flows.
-                        Resolve::SendRequest | Resolve::InProgress if self.pending.len() == self.pending.capacity() => {
+                        // As many connects wait for ARP as the shard has flows, and one
+                        // application's as many as it may have flows.
+                        Resolve::SendRequest | Resolve::InProgress
+                            if self.pending.len() == self.pending.capacity() || !self.may_wait_for_arp(owner) =>
+                        {
                             self.complete(owner, r.id, Err(Status::NoResources))
                         }
                         Resolve::SendRequest => {
@@ -959,6 +1012,9 @@ impl<P: Port> EngineShard<P> {
                         if flow.dst_ip == 0 && self.ep.listener(flow.src_port) == Some(owner) {
                             let _ = self.ep.unlisten(owner, flow.src_port);
                             Ok(flow)
+                        } else if self.ep.ports().owner(flow.src_port).is_some_and(|s| usize::from(s) != self.index) {
+                            // Another shard's port: another application's flow or listener.
+                            Err(Status::NotPermitted)
                         } else {
                             Err(Status::NoSuchFlow)
                         }
@@ -976,12 +1032,15 @@ impl<P: Port> EngineShard<P> {
             remote_ip: Ipv4Addr::from_bits(m.flow.dst_ip),
             remote_port: m.flow.dst_port,
         };
-        // Isolation: only flows this channel created or accepted.
+        // Isolation: only flows this channel created or accepted. Another application's flow
+        // is "not permitted" whether it lives on this shard or on another (whose port it is:
+        // a channel's flows are all on its own shard); a flow nobody has is "no such flow".
         let flow = match self.ep.lookup(&tuple) {
             Some(f) if self.ep.owner_of(f) == Some(owner) => f,
             other => {
                 self.env.counters.tx_refused += 1;
-                let st = if other.is_some() { Status::NotPermitted } else { Status::NoSuchFlow };
+                let elsewhere = self.ep.ports().owner(tuple.local_port).is_some_and(|s| usize::from(s) != self.index);
+                let st = if other.is_some() || elsewhere { Status::NotPermitted } else { Status::NoSuchFlow };
                 if let Some(s) = self.env.slot(owner) {
                     s.ch.refuse_tx(m, st);
                 }
@@ -1010,6 +1069,13 @@ impl<P: Port> EngineShard<P> {
             self.ep.on_timer(now, &mut self.env, f);
         }
         self.env.timers.done(fired);
+        let unanswered: ArrayVec<Ipv4Addr, 64> = self.ep.take_unanswered().collect();
+        for ip in unanswered {
+            if self.arp.revalidate(ip, now) {
+                self.env.counters.arp_revalidations += 1;
+                self.send_arp_request(ip);
+            }
+        }
         if self.arp.next_deadline().is_some_and(|d| d <= now) {
             n += 1;
             // Both lists have room for every resolution the table can hold.
@@ -1070,6 +1136,7 @@ impl<P: Port> EngineShard<P> {
         if let Ok(mut r) = self.report.report.try_lock() {
             r.channels = self.env.channels.iter().flatten().count();
             r.flows = self.ep.flow_count();
+            r.half_open = self.ep.half_open_count();
             r.endpoint = *self.ep.stats();
             r.counters = self.env.counters;
             r.faults = self.env.nic.port.fault_stats();
@@ -1097,6 +1164,16 @@ impl<P: Port> EngineShard<P> {
                 d.arp.clear();
                 let room = d.arp.capacity();
                 d.arp.extend(self.arp.entries(now).take(room));
+                let top = &mut d.half_open_sources;
+                top.clear();
+                for (ip, n) in self.ep.half_open_sources() {
+                    if top.len() < TOP_HALF_OPEN {
+                        top.push((ip, n));
+                    } else if let Some(min) = top.iter_mut().min_by_key(|e| e.1).filter(|m| m.1 < n) {
+                        *min = (ip, n);
+                    }
+                }
+                top.sort_unstable_by_key(|e| core::cmp::Reverse(e.1));
                 d.seq = wanted;
                 self.report.asked.store(false, std::sync::atomic::Ordering::Relaxed);
             }

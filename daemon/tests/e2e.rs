@@ -218,7 +218,10 @@ fn connects_waiting_for_arp_are_bounded_by_the_flow_table() {
     // fail as unreachable (after 6 ARP requests over 3.5 s: time for all 9 to arrive, within
     // the client's 5 s connect timeout).
     // Which one is refused depends on arrival order, not the count.
-    let (a, _b) = Daemon::pair(r#", "transport": {"max_flows": 8}, "arp": {"retries": 6, "retry_ms": 100}"#);
+    // (One application: its own limit is raised to the table's, which is what is tested here.)
+    let (a, _b) = Daemon::pair(
+        r#", "transport": {"max_flows": 8, "max_flows_per_app": 8}, "arp": {"retries": 6, "retry_ms": 100}"#,
+    );
     let m = a.app();
     let nobody = std::net::Ipv4Addr::new(198, 18, 0, 99);
     let results: Vec<_> = std::thread::scope(|s| {

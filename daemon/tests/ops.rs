@@ -12,27 +12,11 @@ use machnet::testing::RawView;
 use serde_json::Value;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 888;
 const NOBODY: u32 = 65534;
-
-fn machnetctl_command(sock: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_machnetctl"));
-    c.arg("--ctrl-sock").arg(sock).args(args);
-    c
-}
-
-fn machnetctl(sock: &Path, args: &[&str]) -> Output {
-    output_within(&mut machnetctl_command(sock, args), RUN, &format!("machnetctl {args:?}"))
-}
-
-fn ctl_json(sock: &Path, what: &str) -> Value {
-    let out = machnetctl(sock, &["--json", what]);
-    assert!(out.status.success(), "machnetctl {what}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// Waits (20 s at most) until `machnetctl channels` satisfies `ok`.
 fn wait_channels(sock: &Path, what: &str, ok: impl Fn(&Value) -> bool) {

@@ -3,6 +3,7 @@
 use crate::env::Env;
 use crate::flow::{fl, Flow, FlowCx, FlowState, Path, RxSlot, TxSlot, Verdict, NO_OWNER};
 use crate::{Config, Error, Event, FlowId, FlowTuple, LocalAddr, OutMsg, Owner};
+use arrayvec::ArrayVec;
 use core::hash::{BuildHasher, Hasher};
 use core::net::Ipv4Addr;
 use core::time::Duration;
@@ -100,6 +101,14 @@ pub struct EndpointStats {
     pub syn_challenged: u64,
     /// SYNs and SYN-ACKs sent again after a handshake timeout.
     pub syn_retransmits: u64,
+    /// Half-open flows evicted to make room (the oldest first): a SYN flood's footprint.
+    pub syn_evicted: u64,
+    /// SYNs dropped because their source already had `max_half_open_per_source` half-open
+    /// flows.
+    pub syn_source_limited: u64,
+    /// SYNs and connects refused because the owner's group (application) holds
+    /// `max_flows_per_group` flows.
+    pub group_limited: u64,
 }
 
 /// Per-flow counters.
@@ -209,6 +218,16 @@ pub struct Endpoint {
     work: VecDeque<u32>,
     /// Flows whose owner refused a message, waiting for [`Endpoint::on_writable`].
     blocked: Vec<u32>,
+    /// Half-open flows, oldest first, as (index, generation); entries of flows that have since
+    /// been established or freed are skipped when met.
+    half_open: VecDeque<(u32, u32)>,
+    half_open_count: usize,
+    /// Remote IPs whose SYNs went unanswered, for [`Endpoint::take_unanswered`].
+    unanswered: ArrayVec<u32, 64>,
+    /// Each owner's group (the daemon: its application) and the flows each group holds
+    /// (established and client flows: half-open ones have their own budget).
+    owner_group: Vec<u16>,
+    group_flows: Vec<u32>,
     rng: u64,
     stats: EndpointStats,
 }
@@ -232,9 +251,12 @@ impl Endpoint {
     }
 
     /// Creates an endpoint, reserving memory for `cfg.max_flows` flows and their windows.
-    pub fn new(cfg: Config, local: LocalAddr, ports: SharedPorts) -> Result<Self, &'static str> {
+    pub fn new(mut cfg: Config, local: LocalAddr, ports: SharedPorts) -> Result<Self, &'static str> {
         cfg.validate()?;
         let n = cfg.max_flows;
+        cfg.max_half_open = cfg.max_half_open.min(n);
+        cfg.max_half_open_per_source = cfg.max_half_open_per_source.min(cfg.max_half_open);
+        cfg.max_flows_per_group = cfg.max_flows_per_group.min(n);
         let w = cfg.window;
         let seed = cfg.seed ^ 0xa076_1d64_78bd_642f;
         let mut free: Vec<u32> = (0..n as u32).collect();
@@ -258,6 +280,11 @@ impl Endpoint {
             queue: 0,
             work: VecDeque::with_capacity(n),
             blocked: Vec::with_capacity(n),
+            half_open: VecDeque::with_capacity(2 * cfg.max_half_open),
+            half_open_count: 0,
+            unanswered: ArrayVec::new(),
+            owner_group: Vec::new(),
+            group_flows: Vec::new(),
             rng: cfg.seed,
             stats: EndpointStats::default(),
             cfg,
@@ -388,6 +415,10 @@ impl Endpoint {
             cx.release_all();
         }
         let id = self.id_of(i);
+        if !self.leave_half_open(i) {
+            let g = self.group_of(self.flows[i].owner);
+            self.group_flows[g] -= 1;
+        }
         let f = &mut self.flows[i];
         let (owner, client, local_port) = (f.owner, f.has(fl::CLIENT), f.local_port);
         env.rx_released(owner, id);
@@ -428,6 +459,97 @@ impl Endpoint {
         }
     }
 
+    /// The group of `owner` (0 unless [`set_owner_group`](Self::set_owner_group) said).
+    fn group_of(&mut self, owner: Owner) -> usize {
+        let g = self.owner_group.get(owner as usize).copied().unwrap_or(0) as usize;
+        if g >= self.group_flows.len() {
+            // Only for an owner no group was set for (group 0), on its first flow.
+            self.group_flows.resize(g + 1, 0);
+        }
+        g
+    }
+
+    /// Puts `owner` in group `group` (the daemon: one group per application on this shard),
+    /// whose flows together may number `max_flows_per_group`. Call before the owner's first
+    /// flow (it allocates here, never on the packet path).
+    pub fn set_owner_group(&mut self, owner: Owner, group: u16) {
+        let o = owner as usize;
+        if self.owner_group.len() <= o {
+            self.owner_group.resize(o + 1, 0);
+        }
+        self.owner_group[o] = group;
+        if self.group_flows.len() <= usize::from(group) {
+            self.group_flows.resize(usize::from(group) + 1, 0);
+        }
+    }
+
+    /// Whether `owner`'s group may open one more flow.
+    fn group_has_room(&mut self, owner: Owner) -> bool {
+        let g = self.group_of(owner);
+        (self.group_flows[g] as usize) < self.cfg.max_flows_per_group
+    }
+
+    /// Counts flow `i` (just accepted from a SYN) in the half-open budget.
+    fn enter_half_open(&mut self, i: usize) {
+        if self.half_open.len() == self.half_open.capacity() {
+            // Drop the entries of flows no longer half-open (no allocation).
+            let flows = &self.flows;
+            self.half_open.retain(|&(j, gen)| {
+                let f = &flows[j as usize];
+                f.gen == gen && f.has(fl::LIVE) && f.has(fl::HALF_OPEN)
+            });
+        }
+        let f = &mut self.flows[i];
+        f.set(fl::HALF_OPEN);
+        self.paths[f.path as usize].half_open += 1;
+        self.half_open_count += 1;
+        if self.half_open.len() < self.half_open.capacity() {
+            self.half_open.push_back((i as u32, f.gen));
+        }
+    }
+
+    /// Takes flow `i` out of the half-open budget (established or freed); false if it was not
+    /// in it.
+    fn leave_half_open(&mut self, i: usize) -> bool {
+        let f = &mut self.flows[i];
+        if !f.has(fl::HALF_OPEN) {
+            return false;
+        }
+        f.clear(fl::HALF_OPEN);
+        let p = &mut self.paths[f.path as usize];
+        p.half_open = p.half_open.saturating_sub(1);
+        self.half_open_count -= 1;
+        true
+    }
+
+    /// Frees the oldest half-open flow (silently: its client, if real, retries its SYN).
+    /// Returns whether there was one.
+    fn evict_half_open<E: Env>(&mut self, env: &mut E, now: Instant) -> bool {
+        while let Some((j, gen)) = self.half_open.pop_front() {
+            let f = &self.flows[j as usize];
+            if f.gen == gen && f.has(fl::LIVE) && f.has(fl::HALF_OPEN) {
+                self.stats.syn_evicted += 1;
+                self.free_flow(j as usize, env, now, None);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Half-open flows now.
+    pub fn half_open_count(&self) -> usize {
+        self.half_open_count
+    }
+
+    /// Remote IPs with half-open flows, and how many each (for statistics).
+    pub fn half_open_sources(&self) -> impl Iterator<Item = (Ipv4Addr, u32)> + '_ {
+        self.path_map
+            .values()
+            .map(|&p| &self.paths[p as usize])
+            .filter(|p| p.half_open > 0)
+            .map(|p| (Ipv4Addr::from(p.ip), p.half_open))
+    }
+
     fn mark_work(&mut self, i: usize) {
         let f = &mut self.flows[i];
         if !f.has(fl::IN_WORK) {
@@ -441,6 +563,12 @@ impl Endpoint {
         match v {
             Verdict::Free(ev) => self.free_flow(i, env, now, ev),
             Verdict::Keep => {
+                if self.flows[i].has(fl::HALF_OPEN) && self.flows[i].state != FlowState::SynReceived {
+                    // Established: it counts in its owner's group from now on.
+                    self.leave_half_open(i);
+                    let g = self.group_of(self.flows[i].owner);
+                    self.group_flows[g] += 1;
+                }
                 let id = self.id_of(i);
                 let f = &mut self.flows[i];
                 if f.state == FlowState::PeerClosed && !f.has(fl::UNMAPPED) {
@@ -523,7 +651,12 @@ impl Endpoint {
         remote_port: u16,
         token: u64,
     ) -> Result<FlowId, Error> {
-        if self.free.is_empty() {
+        if !self.group_has_room(owner) {
+            self.stats.group_limited += 1;
+            return Err(Error::TooManyFlows);
+        }
+        // A client connect takes a half-open server flow's slot if it must.
+        if self.free.is_empty() && !self.evict_half_open(env, now) {
             return Err(Error::TooManyFlows);
         }
         let port = {
@@ -536,6 +669,8 @@ impl Endpoint {
         };
         let i = self.alloc_flow(owner, remote_ip, remote_mac, remote_port, port).ok_or(Error::TooManyFlows)?;
         self.flows[i].set(fl::CLIENT);
+        let g = self.group_of(owner);
+        self.group_flows[g] += 1;
         self.tokens[i] = token;
         let iss = self.next_isn();
         let mut cx = self.cx(i, env, now);
@@ -677,6 +812,17 @@ impl Endpoint {
         let k = key(u32::from(pkt.src_ip), pkt.src_port, pkt.dst_port);
         if let Some(&i) = self.map.get(&k) {
             let i = i as usize;
+            if self.flows[i].has(fl::HALF_OPEN)
+                && matches!(pkt.hdr.packet_type, PacketType::Ack | PacketType::Data)
+                && !self.group_has_room(self.flows[i].owner)
+            {
+                // This packet would establish the flow, but its owner's group filled up while
+                // it was half-open: refuse it.
+                self.stats.group_limited += 1;
+                let id = self.id_of(i);
+                let _ = self.abort(now, env, id);
+                return;
+            }
             let token = self.tokens[i];
             let mut cx = self.cx_at(i, env, now, rx_at);
             let v = cx.on_packet(&pkt.hdr, pkt.payload, pkt.src_mac, token);
@@ -686,11 +832,28 @@ impl Endpoint {
         match pkt.hdr.packet_type {
             PacketType::Syn => match self.listeners.get(&pkt.dst_port).copied() {
                 Some(owner) => {
+                    let src = u32::from(pkt.src_ip);
+                    if self.path_map.get(&src).is_some_and(|&p| {
+                        self.paths[p as usize].half_open as usize >= self.cfg.max_half_open_per_source
+                    }) {
+                        self.stats.syn_source_limited += 1;
+                        return;
+                    }
+                    if !self.group_has_room(owner) {
+                        self.stats.group_limited += 1;
+                        return;
+                    }
+                    // Half-open flows have a budget; past it (or with the arena full) the
+                    // oldest half-open one makes room: never an established flow.
+                    if self.half_open_count >= self.cfg.max_half_open || self.free.is_empty() {
+                        self.evict_half_open(env, now);
+                    }
                     let Some(i) = self.alloc_flow(owner, pkt.src_ip, pkt.src_mac, pkt.src_port, pkt.dst_port) else {
                         self.stats.syn_table_full += 1;
                         return;
                     };
                     self.server_refs[usize::from(pkt.dst_port)] += 1;
+                    self.enter_half_open(i);
                     let iss = self.next_isn();
                     let mut cx = self.cx(i, env, now);
                     cx.start_accept(&pkt.hdr, iss);
@@ -831,7 +994,40 @@ impl Endpoint {
         let token = self.tokens[i];
         let mut cx = self.cx(i, env, now);
         let v = cx.on_timeout(token);
+        if matches!(v, Verdict::Keep) && self.flows[i].state == FlowState::SynSent {
+            // A SYN went unanswered: the peer's MAC may be wrong (it restarted with a new
+            // one, or a forged ARP reply won); the owner of ARP hears of it.
+            let ip = self.flows[i].remote_ip;
+            if !self.unanswered.contains(&ip) && !self.unanswered.is_full() {
+                self.unanswered.push(ip);
+            }
+        }
         self.settle(i, v, env, now);
+    }
+
+    /// Remote IPs whose SYNs went unanswered since the last call (a connect timed out once):
+    /// re-resolve their MACs, and report a change with
+    /// [`update_peer_mac`](Self::update_peer_mac).
+    pub fn take_unanswered(&mut self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.unanswered.drain(..).map(Ipv4Addr::from)
+    }
+
+    /// `ip` is now at `mac` (a reply to our own ARP request): connects to it still waiting
+    /// for a SYN-ACK use the new MAC and send their SYN again at once. Established flows keep
+    /// theirs. Returns how many flows changed. A scan of the arena: for ARP, not per packet.
+    pub fn update_peer_mac<E: Env>(&mut self, now: Instant, env: &mut E, ip: Ipv4Addr, mac: EthernetAddress) -> usize {
+        let ip = u32::from(ip);
+        let mut n = 0;
+        for i in 0..self.flows.len() {
+            let f = &mut self.flows[i];
+            if f.has(fl::LIVE) && f.state == FlowState::SynSent && f.remote_ip == ip && f.remote_mac != mac {
+                f.remote_mac = mac;
+                let mut cx = self.cx(i, env, now);
+                cx.resend_syn();
+                n += 1;
+            }
+        }
+        n
     }
 
     // ---------------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ pub(crate) mod fl {
     /// A first retransmission timeout resent only the oldest packet (F-RTO); the next ACK
     /// decides whether the rest is resent too.
     pub const FRTO: u16 = 1 << 13;
+    /// Counted in the endpoint's half-open budget (a server flow not yet established).
+    pub const HALF_OPEN: u16 = 1 << 14;
     /// Out of the 4-tuple map: a reset flow that only waits to deliver its last message no
     /// longer receives, so a new connection on the same ports (a restarted peer) is not
     /// mistaken for it.
@@ -258,6 +260,8 @@ impl Flow {
 pub(crate) struct Path {
     pub ip: u32,
     pub flows: u32,
+    /// Half-open flows from this peer.
+    pub half_open: u32,
     /// Windowed minimum RTT (ns): the smaller of this epoch's and the last epoch's minimum.
     pub min_cur: u64,
     pub min_prev: u64,
@@ -269,7 +273,7 @@ const PATH_EPOCH_NS: u64 = 10_000_000_000;
 
 impl Path {
     pub(crate) fn new(ip: u32) -> Self {
-        Path { ip, flows: 0, min_cur: u64::MAX, min_prev: u64::MAX, epoch_start: 0 }
+        Path { ip, flows: 0, half_open: 0, min_cur: u64::MAX, min_prev: u64::MAX, epoch_start: 0 }
     }
 
     fn sample(&mut self, now: Instant, rtt: Duration) {
@@ -407,6 +411,14 @@ impl<E: Env> FlowCx<'_, E> {
     // ---------------------------------------------------------------------------------------
     // Handshake
     // ---------------------------------------------------------------------------------------
+
+    /// Sends our SYN again now (the peer's MAC changed), without counting it as a retry.
+    pub(crate) fn resend_syn(&mut self) {
+        if self.f.state == FlowState::SynSent {
+            let ts = self.stamp();
+            self.send_control(PacketType::Syn, self.f.snd_una, 0, ts);
+        }
+    }
 
     /// Starts an active open: SYN with the flow's ISN.
     pub(crate) fn start_connect(&mut self, iss: u32) {

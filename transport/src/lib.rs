@@ -267,7 +267,8 @@ pub const MIN_UNANSWERED_PROBES: u8 = 3;
 pub struct Config {
     /// Largest payload per packet (1418, from MTU 1500).
     pub mss: usize,
-    /// Flows per endpoint; memory for all of them is reserved at creation (4096).
+    /// Flows per endpoint; memory for all of them is reserved at creation (4096). Setting it
+    /// with [`Config::with_max_flows`] scales the half-open and per-group limits with it.
     pub max_flows: usize,
     /// Receive window and send-window cap in packets; a power of two ≤ 256, the span of the
     /// SACK bitmap (256).
@@ -303,6 +304,20 @@ pub struct Config {
     pub syn_rto_max: Duration,
     /// Seed for initial sequence numbers and hashing (set it from the OS at start-up).
     pub seed: u64,
+    /// Half-open (SYN received, not yet acknowledged) flows at most (a quarter of
+    /// `max_flows`). A SYN beyond it evicts the oldest half-open flow, never an established one,
+    /// and a connect or a SYN that finds the arena full does the same: a SYN flood cannot crowd
+    /// out real connections, and a real client's half-open flow lives until the flood has sent
+    /// this many newer SYNs (its final ACK takes one round trip).
+    pub max_half_open: usize,
+    /// Half-open flows from one remote IP at most (32): one source cannot fill the half-open
+    /// budget by itself; its further SYNs are dropped.
+    pub max_half_open_per_source: usize,
+    /// Established and client flows one group of owners (the daemon: one application) may
+    /// hold (`max_flows` less a sixteenth, 3840 of 4096): one application cannot take every
+    /// flow of the shard, the rest stays for the others. Its connects beyond it fail with `TooManyFlows`, SYNs to its listeners are
+    /// dropped, and a half-open flow that would establish past it is reset.
+    pub max_flows_per_group: usize,
 }
 
 impl Default for Config {
@@ -321,11 +336,27 @@ impl Default for Config {
             syn_retries: 9,
             syn_rto_max: Duration::from_secs(1),
             seed: 0x5eed,
+            max_half_open: 1024,
+            max_half_open_per_source: 32,
+            max_flows_per_group: 3840,
         }
     }
 }
 
 impl Config {
+    /// This configuration with `n` flows, the half-open budget a quarter of them and the
+    /// per-group limit all but a sixteenth (at least one each).
+    pub fn with_max_flows(self, n: usize) -> Config {
+        let max_half_open = (n / 4).max(1);
+        Config {
+            max_flows: n,
+            max_half_open,
+            max_half_open_per_source: self.max_half_open_per_source.min(max_half_open),
+            max_flows_per_group: n.saturating_sub((n / 16).max(1)).max(1),
+            ..self
+        }
+    }
+
     /// Checks the parameters; returns what is wrong.
     pub fn validate(&self) -> Result<(), &'static str> {
         if self.mss == 0 || self.mss > 9000 {
@@ -351,6 +382,16 @@ impl Config {
         }
         if self.peer_timeout < self.rto_max {
             return Err("peer_timeout must be at least rto_max");
+        }
+        // Limits above max_flows act as max_flows (the endpoint clamps them).
+        if self.max_half_open == 0 {
+            return Err("max_half_open must be at least 1");
+        }
+        if self.max_half_open_per_source == 0 {
+            return Err("max_half_open_per_source must be at least 1");
+        }
+        if self.max_flows_per_group == 0 {
+            return Err("max_flows_per_group must be at least 1");
         }
         self.cc.validate()
     }

@@ -182,6 +182,8 @@ fn render(what: What, d: &Value) -> String {
                 "max loop us",
                 "channels",
                 "flows",
+                "half-open",
+                "syn evicted",
                 "rx pkts",
                 "tx pkts",
                 "retx",
@@ -221,6 +223,8 @@ fn render(what: What, d: &Value) -> String {
                     s(&sh["max_loop_us"]),
                     s(&sh["channels"]),
                     s(&sh["flows"]),
+                    s(&sh["half_open"]),
+                    s(&e["syn_evicted"]),
                     s(&e["rx_packets"]),
                     format!("{}", u(&e["tx_data"]) + u(&e["tx_acks"]) + u(&e["tx_rsts"])),
                     s(&e["tx_retransmits"]),
@@ -277,7 +281,16 @@ fn render(what: What, d: &Value) -> String {
                     bytes(u(&f["rx_bytes"])),
                 ]);
             }
-            t.render()
+            let sources = d["half_open_sources"].as_array().cloned().unwrap_or_default();
+            if sources.is_empty() {
+                return t.render();
+            }
+            // A SYN flood shows here: who holds the half-open flows.
+            let mut h = Table::new(&["shard", "source", "half-open flows"]);
+            for x in &sources {
+                h.row(vec![s(&x["shard"]), s(&x["ip"]), s(&x["half_open"])]);
+            }
+            format!("{}\n{}", t.render(), h.render())
         }
         What::Channels => {
             let mut t = Table::new(&[

@@ -79,8 +79,22 @@ impl Daemon {
         peer_port: u16,
         extra: &str,
     ) -> Result<Daemon, String> {
+        Daemon::try_start_peers(tag, ip, mac, bind_port, &[peer_port], extra)
+    }
+
+    /// [`try_start`](Self::try_start) with several UDP peers (loopback ports).
+    pub fn try_start_peers(
+        tag: &str,
+        ip: Ipv4Addr,
+        mac: &str,
+        bind_port: u16,
+        peer_ports: &[u16],
+        extra: &str,
+    ) -> Result<Daemon, String> {
+        let peers: Vec<String> = peer_ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
         let ext = format!(
-            r#""udp": {{"bind": "127.0.0.1:{bind_port}", "peers": ["127.0.0.1:{peer_port}"]}}, "idle": "adaptive" {extra}"#
+            r#""udp": {{"bind": "127.0.0.1:{bind_port}", "peers": [{}]}}, "idle": "adaptive" {extra}"#,
+            peers.join(", ")
         );
         let mut d = Daemon::spawn(tag, ip, mac, 1, &ext, None);
         match d.until(READY, |d| d.sock.exists()) {
@@ -283,6 +297,25 @@ impl Drop for Daemon {
             c.wait_timeout(Duration::from_secs(5));
         }
     }
+}
+
+/// `machnetctl --ctrl-sock sock args…`, not yet run.
+pub fn machnetctl_command(sock: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_machnetctl"));
+    c.arg("--ctrl-sock").arg(sock).args(args);
+    c
+}
+
+/// Runs `machnetctl` (within [`RUN`]).
+pub fn machnetctl(sock: &Path, args: &[&str]) -> std::process::Output {
+    output_within(&mut machnetctl_command(sock, args), RUN, &format!("machnetctl {args:?}"))
+}
+
+/// `machnetctl --json what`, parsed; fails the test if it fails.
+pub fn ctl_json(sock: &Path, what: &str) -> serde_json::Value {
+    let out = machnetctl(sock, &["--json", what]);
+    assert!(out.status.success(), "machnetctl {what}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The reverse of a received flow (to reply).

@@ -154,7 +154,7 @@ pub struct SimEnv {
 }
 
 impl SimEnv {
-    fn flush_tx(&mut self) {
+    pub fn flush_tx(&mut self) {
         if self.txq.is_empty() {
             return;
         }
@@ -448,6 +448,12 @@ impl Sim {
 
     /// Runs everything due now, then advances to the next event. False if nothing is scheduled.
     pub fn step(&mut self) -> bool {
+        self.step_capped(None)
+    }
+
+    /// Runs everything due now, then advances to the next event or to `cap`, whichever is
+    /// first.
+    fn step_capped(&mut self, cap: Option<Instant>) -> bool {
         self.steps += 1;
         let mut rounds = 0;
         loop {
@@ -485,6 +491,9 @@ impl Sim {
                 consider(Some(self.now + Duration::from_nanos(100)));
             }
         }
+        if let Some(c) = cap {
+            next = Some(next.map_or(c, |n: Instant| n.min(c)));
+        }
         match next {
             Some(t) => {
                 self.now = t.max(self.now + Duration::from_nanos(1));
@@ -504,6 +513,14 @@ impl Sim {
             if self.now > end || !self.step() {
                 return done(self);
             }
+        }
+    }
+
+    /// Runs everything due in the next `span` of virtual time and stops at its end exactly.
+    pub fn run_for(&mut self, span: Duration) {
+        let end = self.now + span;
+        while self.now < end {
+            self.step_capped(Some(end));
         }
     }
 
@@ -650,5 +667,24 @@ impl Side {
         c.bytes += buf.len() as u64;
         self.env.free_rx_chain(OWNER, d.msg.head, d.msg.count);
         self.scratch = buf;
+    }
+}
+
+impl Sim {
+    /// Hands `side`'s endpoint a frame as if it had arrived now (a forged packet from a host
+    /// that is not in the simulation). Its answers go out on `side`'s link.
+    pub fn inject(&mut self, side: usize, repr: &FrameRepr) {
+        let mut buf = [0u8; FRAME_HEADER_LEN];
+        let caps = ChecksumCaps::software();
+        let len = repr.emit(&mut buf, 0, caps).expect("emit");
+        let now = self.now;
+        let s = &mut self.sides[side];
+        if let Ok(Frame::Machnet(m)) = classify(&buf[..len], caps) {
+            s.ep.handle(now, &mut s.env, &m);
+            s.ep.flush(now, &mut s.env);
+            s.env.flush_tx();
+        } else {
+            panic!("forged frame does not parse");
+        }
     }
 }
