@@ -133,7 +133,8 @@ pub struct TransportSection {
     /// Half-open flows (SYN received, handshake not finished) per shard; past it a new SYN
     /// evicts the oldest half-open flow (a quarter of `max_flows`).
     pub max_half_open: Option<usize>,
-    /// Half-open flows from one remote IP per shard; its further SYNs are dropped (32).
+    /// Half-open flows from one remote IP per shard; its further SYNs are dropped (a quarter of
+    /// `max_half_open`: 256).
     pub max_half_open_per_source: Option<usize>,
     /// Established and outgoing flows one application may hold per shard (`max_flows` less a
     /// sixteenth: 3840 of 4096).
@@ -169,7 +170,7 @@ pub struct ArpSection {
     pub r#static: BTreeMap<String, String>,
     /// Lifetime of learned entries, seconds (300).
     pub timeout_s: Option<u64>,
-    /// Requests before a resolution fails (5).
+    /// Requests before a resolution fails (6).
     pub retries: Option<u32>,
     /// Interval between requests, ms (50).
     pub retry_ms: Option<u64>,
@@ -269,6 +270,99 @@ pub fn group_id(name: &str) -> Option<u32> {
         let mut f = l.split(':');
         (f.next()? == name).then(|| f.nth(1)?.parse().ok()).flatten()
     })
+}
+
+/// One numeric setting under `machnet_rs`: its key, the range the daemon can work with (the
+/// same limits the code enforces later, so a value outside is refused at start instead of
+/// failing every attach or connect), and how to read it.
+pub struct NumericKey {
+    /// Key path below `machnet_rs` (`transport.rto_min_us`).
+    pub key: &'static str,
+    /// Smallest value allowed.
+    pub min: u64,
+    /// Largest value allowed.
+    pub max: u64,
+    /// Only powers of two.
+    pub pow2: bool,
+    get: fn(&Extension) -> Option<f64>,
+}
+
+const fn num(key: &'static str, min: u64, max: u64, get: fn(&Extension) -> Option<f64>) -> NumericKey {
+    NumericKey { key, min, max, pow2: false, get }
+}
+
+const fn pow2(key: &'static str, min: u64, max: u64, get: fn(&Extension) -> Option<f64>) -> NumericKey {
+    NumericKey { key, min, max, pow2: true, get }
+}
+
+fn f<T: Into<f64>>(v: Option<T>) -> Option<f64> {
+    v.map(Into::into)
+}
+
+fn fu(v: Option<u64>) -> Option<f64> {
+    v.map(|x| x as f64)
+}
+
+fn fz(v: Option<usize>) -> Option<f64> {
+    v.map(|x| x as f64)
+}
+
+/// Every numeric key of `machnet_rs` and its range (`docs/operations.md` lists them; a test
+/// checks that each key there is here or named as non-numeric).
+pub const NUMERIC_KEYS: &[NumericKey] = &[
+    num("idle_spin_us", 0, 1_000_000, |e| fu(e.idle_spin_us)),
+    num("idle_yield_us", 0, 1_000_000, |e| fu(e.idle_yield_us)),
+    num("idle_max_park_us", 1, 1_000_000, |e| fu(e.idle_max_park_us)),
+    num("transport.rto_min_us", 1, 10_000_000, |e| fu(e.transport.rto_min_us)),
+    num("transport.rto_initial_us", 1, 10_000_000, |e| fu(e.transport.rto_initial_us)),
+    num("transport.rto_max_us", 1, 60_000_000, |e| fu(e.transport.rto_max_us)),
+    num("transport.peer_timeout_ms", 1, 3_600_000, |e| fu(e.transport.peer_timeout_ms)),
+    num("transport.max_rto_retries", 1, 1000, |e| f(e.transport.max_rto_retries)),
+    num("transport.syn_retries", 1, 64, |e| f(e.transport.syn_retries)),
+    num("transport.syn_rto_max_us", 1, 60_000_000, |e| fu(e.transport.syn_rto_max_us)),
+    num("transport.fixed_window", 1, 256, |e| f(e.transport.fixed_window)),
+    num("transport.swift_target_us", 1, 1_000_000, |e| fu(e.transport.swift_target_us)),
+    num("transport.swift_fs_range_us", 0, 1_000_000, |e| fu(e.transport.swift_fs_range_us)),
+    num("transport.swift_delay_floor", 1, 256, |e| e.transport.swift_delay_floor),
+    pow2("transport.window", 1, 256, |e| fz(e.transport.window)),
+    num("transport.max_flows", 1, 65_536, |e| fz(e.transport.max_flows)),
+    num("transport.max_half_open", 1, 65_536, |e| fz(e.transport.max_half_open)),
+    num("transport.max_half_open_per_source", 1, 65_536, |e| fz(e.transport.max_half_open_per_source)),
+    num("transport.max_flows_per_app", 1, 65_536, |e| fz(e.transport.max_flows_per_app)),
+    num("channel.buffers", 64, 1 << 20, |e| f(e.channel.buffers)),
+    pow2("channel.ring_entries", 16, 1 << 20, |e| f(e.channel.ring_entries)),
+    num("channel.max_channels", 1, 1024, |e| fz(e.channel.max_channels)),
+    num("channel.max_per_app", 1, 1024, |e| fz(e.channel.max_per_app)),
+    num("channel.linger_ms", 0, 600_000, |e| fu(e.channel.linger_ms)),
+    num("channel.gone_linger_ms", 0, 600_000, |e| fu(e.channel.gone_linger_ms)),
+    num("arp.timeout_s", 1, 86_400, |e| fu(e.arp.timeout_s)),
+    num("arp.retries", 1, 20, |e| f(e.arp.retries)),
+    num("arp.retry_ms", 1, 10_000, |e| fu(e.arp.retry_ms)),
+    num("dpdk.memory_mb", 64, 1 << 20, |e| f(e.dpdk.as_ref()?.memory_mb)),
+    num("dpdk.mbufs_per_queue", 1024, 1 << 20, |e| f(e.dpdk.as_ref()?.mbufs_per_queue)),
+    num("dpdk.rx_descriptors", 64, 32_768, |e| f(e.dpdk.as_ref()?.rx_descriptors)),
+    num("dpdk.tx_descriptors", 64, 32_768, |e| f(e.dpdk.as_ref()?.tx_descriptors)),
+    num("dpdk.mtu", 576, 9000, |e| f(e.dpdk.as_ref()?.mtu)),
+    num("dpdk.link_timeout_ms", 0, 600_000, |e| fu(e.dpdk.as_ref()?.link_timeout_ms)),
+    num("dpdk.start_timeout_ms", 1000, 3_600_000, |e| fu(e.dpdk.as_ref()?.start_timeout_ms)),
+    num("fault.reorder_delay_us", 0, 1_000_000, |e| fu(e.fault.as_ref()?.reorder_delay_us)),
+    num("fault.delay_us", 0, 1_000_000, |e| fu(Some(e.fault.as_ref()?.delay_us))),
+    num("fault.jitter_us", 0, 1_000_000, |e| fu(Some(e.fault.as_ref()?.jitter_us))),
+];
+
+impl NumericKey {
+    /// `Err(reason)` if `ext` sets this key outside its range.
+    fn check(&self, ext: &Extension) -> Result<(), String> {
+        let Some(v) = (self.get)(ext) else { return Ok(()) };
+        let int = |x: f64| if x.fract() == 0.0 { format!("{}", x as i128) } else { format!("{x}") };
+        let (lo, hi) = (self.min as f64, self.max as f64);
+        let in_range = v >= lo && v <= hi && (!self.pow2 || (v.fract() == 0.0 && (v as u64).is_power_of_two()));
+        if in_range {
+            return Ok(());
+        }
+        let what = if self.pow2 { "a power of two in" } else { "in" };
+        Err(format!("{} is out of range: expected {what} {}..={}", int(v), self.min, self.max))
+    }
 }
 
 /// Our extension key, `machnet_rs`.
@@ -406,7 +500,7 @@ impl Config {
         }
         let engine_threads = iface.engine_threads.unwrap_or(1);
         if !(1..=64).contains(&engine_threads) {
-            return Err(err(&key("engine_threads"), format!("{engine_threads} is out of range 1..=64")));
+            return Err(err(&key("engine_threads"), format!("{engine_threads} is out of range: expected in 1..=64")));
         }
         let cpu_mask = match &iface.cpu_mask {
             None => None,
@@ -488,16 +582,27 @@ impl Config {
                 }
             }
         };
-        if let Some(d) = &ext.dpdk {
-            if d.mtu.is_some_and(|m| !(576..=9000).contains(&m)) {
-                return Err(err("machnet_rs.dpdk.mtu", format!("{} is out of range 576..=9000", d.mtu.unwrap_or(0))));
-            }
-            if d.mbufs_per_queue.is_some_and(|n| n < 1024) {
-                return Err(err("machnet_rs.dpdk.mbufs_per_queue", "at least 1024 buffers per queue".into()));
-            }
-            if d.memory_mb.is_some_and(|m| m < 64) {
-                return Err(err("machnet_rs.dpdk.memory_mb", "at least 64 MiB".into()));
-            }
+        for k in NUMERIC_KEYS {
+            k.check(&ext).map_err(|why| err(&format!("machnet_rs.{}", k.key), why))?;
+        }
+        // Ranges that depend on other keys.
+        let c = &ext.channel;
+        let max_channels = c.max_channels.unwrap_or(256);
+        if let Some(n) = c.max_per_app.filter(|&n| n > max_channels) {
+            return Err(err(
+                "machnet_rs.channel.max_per_app",
+                format!("{n} is out of range: expected in 1..={max_channels} (channel.max_channels)"),
+            ));
+        }
+        let linger = c.linger_ms.unwrap_or(2000);
+        if let Some(g) = c.gone_linger_ms.filter(|&g| g > linger) {
+            return Err(err(
+                "machnet_rs.channel.gone_linger_ms",
+                format!("{g} is out of range: expected in 0..={linger} (channel.linger_ms)"),
+            ));
+        }
+        if udp_bind.is_some_and(|b: SocketAddrV4| b.port() == 0) {
+            return Err(err("machnet_rs.udp.bind", "port 0: give the port the peers send to".into()));
         }
         if let Some(m) = &ext.access.socket_mode {
             let ok = u32::from_str_radix(m.trim_start_matches("0o"), 8).is_ok_and(|v| v <= 0o777);
@@ -690,6 +795,118 @@ mod tests {
         assert_eq!(pci_of_mac(&root, &mac).as_deref(), Some("0002:00:02.0"));
         assert_eq!(pci_of_mac(&root, &"00:0d:3a:aa:bb:02".parse().unwrap()), None);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A configuration (DPDK backend, so every section is allowed) with `key` (below
+    /// `machnet_rs`) set to `value`.
+    fn with_key(key: &str, value: serde_json::Value) -> String {
+        let mut doc = serde_json::json!({
+            "machnet_config": {"02:00:00:00:00:01": {"ip": "198.18.0.1"}},
+            "machnet_rs": {"backend": "dpdk", "dpdk": {"device": "net_null0"}, "fault": {}},
+        });
+        let mut at = &mut doc["machnet_rs"];
+        let parts: Vec<&str> = key.split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            if at.get(*p).is_none() {
+                at[*p] = serde_json::json!({});
+            }
+            at = &mut at[*p];
+        }
+        at[*parts.last().unwrap()] = value;
+        doc.to_string()
+    }
+
+    /// Every numeric key: a value below its range and one above are refused at start, with
+    /// the file, the key, the value and the range in the error; its bounds themselves pass the
+    /// range check; powers of two are enforced where the code needs them.
+    #[test]
+    fn every_numeric_key_is_range_checked_at_start() {
+        // Their upper bounds depend on another key (checked separately below).
+        let relational = ["channel.max_per_app", "channel.gone_linger_ms"];
+        for k in NUMERIC_KEYS {
+            let path = format!("machnet_rs.{}", k.key);
+            let mut bad = vec![k.max + 1];
+            if k.min > 0 {
+                bad.push(k.min - 1);
+            }
+            if k.pow2 && k.max > 2 {
+                bad.push(k.min.max(2) + 1);
+            }
+            for v in bad {
+                let e = parse(&with_key(k.key, v.into())).err().unwrap_or_else(|| panic!("{path} = {v} accepted"));
+                let text = e.to_string();
+                assert_eq!(e.key, path, "{text}");
+                assert!(text.starts_with("/etc/machnet/test.json: "), "{text}");
+                assert!(text.contains(&format!("{v} is out of range")), "{text}");
+                if !relational.contains(&k.key) {
+                    assert!(text.contains(&format!("{}..={}", k.min, k.max)), "{text}");
+                }
+            }
+            for v in [k.min, k.max] {
+                if relational.contains(&k.key) && v == k.max {
+                    continue;
+                }
+                if let Err(e) = parse(&with_key(k.key, v.into())) {
+                    // Another rule may object (rto_min above rto_max, ...), never the range.
+                    assert!(!(e.key == path && e.reason.contains("out of range")), "{path} = {v}: {e}");
+                }
+            }
+        }
+        let e = parse(&with_key("channel.max_per_app", 300.into())).unwrap_err();
+        assert!(e.to_string().contains("300 is out of range: expected in 1..=256 (channel.max_channels)"), "{e}");
+        let e = parse(&with_key("channel.gone_linger_ms", 2500.into())).unwrap_err();
+        assert!(e.to_string().contains("expected in 0..=2000 (channel.linger_ms)"), "{e}");
+        // The values of the issue that started the daemon uselessly.
+        for v in [0u64, 4_294_967_295] {
+            let e = parse(&with_key("channel.buffers", v.into())).unwrap_err();
+            assert_eq!(e.key, "machnet_rs.channel.buffers");
+        }
+    }
+
+    /// Every key of the configuration reference (docs/operations.md, the `machnet_rs` table)
+    /// is either range-checked or not a number: a numeric key added without a range fails here.
+    #[test]
+    fn every_key_of_the_configuration_reference_is_covered() {
+        let doc = include_str!("../../docs/operations.md");
+        let start = doc.find("### `machnet_rs`").expect("the machnet_rs section");
+        let table = &doc[start..];
+        let table = &table[table.find("\n| key |").expect("the key table")..];
+        let table = &table[..table[1..].find("\n\n").map_or(table.len(), |i| i + 1)];
+        let not_numeric = [
+            "backend",
+            "udp.bind",
+            "udp.peers",
+            "dpdk.device",
+            "dpdk.eal_args",
+            "dpdk.hugepages",
+            "dpdk.promiscuous",
+            "dpdk.checksum_offload",
+            "dpdk.rss",
+            "idle",
+            "ctrl_sock",
+            "transport.cc",
+            "access.socket_mode",
+            "access.socket_group",
+            "access.allow_uids",
+            "access.allow_gids",
+            "arp.static",
+            "no_rx_checksum",
+            "fault",
+        ];
+        let mut seen = 0;
+        for line in table.lines().filter(|l| l.starts_with("| `")) {
+            let cell = line.split('|').nth(1).unwrap();
+            for key in cell.split('`').skip(1).step_by(2) {
+                seen += 1;
+                let numeric = NUMERIC_KEYS.iter().any(|k| k.key == key);
+                assert!(numeric || not_numeric.contains(&key), "{key}: documented but neither range-checked nor known");
+            }
+        }
+        assert!(seen > 40, "only {seen} keys found in the reference");
+        // And every range-checked key is documented (the fault table documents its own).
+        for k in NUMERIC_KEYS.iter().filter(|k| !k.key.starts_with("fault.")) {
+            assert!(table.contains(&format!("`{}`", k.key)), "{}: range-checked but not documented", k.key);
+        }
     }
 
     #[test]

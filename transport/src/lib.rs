@@ -310,8 +310,9 @@ pub struct Config {
     /// out real connections, and a real client's half-open flow lives until the flood has sent
     /// this many newer SYNs (its final ACK takes one round trip).
     pub max_half_open: usize,
-    /// Half-open flows from one remote IP at most (32): one source cannot fill the half-open
-    /// budget by itself; its further SYNs are dropped.
+    /// Half-open flows from one remote IP at most (a quarter of `max_half_open`, 256): one
+    /// source cannot fill the half-open budget by itself; its further SYNs are dropped (a real
+    /// client host opening many connections at once retries them).
     pub max_half_open_per_source: usize,
     /// Established and client flows one group of owners (the daemon: one application) may
     /// hold (`max_flows` less a sixteenth, 3840 of 4096): one application cannot take every
@@ -337,7 +338,7 @@ impl Default for Config {
             syn_rto_max: Duration::from_secs(1),
             seed: 0x5eed,
             max_half_open: 1024,
-            max_half_open_per_source: 32,
+            max_half_open_per_source: 256,
             max_flows_per_group: 3840,
         }
     }
@@ -351,7 +352,7 @@ impl Config {
         Config {
             max_flows: n,
             max_half_open,
-            max_half_open_per_source: self.max_half_open_per_source.min(max_half_open),
+            max_half_open_per_source: (max_half_open / 4).max(1),
             max_flows_per_group: n.saturating_sub((n / 16).max(1)).max(1),
             ..self
         }
