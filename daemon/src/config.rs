@@ -344,7 +344,7 @@ pub const NUMERIC_KEYS: &[NumericKey] = &[
     num("dpdk.tx_descriptors", 64, 32_768, |e| f(e.dpdk.as_ref()?.tx_descriptors)),
     num("dpdk.mtu", 576, 9000, |e| f(e.dpdk.as_ref()?.mtu)),
     num("dpdk.link_timeout_ms", 0, 600_000, |e| fu(e.dpdk.as_ref()?.link_timeout_ms)),
-    num("dpdk.start_timeout_ms", 1000, 3_600_000, |e| fu(e.dpdk.as_ref()?.start_timeout_ms)),
+    num("dpdk.start_timeout_ms", 100, 3_600_000, |e| fu(e.dpdk.as_ref()?.start_timeout_ms)),
     num("fault.reorder_delay_us", 0, 1_000_000, |e| fu(e.fault.as_ref()?.reorder_delay_us)),
     num("fault.delay_us", 0, 1_000_000, |e| fu(Some(e.fault.as_ref()?.delay_us))),
     num("fault.jitter_us", 0, 1_000_000, |e| fu(Some(e.fault.as_ref()?.jitter_us))),

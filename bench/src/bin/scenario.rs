@@ -510,7 +510,7 @@ fn run(args: &Args) -> Result<(), String> {
         "embedded" => "machnet embedded, memif",
         "busy" => "machnet udp, Swift, busy host",
         "shared" => "machnet udp, spinning app, MACHNET_POLL=adaptive",
-        other => return Err(format!("unknown scenario {other:?} (known: udp, memif, embedded, busy)")),
+        other => return Err(format!("unknown scenario {other:?} (known: udp, memif, embedded, busy, shared)")),
     };
     let busy = args.scenario == "busy";
     let shared = args.scenario == "shared";

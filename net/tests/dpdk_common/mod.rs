@@ -251,11 +251,14 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates one namespace per tag, named `mn-<tag>-<pid>`, with `lo` up.
+    /// Creates one namespace per tag, named `mn-<tag>-<pid>-<n>` (`n` counts this process's
+    /// calls: tests running in parallel threads get their own), with `lo` up.
     pub fn create(tags: &[&str]) -> Netns {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut ns = Netns { names: Vec::new() };
         for t in tags {
-            let name = format!("mn-{t}-{}", std::process::id());
+            let name = format!("mn-{t}-{}-{seq}", std::process::id());
             let _ = Command::new("ip").args(["netns", "del", &name]).output();
             ip(&["netns", "add", &name]);
             ns.names.push(name.clone());
