@@ -76,6 +76,9 @@ pub struct ChannelSlot {
     violation: Option<Violation>,
     /// Keeps the flows sharing this channel's receive pool from deadlocking in reassembly.
     admission: RxAdmission,
+    /// Messages refused as "not permitted" (another application's flow): the first and
+    /// every power of ten are logged.
+    not_permitted: u64,
 }
 
 impl ChannelSlot {
@@ -95,6 +98,7 @@ impl ChannelSlot {
             next_check: Instant::ZERO,
             violation: None,
             admission,
+            not_permitted: 0,
         }
     }
 }
@@ -1043,6 +1047,25 @@ impl<P: Port> EngineShard<P> {
                 let st = if other.is_some() || elsewhere { Status::NotPermitted } else { Status::NoSuchFlow };
                 if let Some(s) = self.env.slot(owner) {
                     s.ch.refuse_tx(m, st);
+                    if st == Status::NotPermitted {
+                        // Logged, but an application cannot flood the log: the first refusal
+                        // and then every power of ten (1, 10, 100, ...) per channel.
+                        s.not_permitted += 1;
+                        let n = s.not_permitted;
+                        if n == 10u64.pow(n.ilog10()) {
+                            log::warn!(
+                                "shard {}: channel {} of app {}: send on {}:{} -> {}:{} refused, not its flow \
+                                 (not permitted; {n} so far on this channel)",
+                                self.index,
+                                s.id,
+                                s.app.0,
+                                tuple.local_ip,
+                                tuple.local_port,
+                                tuple.remote_ip,
+                                tuple.remote_port
+                            );
+                        }
+                    }
                 }
                 return;
             }
