@@ -148,6 +148,13 @@ pub struct FlowInfo {
     pub in_flight: u32,
     /// Packets queued, not yet sent.
     pub queued: u32,
+    /// Oldest sequence number sent and not yet acknowledged (during a handshake: our ISN).
+    pub snd_una: u32,
+    /// Next sequence number to send (`snd_una + in_flight`).
+    pub snd_nxt: u32,
+    /// Next sequence number expected from the peer (the cumulative `ackno` we send); the
+    /// receive window is `rcv_nxt .. rcv_nxt + window`.
+    pub rcv_nxt: u32,
     /// The peer is an original Machnet.
     pub legacy_peer: bool,
     /// Counters.
@@ -1046,6 +1053,9 @@ impl Endpoint {
             min_rtt: f.rtt.min().unwrap_or_default(),
             in_flight: f.outstanding(),
             queued: f.pend_count,
+            snd_una: f.snd_una,
+            snd_nxt: f.snd_nxt,
+            rcv_nxt: f.rcv_nxt,
             legacy_peer: f.has(fl::LEGACY),
             counters: self.counters[i],
         }
