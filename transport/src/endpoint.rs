@@ -46,6 +46,9 @@ pub struct EndpointStats {
     pub rx_unknown_type: u64,
     /// Packets that made no sense in the flow's state.
     pub rx_unexpected: u64,
+    /// DATA that would have completed a server's handshake (its client's final ACK lost, or a
+    /// forged source that never saw our SYN-ACK): dropped, answered with the SYN-ACK again.
+    pub rx_unproven_data: u64,
     /// RSTs accepted.
     pub rx_rsts: u64,
     /// RSTs outside the window, ignored.
@@ -820,7 +823,7 @@ impl Endpoint {
         if let Some(&i) = self.map.get(&k) {
             let i = i as usize;
             if self.flows[i].has(fl::HALF_OPEN)
-                && matches!(pkt.hdr.packet_type, PacketType::Ack | PacketType::Data)
+                && pkt.hdr.packet_type == PacketType::Ack
                 && !self.group_has_room(self.flows[i].owner)
             {
                 // This packet would establish the flow, but its owner's group filled up while
