@@ -689,7 +689,7 @@ fn add(t: &mut Tally, o: &Tally) {
 }
 
 /// Injects `frames` at `to`, leaving out what is the peer's own.
-fn inject_all(sim: &mut Sim, gen: &mut Gen, to: usize, reals: &[Real], frames: Vec<Vec<u8>>) {
+fn inject_all(sim: &mut Sim, gen: &mut Gen, seed: u64, to: usize, reals: &[Real], frames: Vec<Vec<u8>>) {
     for f in frames {
         if peers_own(sim, to, reals, &f) {
             gen.tally.peers_own += 1;
@@ -697,7 +697,27 @@ fn inject_all(sim: &mut Sim, gen: &mut Gen, to: usize, reals: &[Real], frames: V
         }
         if sim.inject_bytes(to, &f) {
             gen.tally.reached += 1;
+            if let Some((_, e)) = sim.sides.iter().flat_map(|s| s.env.events.iter()).next() {
+                let Ok(Frame::Machnet(m)) = classify(&f, ChecksumCaps::software()) else { unreachable!() };
+                panic!(
+                    "seed {seed}: {e:?} after a hostile frame to side {to}: {}:{} -> {}:{} {:?}, {} bytes of payload",
+                    m.src_ip,
+                    m.src_port,
+                    m.dst_ip,
+                    m.dst_port,
+                    m.hdr,
+                    m.payload.len()
+                );
+            }
         }
+    }
+}
+
+/// Fails if anything happened to a flow (see the module docs: nothing may, once they are up).
+#[track_caller]
+fn assert_no_events(sim: &Sim, seed: u64) {
+    for (i, s) in sim.sides.iter().enumerate() {
+        assert!(s.env.events.is_empty(), "seed {seed}: side {i} saw events at {:?}: {:?}", sim.now, s.env.events);
     }
 }
 
@@ -769,9 +789,10 @@ fn run_seed(seed: u64, totals: &mut Totals) {
         for _ in 0..gen.rng.below(6) {
             let to = gen.rng.below(2) as usize;
             let frames = gen.burst(&sim, to, &reals);
-            inject_all(&mut sim, &mut gen, to, &reals, frames);
+            inject_all(&mut sim, &mut gen, seed, to, &reals, frames);
         }
         sim.run_for(TICK);
+        assert_no_events(&sim, seed);
         let done = streams.iter().all(|s| s.sent == MSGS && sim.delivered(1 - s.side, s.peer) == MSGS);
         match idle_until {
             None if done => idle_until = Some(sim.now + Duration::from_millis(5)),
@@ -795,7 +816,7 @@ fn run_seed(seed: u64, totals: &mut Totals) {
         };
         let frames = gen.truncations(&m, true);
         gen.tally.truncated += frames.len() as u64;
-        inject_all(&mut sim, &mut gen, to, &reals, frames);
+        inject_all(&mut sim, &mut gen, seed, to, &reals, frames);
     }
     // Quiet: every handshake timeout passes.
     sim.run_for(Duration::from_secs(30));
