@@ -162,7 +162,7 @@ impl Env for Side {
 }
 
 fn pattern(dir: usize, k: u64, j: usize) -> u8 {
-    (dir as u64 * 77 ^ k.wrapping_mul(131) ^ (j as u64 * 7)) as u8
+    ((dir as u64 * 77) ^ k.wrapping_mul(131) ^ (j as u64 * 7)) as u8
 }
 
 /// The input, read a byte at a time (zeros once it runs out).
