@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use machnet::testing::process::with_free_udp_ports;
 use machnet_net::wire::{
-    emit_arp, ArpOperation, ArpRepr, ChecksumCaps, EthernetAddress, FrameRepr, MachnetRepr, PacketType,
-    FRAME_HEADER_LEN,
+    emit_arp, ArpOperation, ArpRepr, ChecksumCaps, EthernetAddress, FrameRepr, MachnetRepr, MsgFlags, PacketType,
+    SackBitmap, FRAME_HEADER_LEN,
 };
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -318,6 +318,158 @@ fn a_peer_restarted_with_a_new_mac_is_reachable_within_a_second() {
     let c = &ctl_json(&a.sock, "shards")["shards"][0]["counters"];
     assert_eq!(c["arp_changed"].as_u64(), Some(1), "{c}");
     eprintln!("reached B at its new MAC after {took:?}");
+    drop(ch);
+    drop(m);
+    drop(server);
+}
+
+/// A small deterministic generator (xorshift).
+struct Garbage(u64);
+
+impl Garbage {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// One hostile frame for B (or two: a forged SYN and what would complete it): random bytes;
+    /// valid Machnet headers with random fields, from forged sources or from A's address on
+    /// ports its real flow does not use (A's client port is the lowest free one), to B's
+    /// listener or anywhere; the same cut short.
+    fn frames(&mut self) -> Vec<Vec<u8>> {
+        let caps = ChecksumCaps::software();
+        let r = self.next();
+        let src_ip =
+            if r % 3 == 0 { IP_A } else { Ipv4Addr::new(198, 19, (self.next() >> 8) as u8, self.next() as u8) };
+        let src_port = 40_000 + (self.next() % 20_000) as u16;
+        let dst_port = if r % 2 == 0 { PORT } else { self.next() as u16 };
+        let known = [PacketType::Data, PacketType::Syn, PacketType::Ack, PacketType::SynAck, PacketType::Rst];
+        let n = self.next();
+        let packet_type =
+            if n % 4 != 0 { known[(n >> 8) as usize % known.len()] } else { PacketType::from((n >> 16) as u8) };
+        let mut sack = SackBitmap::new();
+        sack.0[(n >> 24) as usize % 4] = self.next();
+        let hdr = MachnetRepr {
+            packet_type,
+            msg_flags: MsgFlags::from_bits_retain((n >> 32) as u8),
+            seqno: self.next() as u32,
+            ackno: self.next() as u32,
+            sack,
+            sack_count: self.next() as u16,
+            timestamp: self.next(),
+        };
+        let frame = FrameRepr {
+            src_mac: ATTACKER_MAC,
+            dst_mac: EthernetAddress::from_bytes(&[2, 0, 0, 0, 0, 2]),
+            src_ip,
+            dst_ip: IP_B,
+            src_port,
+            dst_port,
+            hdr,
+        };
+        let emit = |f: &FrameRepr, payload: &[u8]| {
+            let mut buf = vec![0u8; FRAME_HEADER_LEN + payload.len()];
+            let len = f.emit_with_payload(&mut buf, payload, caps).unwrap();
+            buf.truncate(len);
+            buf
+        };
+        let payload: Vec<u8> = (0..1 + (self.next() % 1500) as usize).map(|i| i as u8).collect();
+        match r >> 60 {
+            0 => vec![(0..(self.next() % 200) as usize).map(|_| self.next() as u8).collect()],
+            1 | 2 => {
+                let mut b = emit(&frame, &payload);
+                b.truncate((self.next() as usize) % b.len());
+                vec![b]
+            }
+            3 | 4 => {
+                // A forged handshake's SYN, and DATA at its ISN + 1 (which proves nothing).
+                let syn = FrameRepr {
+                    dst_port: PORT,
+                    hdr: MachnetRepr { timestamp: 1, ..MachnetRepr::control(PacketType::Syn, hdr.seqno, 0) },
+                    ..frame
+                };
+                let data = FrameRepr {
+                    hdr: MachnetRepr::data(hdr.seqno.wrapping_add(1), MsgFlags::FIRST | MsgFlags::LAST, 1),
+                    ..syn
+                };
+                vec![emit(&syn, &[]), emit(&data, &payload[..payload.len().clamp(1, 100)])]
+            }
+            _ => vec![emit(&frame, &payload[..payload.len() * usize::from(packet_type == PacketType::Data)])],
+        }
+    }
+}
+
+/// Generated garbage at B (random bytes, random Machnet headers and types, truncations,
+/// forged handshakes) while A transfers to B's echo server: every echo comes back intact, and
+/// once the garbage stops and B's handshake timeouts pass (1 s of silence here), B's shard
+/// holds the real flow only, with no half-open flow.
+#[test]
+fn garbage_at_the_door_leaves_the_real_flow_and_nothing_behind() {
+    let Trio { a, b, attacker, b_addr, .. } =
+        pair_with_attacker(r#", "transport": {"peer_timeout_ms": 1000, "syn_retries": 4}"#);
+    let server = echo_server_on(&b, PORT, u64::MAX);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let spewer = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let mut g = Garbage(0x1234_5678_9abc_def1);
+            let t0 = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for f in g.frames() {
+                    if attacker.send_to(&f, b_addr).is_ok() {
+                        n += 1;
+                    }
+                }
+                // About 20,000 frames a second.
+                if let Some(ahead) = Duration::from_micros(n * 50).checked_sub(t0.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
+                sent.store(n, Ordering::Relaxed);
+            }
+        })
+    };
+    let m = a.app();
+    let mut ch = m.attach().unwrap();
+    let flow = ch.connect(IP_A, IP_B, PORT).expect("connect amid garbage");
+    // Messages of every size class, for two seconds of garbage at least.
+    let t0 = Instant::now();
+    let mut stream = 0;
+    while t0.elapsed() < Duration::from_secs(2) {
+        for size in [1usize, 100, 1418, 1419, 5000, 20_000, 64_000] {
+            ping_pong(&mut ch, flow, stream, size, 50, 8);
+            stream += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    spewer.join().unwrap();
+    let sent = sent.load(Ordering::Relaxed);
+    let during = shard0(&b);
+    // The forged half-open flows time out (4 SYN-ACKs and 1 s of silence).
+    let t = Instant::now();
+    let sh = loop {
+        let sh = shard0(&b);
+        if sh["half_open"].as_u64() == Some(0) && sh["flows"].as_u64() == Some(1) {
+            break sh;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "B keeps flows of the garbage: {sh}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let e = &sh["endpoint"];
+    assert_eq!(e["flows_failed"].as_u64(), Some(0), "{e}");
+    assert_eq!(e["rx_rsts"].as_u64(), Some(0), "a forged RST was accepted: {e}");
+    assert!(e["rx_unproven_data"].as_u64().unwrap() > 0, "no forged handshake's DATA arrived: {e}");
+    // The real flow still carries messages.
+    ping_pong(&mut ch, flow, 99, 3000, 50, 8);
+    eprintln!(
+        "{sent} garbage frames; B during: {} flows, {} half-open; after {:?}: {e}",
+        during["flows"],
+        during["half_open"],
+        t.elapsed()
+    );
     drop(ch);
     drop(m);
     drop(server);

@@ -46,6 +46,9 @@ pub struct EndpointStats {
     pub rx_unknown_type: u64,
     /// Packets that made no sense in the flow's state.
     pub rx_unexpected: u64,
+    /// DATA that would have completed a server's handshake (its client's final ACK lost, or a
+    /// forged source that never saw our SYN-ACK): dropped, answered with the SYN-ACK again.
+    pub rx_unproven_data: u64,
     /// RSTs accepted.
     pub rx_rsts: u64,
     /// RSTs outside the window, ignored.
@@ -148,6 +151,13 @@ pub struct FlowInfo {
     pub in_flight: u32,
     /// Packets queued, not yet sent.
     pub queued: u32,
+    /// Oldest sequence number sent and not yet acknowledged (during a handshake: our ISN).
+    pub snd_una: u32,
+    /// Next sequence number to send (`snd_una + in_flight`).
+    pub snd_nxt: u32,
+    /// Next sequence number expected from the peer (the cumulative `ackno` we send); the
+    /// receive window is `rcv_nxt .. rcv_nxt + window`.
+    pub rcv_nxt: u32,
     /// The peer is an original Machnet.
     pub legacy_peer: bool,
     /// Counters.
@@ -813,7 +823,7 @@ impl Endpoint {
         if let Some(&i) = self.map.get(&k) {
             let i = i as usize;
             if self.flows[i].has(fl::HALF_OPEN)
-                && matches!(pkt.hdr.packet_type, PacketType::Ack | PacketType::Data)
+                && pkt.hdr.packet_type == PacketType::Ack
                 && !self.group_has_room(self.flows[i].owner)
             {
                 // This packet would establish the flow, but its owner's group filled up while
@@ -1046,6 +1056,9 @@ impl Endpoint {
             min_rtt: f.rtt.min().unwrap_or_default(),
             in_flight: f.outstanding(),
             queued: f.pend_count,
+            snd_una: f.snd_una,
+            snd_nxt: f.snd_nxt,
+            rcv_nxt: f.rcv_nxt,
             legacy_peer: f.has(fl::LEGACY),
             counters: self.counters[i],
         }

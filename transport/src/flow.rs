@@ -19,7 +19,7 @@ use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetRepr, MsgFlags, Packe
 pub enum FlowState {
     /// Client: SYN sent, waiting for SYN-ACK.
     SynSent,
-    /// Server: SYN-ACK sent, waiting for the final ACK or the first DATA.
+    /// Server: SYN-ACK sent, waiting for the final ACK (which must acknowledge our ISN).
     SynReceived,
     /// Data flows both ways.
     Established,
@@ -500,8 +500,9 @@ impl<E: Env> FlowCx<'_, E> {
         let iss = self.f.snd_una;
         self.f.snd_una = iss.wrapping_add(1);
         // Karn: a sample only if the handshake packet went out once.
-        if self.f.rto_shift == 0 {
-            let sent = self.tx[(iss & self.mask()) as usize].sent_at;
+        let slot = self.tx[(iss & self.mask()) as usize];
+        if self.f.rto_shift == 0 && slot.state & ts::EVER_RETX == 0 {
+            let sent = slot.sent_at;
             let sample = self.now.saturating_since(Instant(sent));
             self.f.rtt.sample(self.now, sample);
             self.path.sample(self.now, sample);
@@ -642,10 +643,19 @@ impl<E: Env> FlowCx<'_, E> {
         match self.f.state {
             FlowState::Established | FlowState::Closing => {}
             FlowState::SynReceived if hdr.seqno == self.f.rcv_nxt => {
-                // The client's final ACK was lost: its first DATA completes the handshake.
-                self.established_from_handshake();
-                let tuple = self.f.tuple(&self.local);
-                self.env.event(self.f.owner, Event::Accepted { flow: self.id, tuple });
+                // The client's final ACK was lost and its first DATA arrives. DATA proves
+                // nothing: it carries no number of ours, so whoever forged the SYN can send it
+                // without having seen our SYN-ACK, and a flow established by it would be a
+                // forged source's, outside the half-open budget for good. Send the SYN-ACK
+                // again instead: the client, established, answers it with an ACK of our ISN,
+                // which establishes us; the DATA, dropped unacknowledged, comes again (the
+                // client's tail probe or timeout).
+                self.stats.rx_unproven_data += 1;
+                let iss = self.f.snd_una;
+                // Karn: the ACK may answer either SYN-ACK; no RTT sample from it.
+                self.tx[(iss & self.mask()) as usize].state |= ts::EVER_RETX;
+                self.send_synack();
+                return Verdict::Keep;
             }
             _ => {
                 self.stats.rx_unexpected += 1;

@@ -14,9 +14,10 @@
 //!
 //! # Protocol summary (docs/protocol.md has the full account)
 //!
-//! * Handshake: SYN (random ISN) → SYN-ACK (ISN, ackno = peer ISN + 1) → ACK; the server also
-//!   becomes established on the first in-sequence DATA packet, so a lost final ACK cannot wedge
-//!   it. SYNs and SYN-ACKs are retransmitted with exponential backoff. A SYN to a port nobody
+//! * Handshake: SYN (random ISN) → SYN-ACK (ISN, ackno = peer ISN + 1) → ACK. A lost final ACK
+//!   cannot wedge the server: the client's first DATA makes it send its SYN-ACK again, which
+//!   the client answers with the ACK (DATA itself does not establish a flow: it carries none of
+//!   the server's numbers, so a forged source could send it). SYNs and SYN-ACKs are retransmitted with exponential backoff. A SYN to a port nobody
 //!   listens on is answered with RST.
 //! * Data: one sequence number per DATA packet; fragment flags FIRST/MORE/LAST; messages are
 //!   delivered whole, in order, exactly once.

@@ -4,7 +4,9 @@
 
 mod sim;
 
-use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetRepr, PacketType};
+use machnet_net::wire::{
+    ChecksumCaps, EthernetAddress, FrameRepr, MachnetRepr, MsgFlags, PacketType, FRAME_HEADER_LEN,
+};
 use machnet_transport::{Config, Endpoint, Error, Event, FlowState};
 use sim::*;
 use std::net::Ipv4Addr;
@@ -239,4 +241,43 @@ fn one_group_cannot_take_every_flow() {
     let _ = a.ep.connect(now, &mut a.env, OWNER, IP_B, MAC_B, 889, 100).unwrap();
     a.env.flush_tx();
     assert!(sim.run_until(Duration::from_millis(10), |s| connected(s, 100)));
+}
+
+/// A forged source's SYN followed by DATA at its ISN + 1 (what a lost final ACK's client sends,
+/// and what anyone can send without seeing the SYN-ACK) opens no flow: the DATA is answered
+/// with the SYN-ACK again, nothing is delivered, and the half-open flows stay within their
+/// budget and go at their timeout. (DATA used to establish the flow, so a blind flood of such
+/// pairs filled the table with established flows that never went away.)
+#[test]
+fn data_after_a_forged_syn_does_not_establish() {
+    let mut sim = Sim::new(SimConfig::link(Config::default().with_max_flows(64)));
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    let mut rng = Rng(5);
+    for _ in 0..1000 {
+        let (ip, sport) = rng.source();
+        let isn = rng.next() as u32;
+        let syn = FrameRepr {
+            hdr: MachnetRepr { timestamp: 1, ..MachnetRepr::control(PacketType::Syn, isn, 0) },
+            ..forged_syn(ip, sport, 888, isn)
+        };
+        sim.inject(B, &syn);
+        let data =
+            FrameRepr { hdr: MachnetRepr::data(isn.wrapping_add(1), MsgFlags::FIRST | MsgFlags::LAST, 1), ..syn };
+        let mut buf = [0u8; FRAME_HEADER_LEN + 10];
+        let n = data.emit_with_payload(&mut buf, &[7; 10], ChecksumCaps::software()).unwrap();
+        assert!(sim.inject_bytes(B, &buf[..n]));
+        sim.run_for(Duration::from_micros(10));
+    }
+    let b = &sim.sides[B];
+    assert!(b.env.events.is_empty(), "{:?}", &b.env.events[..1]);
+    assert!(b.env.inbox.is_empty());
+    assert_eq!(b.ep.stats().rx_unproven_data, 1000);
+    assert_eq!(b.ep.flow_count(), b.ep.half_open_count());
+    assert!(b.ep.half_open_count() <= b.ep.config().max_half_open);
+    sim.run_for(Duration::from_secs(30));
+    assert_eq!(sim.sides[B].ep.flow_count(), 0);
+    assert_eq!(sim.sides[B].env.segs.in_use(), 0);
+    // A real client still connects.
+    let _ = sim.start_connect(888, 3);
+    assert!(sim.run_until(Duration::from_millis(10), |s| connected(s, 3)));
 }

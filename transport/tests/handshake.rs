@@ -84,13 +84,16 @@ fn lost_final_ack_does_not_wedge_the_server() {
     let fa = sim.start_connect(888, 5);
     assert!(sim.run_until(Duration::from_secs(1), connected));
     let t0 = sim.now;
-    // The server is still in SYN_RECEIVED; the first DATA establishes it, promptly.
+    // The server is still in SYN_RECEIVED. The first DATA does not establish it (anyone who
+    // forged the SYN could send it): it answers with its SYN-ACK again, the client's ACK of
+    // that establishes it, and the DATA's tail probe is delivered, promptly.
     let fb_state = sim.sides[B].ep.flows().next().unwrap().state;
     assert_eq!(fb_state, FlowState::SynReceived);
     let fb = sim.sides[B].ep.flows().next().unwrap().id;
     sim.send(A, fa, fb, 1, 0, 10).unwrap();
     assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1));
     assert!(sim.now - t0 < Duration::from_micros(100), "first message took {:?}", sim.now - t0);
+    assert_eq!(sim.sides[B].ep.stats().rx_unproven_data, 1);
     assert!(sim.event(B, |e| matches!(e, Event::Accepted { .. })).is_some());
     exchange_some(&mut sim, fa, fb);
 }

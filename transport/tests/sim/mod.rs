@@ -272,6 +272,11 @@ pub struct Side {
     /// Read one inbox message every this often (`None`: read everything at once).
     pub read_every: Option<Duration>,
     pub next_read: Instant,
+    /// Accept messages on flows nobody expects (flows a forged peer opened), counting them in
+    /// `strangers` instead of failing.
+    pub allow_strangers: bool,
+    /// Messages delivered on flows without a checker (with `allow_strangers`).
+    pub strangers: u64,
     scratch: Vec<u8>,
 }
 
@@ -368,6 +373,8 @@ impl Sim {
                 checkers: Vec::new(),
                 read_every: None,
                 next_read: Instant::ZERO,
+                allow_strangers: false,
+                strangers: 0,
                 scratch: Vec::with_capacity(9 << 20),
             }
         };
@@ -652,7 +659,13 @@ impl Side {
             s = self.env.segs.next[s as usize];
         }
         assert_eq!(buf.len(), d.msg.len as usize, "message length vs segments");
-        let idx = self.checkers.iter().position(|(f, _)| *f == d.flow).expect("message on a flow nobody expects");
+        let Some(idx) = self.checkers.iter().position(|(f, _)| *f == d.flow) else {
+            assert!(self.allow_strangers, "message on a flow nobody expects");
+            self.strangers += 1;
+            self.env.free_rx_chain(OWNER, d.msg.head, d.msg.count);
+            self.scratch = buf;
+            return;
+        };
         let c = &mut self.checkers[idx].1;
         let want =
             c.expect.pop_front().unwrap_or_else(|| panic!("unexpected extra message #{} on {:?}", c.received, d.flow));
@@ -686,5 +699,18 @@ impl Sim {
         } else {
             panic!("forged frame does not parse");
         }
+    }
+
+    /// Hands `side`'s endpoint raw frame bytes as if they had arrived now, classified as the
+    /// link's frames are: what is not a Machnet frame (garbage, ARP, ICMP) goes no further.
+    /// Returns whether the endpoint saw it.
+    pub fn inject_bytes(&mut self, side: usize, frame: &[u8]) -> bool {
+        let now = self.now;
+        let s = &mut self.sides[side];
+        let Ok(Frame::Machnet(m)) = classify(frame, s.env.caps) else { return false };
+        s.ep.handle(now, &mut s.env, &m);
+        s.ep.flush(now, &mut s.env);
+        s.env.flush_tx();
+        true
     }
 }
