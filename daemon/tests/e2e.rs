@@ -130,9 +130,12 @@ fn killed_peer_daemon_fails_the_flow() {
     let m = a.app();
     let mut ch = m.attach().unwrap();
     let flow = ch.connect(IP_A, IP_B, PORT).unwrap();
+    // The silence is timed from the last frame heard from the peer, which is after this instant
+    // (the echo below answers a request sent after it). Timing from the kill instead fails
+    // when the host delays the kill past the peer's last ACK (seen under CPU hogs: 999.9 ms).
+    let t = Instant::now();
     ping_pong(&mut ch, flow, 1, 100, 1, 1);
     b.kill();
-    let t = Instant::now();
     ch.send(flow, b"anyone there?").unwrap();
     let ev = loop {
         if let Some(ev) = ch.poll_event() {
@@ -145,8 +148,9 @@ fn killed_peer_daemon_fails_the_flow() {
     eprintln!("FlowFailed after {took:?}");
     assert_eq!(ev.kind, EventKind::FlowFailed);
     assert_eq!(ev.flow, flow);
-    // Silent for the peer timeout, judged at a timeout (every `rto_max`, 100 ms, by then).
-    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(2), "{took:?}");
+    // Silent for the peer timeout, judged at a timeout (every `rto_max`, 100 ms, by then); the
+    // upper bound leaves a busy host a second to run the shard and the application.
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(3), "{took:?}");
 }
 
 #[test]
