@@ -1,0 +1,51 @@
+//! The `timers` stage: the flows' timing wheel (retransmission, handshakes, tail probes), ARP
+//! retries and failures, and re-resolution of peers whose SYNs go unanswered.
+
+use super::context::ShardCtx;
+use arrayvec::ArrayVec;
+use machnet_net::port::Port;
+use machnet_net::time::Instant;
+use machnet_runtime::stage::{Stage, Work};
+use std::net::Ipv4Addr;
+
+/// Lists for the ARP table's retries and failures (reserved at start-up for every resolution
+/// the table can hold).
+pub(super) struct TimersStage {
+    pub(super) arp_send: Vec<Ipv4Addr>,
+    pub(super) arp_failed: Vec<Ipv4Addr>,
+}
+
+impl<P: Port> Stage<ShardCtx<P>> for TimersStage {
+    fn poll(&mut self, now: Instant, ctx: &mut ShardCtx<P>) -> Work {
+        let fired = ctx.env.timers.expire(now);
+        let mut n = fired.len() as u32;
+        for &f in &fired {
+            ctx.ep.on_timer(now, &mut ctx.env, f);
+        }
+        ctx.env.timers.done(fired);
+        let unanswered: ArrayVec<Ipv4Addr, 64> = ctx.ep.take_unanswered().collect();
+        for ip in unanswered {
+            if ctx.arp.revalidate(ip, now) {
+                ctx.env.counters.arp_revalidations += 1;
+                ctx.send_arp_request(ip);
+            }
+        }
+        if ctx.arp.next_deadline().is_some_and(|d| d <= now) {
+            n += 1;
+            // Both lists have room for every resolution the table can hold.
+            let (mut send, mut failed) = (core::mem::take(&mut self.arp_send), core::mem::take(&mut self.arp_failed));
+            ctx.arp.poll(now, |ip| send.push(ip), |ip| failed.push(ip));
+            for ip in send.drain(..) {
+                ctx.send_arp_request(ip);
+            }
+            for ip in failed.drain(..) {
+                ctx.run_pending(now, ip, None);
+            }
+            (self.arp_send, self.arp_failed) = (send, failed);
+        }
+        if n > 0 {
+            ctx.ep.flush(now, &mut ctx.env);
+        }
+        Work(n)
+    }
+}
