@@ -89,9 +89,64 @@ pub enum Backend {
 pub struct UdpSection {
     /// Local tunnel address, `ip:port`.
     pub bind: String,
-    /// Peers' tunnel addresses, `ip:port` (frames for unknown MACs go to all of them).
+    /// Peers' tunnel addresses, `ip:port` (frames for unknown MACs go to all of them), or
+    /// objects naming a multi-queue peer's queues and RSS key.
     #[serde(default)]
-    pub peers: Vec<String>,
+    pub peers: Vec<UdpPeerEntry>,
+    /// The RSS key peers hash this daemon's frames with when it has several queues (hex, 16 to
+    /// 64 bytes; default: the 40-byte Microsoft key).
+    #[serde(default)]
+    pub rss_key: Option<String>,
+}
+
+/// One peer of the UDP tunnel as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum UdpPeerEntry {
+    /// `"ip:port"`: a single-queue peer.
+    Addr(String),
+    /// `{"addr": "ip:port", "queues": N, "rss_key": "hex"}`: a peer with N queues (on ports
+    /// `port` .. `port + N - 1`) hashing with that key (default: the Microsoft key).
+    Queues(UdpPeerQueues),
+}
+
+/// A multi-queue peer as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpPeerQueues {
+    /// Its queue 0's tunnel address.
+    pub addr: String,
+    /// Its queues (its `engine_threads`), 1..=64.
+    #[serde(default)]
+    pub queues: Option<u16>,
+    /// Its `udp.rss_key`.
+    #[serde(default)]
+    pub rss_key: Option<String>,
+}
+
+/// A validated peer of the UDP tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpPeerConfig {
+    /// Its queue 0's address.
+    pub addr: SocketAddrV4,
+    /// Its queues.
+    pub queues: u16,
+    /// Its RSS key.
+    pub rss_key: Vec<u8>,
+}
+
+/// Parses an RSS key: hex digits, optionally separated by `:`, 16 to 64 bytes.
+fn parse_rss_key(s: &str) -> Result<Vec<u8>, String> {
+    let digits: String = s.chars().filter(|c| *c != ':').collect();
+    if digits.len() % 2 != 0 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("{s:?} is not a hexadecimal key"));
+    }
+    let key: Vec<u8> =
+        (0..digits.len() / 2).map(|i| u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).unwrap()).collect();
+    if !(16..=64).contains(&key.len()) {
+        return Err(format!("{} bytes: expected 16 to 64 (most NICs use 40)", key.len()));
+    }
+    Ok(key)
 }
 
 /// Transport parameters (every key optional; defaults in `docs/protocol.md`).
@@ -451,7 +506,9 @@ pub struct Config {
     /// UDP tunnel endpoints, parsed.
     pub udp_bind: Option<SocketAddrV4>,
     /// UDP peers, parsed.
-    pub udp_peers: Vec<SocketAddrV4>,
+    pub udp_peers: Vec<UdpPeerConfig>,
+    /// The RSS key of this daemon's tunnel queues.
+    pub udp_rss_key: Vec<u8>,
     /// Static ARP entries, parsed.
     pub static_arp: Vec<(Ipv4Addr, EthernetAddress)>,
 }
@@ -518,6 +575,7 @@ impl Config {
         ext.backend = ext.backend_key.unwrap_or(if ext.udp.is_some() { Backend::Udp } else { Backend::Dpdk });
         let mut udp_bind = None;
         let mut udp_peers = Vec::new();
+        let mut udp_rss_key = machnet_net::rss::MICROSOFT_KEY.to_vec();
         match ext.backend {
             Backend::Udp => {
                 let udp = ext.udp.as_ref().ok_or_else(|| {
@@ -531,16 +589,29 @@ impl Config {
                         .parse()
                         .map_err(|_| err("machnet_rs.udp.bind", format!("{:?} is not an IPv4 ip:port", udp.bind)))?,
                 );
-                for (i, p) in udp.peers.iter().enumerate() {
-                    udp_peers.push(p.parse().map_err(|_| {
-                        err(&format!("machnet_rs.udp.peers[{i}]"), format!("{p:?} is not an IPv4 ip:port"))
-                    })?);
+                if let Some(k) = &udp.rss_key {
+                    udp_rss_key = parse_rss_key(k).map_err(|e| err("machnet_rs.udp.rss_key", e))?;
                 }
-                if engine_threads != 1 {
-                    return Err(err(
-                        &key("engine_threads"),
-                        "the udp backend has one queue: use engine_threads 1".into(),
-                    ));
+                for (i, p) in udp.peers.iter().enumerate() {
+                    let at = format!("machnet_rs.udp.peers[{i}]");
+                    let (addr, queues, rss_key) = match p {
+                        UdpPeerEntry::Addr(a) => (a, None, None),
+                        UdpPeerEntry::Queues(q) => (&q.addr, q.queues, q.rss_key.as_ref()),
+                    };
+                    let addr: SocketAddrV4 =
+                        addr.parse().map_err(|_| err(&at, format!("{addr:?} is not an IPv4 ip:port")))?;
+                    let queues = queues.unwrap_or(1);
+                    if !(1..=64).contains(&queues) || u32::from(addr.port()) + u32::from(queues) > 65536 {
+                        return Err(err(
+                            &format!("{at}.queues"),
+                            format!("{queues} is out of range: expected in 1..=64, ports up to 65535"),
+                        ));
+                    }
+                    let rss_key = match rss_key {
+                        Some(k) => parse_rss_key(k).map_err(|e| err(&format!("{at}.rss_key"), e))?,
+                        None => machnet_net::rss::MICROSOFT_KEY.to_vec(),
+                    };
+                    udp_peers.push(UdpPeerConfig { addr, queues, rss_key });
                 }
             }
             Backend::Dpdk => {
@@ -604,6 +675,12 @@ impl Config {
         if udp_bind.is_some_and(|b: SocketAddrV4| b.port() == 0) {
             return Err(err("machnet_rs.udp.bind", "port 0: give the port the peers send to".into()));
         }
+        if udp_bind.is_some_and(|b: SocketAddrV4| u32::from(b.port()) + engine_threads > 65536) {
+            return Err(err(
+                "machnet_rs.udp.bind",
+                format!("queue i binds this port + i: {engine_threads} queues pass port 65535"),
+            ));
+        }
         if let Some(m) = &ext.access.socket_mode {
             let ok = u32::from_str_radix(m.trim_start_matches("0o"), 8).is_ok_and(|v| v <= 0o777);
             if !ok {
@@ -655,6 +732,7 @@ impl Config {
             ext,
             udp_bind,
             udp_peers,
+            udp_rss_key,
             static_arp,
         };
         cfg.transport().validate().map_err(|e| err("machnet_rs.transport", e.to_string()))?;
@@ -738,6 +816,62 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/machnet/test.json"), text)
+    }
+
+    #[test]
+    fn udp_queues_peers_and_rss_keys() {
+        let c = parse(
+            r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "198.18.0.1", "engine_threads": 3}},
+               "machnet_rs": {"udp": {"bind": "127.0.0.1:31001", "rss_key": "00:01:02:03:04:05:06:07:08:09:0a:0b:0c:0d:0e:0f",
+                              "peers": ["127.0.0.1:31010", {"addr": "127.0.0.1:31002", "queues": 2},
+                                        {"addr": "127.0.0.1:31020", "queues": 4, "rss_key": "ffffffffffffffffffffffffffffffff"}]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.engine_threads, 3);
+        assert_eq!(c.udp_rss_key, (0..16).collect::<Vec<u8>>());
+        let m = machnet_net::rss::MICROSOFT_KEY.to_vec();
+        let a = |p: u16| SocketAddrV4::new(Ipv4Addr::LOCALHOST, p);
+        assert_eq!(
+            c.udp_peers,
+            vec![
+                UdpPeerConfig { addr: a(31010), queues: 1, rss_key: m.clone() },
+                UdpPeerConfig { addr: a(31002), queues: 2, rss_key: m },
+                UdpPeerConfig { addr: a(31020), queues: 4, rss_key: vec![0xff; 16] },
+            ]
+        );
+        let udp = |iface: &str, udp: &str| {
+            parse(&format!(
+                r#"{{"machnet_config": {{"02:00:00:00:00:01": {{"ip": "198.18.0.1"{iface}}}}}, "machnet_rs": {{"udp": {udp}}}}}"#
+            ))
+            .unwrap_err()
+        };
+        for (iface, section, key, reason) in [
+            ("", r#"{"bind": "127.0.0.1:1", "rss_key": "abc"}"#, "machnet_rs.udp.rss_key", "not a hexadecimal key"),
+            ("", r#"{"bind": "127.0.0.1:1", "rss_key": "0011"}"#, "machnet_rs.udp.rss_key", "2 bytes"),
+            (
+                "",
+                r#"{"bind": "127.0.0.1:1", "peers": [{"addr": "127.0.0.1:2", "queues": 0}]}"#,
+                "machnet_rs.udp.peers[0].queues",
+                "out of range",
+            ),
+            (
+                "",
+                r#"{"bind": "127.0.0.1:1", "peers": [{"addr": "127.0.0.1:65535", "queues": 2}]}"#,
+                "machnet_rs.udp.peers[0].queues",
+                "out of range",
+            ),
+            (
+                "",
+                r#"{"bind": "127.0.0.1:1", "peers": ["x", {"addr": "127.0.0.1:2", "rss_key": "zz"}]}"#,
+                "machnet_rs.udp.peers[0]",
+                "not an IPv4",
+            ),
+            (r#", "engine_threads": 2"#, r#"{"bind": "127.0.0.1:65535"}"#, "machnet_rs.udp.bind", "pass port 65535"),
+        ] {
+            let e = udp(iface, section);
+            assert_eq!(e.key, key, "{section}: {e}");
+            assert!(e.reason.contains(reason), "{section}: {e}");
+        }
     }
 
     #[test]
@@ -876,6 +1010,7 @@ mod tests {
             "backend",
             "udp.bind",
             "udp.peers",
+            "udp.rss_key",
             "dpdk.device",
             "dpdk.eal_args",
             "dpdk.hugepages",

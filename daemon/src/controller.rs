@@ -241,6 +241,23 @@ impl Controller {
                     .map(|v| (format!("{v:?}"), json!(r.counters.violations_by_reason[*v as usize])))
                     .collect();
                 let c = &r.counters;
+                let counters = json!({
+                        "rx_dropped": c.rx_dropped, "arp_replies": c.arp_replies, "arp_requests": c.arp_requests,
+                        "arp_ignored": c.arp_ignored, "arp_revalidations": c.arp_revalidations,
+                        "arp_changed": c.arp_changed,
+                        "icmp_replies": c.icmp_replies, "tx_refused": c.tx_refused, "tx_rejected": c.tx_rejected,
+                        "channel_violations": c.channel_violations, "violations": violations,
+                        "channels_closed_violation": c.channels_closed_violation,
+                        "channels_poisoned": c.channels_poisoned, "tx_dropped": c.tx_dropped,
+                        "rx_orphaned": c.rx_orphaned, "linger_expired": c.linger_expired,
+                        "timer_overflow": c.timer_overflow, "handoff_sent": c.handoff_sent,
+                        "handoff_received": c.handoff_received, "handoff_dropped": c.handoff_dropped,
+                        "handoff_frames_sent": c.handoff_frames_sent,
+                        "handoff_frames_received": c.handoff_frames_received,
+                        "port_rx_frames": c.port_rx_frames, "port_tx_frames": c.port_tx_frames,
+                        "port_rx_dropped": c.port_rx_dropped,
+                        "max_channel_op_cpu_us": c.max_channel_op_cpu_ns as f64 / 1e3,
+                    });
                 json!({
                     "index": i,
                     "core": v.core,
@@ -271,19 +288,7 @@ impl Controller {
                     "flows": r.flows,
                     "half_open": r.half_open,
                     "endpoint": r.endpoint,
-                    "counters": {
-                        "rx_dropped": c.rx_dropped, "arp_replies": c.arp_replies, "arp_requests": c.arp_requests,
-                        "arp_ignored": c.arp_ignored, "arp_revalidations": c.arp_revalidations,
-                        "arp_changed": c.arp_changed,
-                        "icmp_replies": c.icmp_replies, "tx_refused": c.tx_refused, "tx_rejected": c.tx_rejected,
-                        "channel_violations": c.channel_violations, "violations": violations,
-                        "channels_closed_violation": c.channels_closed_violation,
-                        "channels_poisoned": c.channels_poisoned, "tx_dropped": c.tx_dropped,
-                        "rx_orphaned": c.rx_orphaned, "linger_expired": c.linger_expired,
-                        "timer_overflow": c.timer_overflow, "handoff_sent": c.handoff_sent,
-                        "handoff_received": c.handoff_received, "handoff_dropped": c.handoff_dropped,
-                        "max_channel_op_cpu_us": c.max_channel_op_cpu_ns as f64 / 1e3,
-                    },
+                    "counters": counters,
                     "faults": r.faults.map(|f| json!({"offered": f.offered, "dropped": f.dropped,
                         "duplicated": f.duplicated, "reordered": f.reordered, "corrupted": f.corrupted})),
                 })

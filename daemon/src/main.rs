@@ -90,12 +90,29 @@ fn run(cli: &Cli, cfg: Config) -> Result<(), String> {
     match cfg.ext.backend {
         Backend::Udp => {
             let bind = cfg.udp_bind.expect("validated");
-            let peers = cfg.udp_peers.iter().map(|&addr| UdpPeer { addr, mac: None }).collect();
-            let port = UdpPort::new(&UdpConfig::new(bind, cfg.mac, peers))
-                .map_err(|e| format!("udp backend: cannot bind {bind}: {e}"))?;
-            let fd = port.raw_fd();
-            let desc = format!("udp tunnel {bind} (peers {:?})", cfg.udp_peers);
-            serve_ports(&cfg, vec![(port, Some(fd))], &desc, &ctrl_path, &term)
+            let peers = cfg.udp_peers.iter().map(|p| UdpPeer::with_queues(p.addr, p.queues, &p.rss_key)).collect();
+            let queues = u16::try_from(cfg.engine_threads).expect("validated: at most 64");
+            let ucfg = UdpConfig { rss_key: cfg.udp_rss_key.clone(), ..UdpConfig::new(bind, cfg.mac, peers) };
+            let ports = UdpPort::open_queues(&ucfg, queues).map_err(|e| {
+                let last = bind.port() + queues - 1;
+                let at = if queues > 1 { format!("{bind} (to port {last})") } else { bind.to_string() };
+                format!("udp backend: cannot bind {at}: {e}")
+            })?;
+            let peers: Vec<String> = cfg
+                .udp_peers
+                .iter()
+                .map(|p| if p.queues > 1 { format!("{} ({} queues)", p.addr, p.queues) } else { p.addr.to_string() })
+                .collect();
+            let desc = if queues > 1 {
+                format!("udp tunnel {bind}, {queues} queues on ports {}..={}, RSS (peers {peers:?})", bind.port(), bind.port() + queues - 1)
+            } else {
+                format!("udp tunnel {bind} (peers {peers:?})")
+            };
+            let ports = ports.into_iter().map(|p| {
+                let fd = p.raw_fd();
+                (p, Some(fd))
+            });
+            serve_ports(&cfg, ports.collect(), &desc, &ctrl_path, &term)
         }
         #[cfg(feature = "dpdk")]
         Backend::Dpdk => {

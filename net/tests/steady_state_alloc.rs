@@ -97,8 +97,8 @@ fn udp_tunnel_steady_state_allocates_nothing() {
     let mac_b = EthernetAddress([2, 0, 0, 0, 0, 2]);
     let mut a = UdpPort::new(&UdpConfig::new(lo(0), mac_a, vec![])).unwrap();
     let mut b = UdpPort::new(&UdpConfig::new(lo(0), mac_b, vec![])).unwrap();
-    a.add_peer(UdpPeer { addr: b.local_addr().unwrap(), mac: Some(mac_b) }).unwrap();
-    b.add_peer(UdpPeer { addr: a.local_addr().unwrap(), mac: Some(mac_a) }).unwrap();
+    a.add_peer(UdpPeer { mac: Some(mac_b), ..UdpPeer::new(b.local_addr().unwrap()) }).unwrap();
+    b.add_peer(UdpPeer { mac: Some(mac_a), ..UdpPeer::new(a.local_addr().unwrap()) }).unwrap();
     pump(&mut a, &mut b, 200, |_, _| {});
     let (allocs, (_, gb)) = count_allocs(|| pump(&mut a, &mut b, 5_000, |_, _| {}));
     assert!(gb > 0);

@@ -348,7 +348,7 @@ mod embedded {
                 .and_then(|a| a.ok())
                 .ok_or_else(|| RpcError(format!("--embedded udp:{spec}: expected udp:BIND,PEER[,PEER...]")))?;
             let peers = addrs
-                .map(|a| a.map(|addr| UdpPeer { addr, mac: None }))
+                .map(|a| a.map(UdpPeer::new))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| RpcError(format!("--embedded udp:{spec}: {e}")))?;
             let port = UdpPort::new(&UdpConfig::new(bind, mac, peers))

@@ -170,6 +170,18 @@ pub struct ShardCounters {
     pub handoff_received: u64,
     /// Hand-offs dropped because the other shard's ring was full.
     pub handoff_dropped: u64,
+    /// Of `handoff_sent`, received frames handed to the shard that owns their port (the rest
+    /// are ARP mappings).
+    pub handoff_frames_sent: u64,
+    /// Of `handoff_received`, frames.
+    pub handoff_frames_received: u64,
+    /// Frames this shard's port queue received (as the port counts them).
+    pub port_rx_frames: u64,
+    /// Frames its port queue transmitted.
+    pub port_tx_frames: u64,
+    /// Frames its port queue dropped on receipt (too short or long, from an unknown sender:
+    /// on the udp backend, also a peer configured with fewer queues than it has).
+    pub port_rx_dropped: u64,
     /// The most CPU time one channel adoption or removal took on the shard thread, ns
     /// (thread CPU time: a preemption in the middle does not count).
     pub max_channel_op_cpu_ns: u64,

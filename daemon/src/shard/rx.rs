@@ -41,6 +41,7 @@ impl<P: Port> Stage<ShardCtx<P>> for RxStage<P> {
                 Handoff::Frame { buf, rx_at } => frames.push((buf, rx_at)),
                 Handoff::Arp { ip, mac } => arps.push((ip, mac)),
             });
+            ctx.env.counters.handoff_frames_received += frames.len() as u64;
             for (buf, rx_at) in frames {
                 ctx.on_frame(now, buf, rx_at, true, self.caps);
             }
@@ -87,11 +88,11 @@ impl<P: Port> ShardCtx<P> {
             Rx::Dropped => self.env.counters.rx_dropped += 1,
         }
         match forward_to {
-            Some(to) => {
-                if let Err(Handoff::Frame { buf, .. }) = self.mesh.send(to, Handoff::Frame { buf: b, rx_at }) {
-                    self.env.nic.port.free(buf);
-                }
-            }
+            Some(to) => match self.mesh.send(to, Handoff::Frame { buf: b, rx_at }) {
+                Ok(()) => self.env.counters.handoff_frames_sent += 1,
+                Err(Handoff::Frame { buf, .. }) => self.env.nic.port.free(buf),
+                Err(Handoff::Arp { .. }) => {}
+            },
             None => self.env.nic.port.free(b),
         }
     }

@@ -43,6 +43,10 @@ impl TxStage {
         ctx.env.counters.handoff_dropped = ctx.mesh.dropped;
         ctx.env.counters.tx_dropped = ctx.env.nic.dropped;
         ctx.env.counters.timer_overflow = ctx.env.timers.overflow;
+        let port = ctx.env.nic.port.stats();
+        ctx.env.counters.port_rx_frames = port.rx_packets;
+        ctx.env.counters.port_tx_frames = port.tx_packets;
+        ctx.env.counters.port_rx_dropped = port.rx_dropped;
         if log::log_enabled!(log::Level::Debug) && self.last_report.as_nanos() / 1_000_000_000 != self.last_debug {
             self.last_debug = self.last_report.as_nanos() / 1_000_000_000;
             log::debug!(

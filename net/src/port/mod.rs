@@ -82,7 +82,7 @@ pub struct Capabilities {
 }
 
 /// A device's RSS configuration as read back from it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RssInfo {
     /// Toeplitz key.
     pub key: Vec<u8>,

@@ -1,14 +1,24 @@
 //! Ethernet frames tunnelled one per kernel UDP datagram: the zero-setup backend.
 //!
-//! Each daemon binds a UDP socket and names its peers' socket addresses. The port behaves like
-//! a learning switch port: a frame for a broadcast or multicast MAC goes to every peer; a
-//! unicast frame goes to the peer whose MAC is configured or was learned from the frames it
-//! sent, and to every peer while unknown. Datagrams from unknown senders, shorter than an
-//! Ethernet header, or longer than a buffer are counted and dropped. Sockets are non-blocking
+//! Each daemon binds a UDP socket per receive queue and names its peers' socket addresses. The
+//! port behaves like a learning switch port: a frame for a broadcast or multicast MAC goes to
+//! every peer; a unicast frame goes to the peer whose MAC is configured or was learned from the
+//! frames it sent, and to every peer while unknown. Datagrams from unknown senders, shorter than
+//! an Ethernet header, or longer than a buffer are counted and dropped. Sockets are non-blocking
 //! and I/O is batched with `recvmmsg`/`sendmmsg`. No privileges needed.
+//!
+//! **Queues and RSS.** A device of N queues ([`UdpPort::open_queues`]) binds N sockets, queue
+//! *q* on the base port + *q*, and publishes an RSS key and redirection table in its
+//! capabilities, as a NIC does. A peer with several queues is named with its key and table
+//! ([`UdpPeer::rss`]): the sender plays the receiving NIC's part and puts each frame in the
+//! datagram for the queue that NIC would pick, the Toeplitz hash of the inner IPv4/UDP 4-tuple
+//! (the IPv4 pair for other IPv4 frames and fragments) through the table, and frames that are
+//! not IPv4 (ARP) or not unicast on queue 0. So the receiver sees exactly what an RSS NIC would
+//! give it. A peer's datagrams are recognised from any of its queues' ports.
 
 use super::pool::{HeapBuf, Pool};
-use super::{Burst, Capabilities, PacketBuf, Port, PortStats, BURST};
+use super::{Burst, Capabilities, PacketBuf, Port, PortStats, RssInfo, BURST};
+use crate::rss::{Rss, MICROSOFT_KEY};
 use crate::wire::{ChecksumCaps, EthernetAddress};
 use arrayvec::ArrayVec;
 use std::io;
@@ -56,13 +66,64 @@ pub const MAX_PEERS: usize = 64;
 /// Most datagrams one `sendmmsg` call carries (a broadcast frame takes one per peer).
 const TX_BATCH: usize = 64;
 
+/// Entries of the redirection table a multi-queue tunnel device uses unless told otherwise
+/// (many NICs have 128), programmed round-robin over the queues as the original does.
+pub const RETA_SIZE: usize = 128;
+
 /// A tunnel peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpPeer {
-    /// The peer's tunnel socket address.
+    /// The peer's tunnel socket address (its queue 0).
     pub addr: SocketAddrV4,
     /// The peer's MAC if known in advance (otherwise learned from its frames).
     pub mac: Option<EthernetAddress>,
+    /// The peer's RSS key and redirection table, if it has several queues: its queue *q*
+    /// listens on `addr`'s port + *q*, and frames go to the queue its table picks.
+    pub rss: Option<RssInfo>,
+}
+
+impl UdpPeer {
+    /// A single-queue peer at `addr`, its MAC learned.
+    pub fn new(addr: SocketAddrV4) -> Self {
+        UdpPeer { addr, mac: None, rss: None }
+    }
+
+    /// A peer of `queues` queues hashing with `key` through a round-robin table of
+    /// [`RETA_SIZE`] entries (one queue: no RSS).
+    pub fn with_queues(addr: SocketAddrV4, queues: u16, key: &[u8]) -> Self {
+        UdpPeer { addr, mac: None, rss: default_rss(queues, key) }
+    }
+}
+
+/// The RSS state of a tunnel device of `queues` queues with `key`: `None` for one queue.
+pub fn default_rss(queues: u16, key: &[u8]) -> Option<RssInfo> {
+    (queues > 1).then(|| RssInfo { key: key.to_vec(), reta: Rss::round_robin_reta(RETA_SIZE, queues) })
+}
+
+/// Queues an RSS table names (its largest entry + 1).
+fn queues_of(rss: &RssInfo) -> u16 {
+    rss.reta.iter().max().map_or(1, |m| m + 1)
+}
+
+/// The receive queue a NIC with `rss` picks for `frame`: the Toeplitz hash of the IPv4/UDP
+/// 4-tuple (of the IPv4 addresses alone for other protocols and fragments) through the
+/// redirection table; queue 0 for anything else. Reads a few header bytes; never allocates.
+pub fn rss_queue(rss: &Rss, frame: &[u8]) -> u16 {
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+        return 0;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 || ip.len() < ihl {
+        return 0;
+    }
+    let mut input = [0u8; 12];
+    input[..8].copy_from_slice(&ip[12..20]);
+    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+    if ip[9] == 17 && !fragment && ip.len() >= ihl + 4 {
+        input[8..].copy_from_slice(&ip[ihl..ihl + 4]);
+    }
+    rss.queue_of(rss.hash(&input))
 }
 
 /// Configuration of a [`UdpPort`].
@@ -80,13 +141,25 @@ pub struct UdpConfig {
     pub buffers: usize,
     /// Requested kernel socket buffer size (both directions), bytes.
     pub socket_buffer: usize,
+    /// With several queues ([`UdpPort::open_queues`]): the RSS key the peers hash this
+    /// device's frames with (default: [`MICROSOFT_KEY`]); the table is round-robin over the
+    /// queues, [`RETA_SIZE`] entries.
+    pub rss_key: Vec<u8>,
 }
 
 impl UdpConfig {
     /// Defaults: MTU 1500, 4096 buffers, 16 MiB socket buffers (set with SO_RCVBUFFORCE where
     /// privileged, else capped by net.core.rmem_max/wmem_max).
     pub fn new(bind: SocketAddrV4, mac: EthernetAddress, peers: Vec<UdpPeer>) -> Self {
-        UdpConfig { bind, peers, mac, mtu: 1500, buffers: 4096, socket_buffer: 16 << 20 }
+        UdpConfig {
+            bind,
+            peers,
+            mac,
+            mtu: 1500,
+            buffers: 4096,
+            socket_buffer: 16 << 20,
+            rss_key: MICROSOFT_KEY.to_vec(),
+        }
     }
 }
 
@@ -103,11 +176,44 @@ pub struct UdpStats {
     pub tx_errors: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Peer {
     addr: SocketAddrV4,
     sa: libc::sockaddr_in,
     mac: Option<EthernetAddress>,
+    /// Its receive queues (ports `addr.port()` ..) and the hash that picks one.
+    queues: u16,
+    rss: Option<Rss>,
+}
+
+impl Peer {
+    fn new(p: &UdpPeer) -> io::Result<Peer> {
+        let rss = match &p.rss {
+            Some(r) => Some(r.build().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("peer {}: unusable RSS key or table", p.addr))
+            })?),
+            None => None,
+        };
+        let queues = p.rss.as_ref().map_or(1, queues_of);
+        if u32::from(p.addr.port()) + u32::from(queues) > 65536 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("peer {}: queue ports past 65535", p.addr),
+            ));
+        }
+        Ok(Peer { addr: p.addr, sa: sockaddr(p.addr), mac: p.mac, queues, rss })
+    }
+
+    /// The address of the queue its NIC would pick for `frame`.
+    fn addr_for(&self, frame: &[u8]) -> libc::sockaddr_in {
+        let mut sa = self.sa;
+        if let Some(rss) = &self.rss {
+            if frame[0] & 1 == 0 {
+                sa.sin_port = (self.addr.port() + rss_queue(rss, frame)).to_be();
+            }
+        }
+        sa
+    }
 }
 
 fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
@@ -119,7 +225,7 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
-/// A UDP tunnel port. Single queue, no RSS, checksums in software.
+/// A UDP tunnel port: one queue of a tunnel device; checksums in software.
 pub struct UdpPort {
     sock: UdpSocket,
     peers: ArrayVec<Peer, MAX_PEERS>,
@@ -182,7 +288,7 @@ impl UdpPort {
                 core::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        let peers = cfg.peers.iter().map(|p| Peer { addr: p.addr, sa: sockaddr(p.addr), mac: p.mac }).collect();
+        let peers = cfg.peers.iter().map(Peer::new).collect::<io::Result<_>>()?;
         let buf_size = cfg.mtu + 14;
         Ok(UdpPort {
             sock,
@@ -193,6 +299,29 @@ impl UdpPort {
             ustats: UdpStats::default(),
             scratch: Burst::new(),
         })
+    }
+
+    /// A tunnel device of `queues` queues: queue *q* binds `cfg.bind`'s port + *q*; each port
+    /// publishes the device's RSS key (`cfg.rss_key`) and its round-robin table of
+    /// [`RETA_SIZE`] entries, which the peers must be given (see [`UdpPeer::with_queues`]). One
+    /// queue is [`new`](Self::new): no RSS.
+    pub fn open_queues(cfg: &UdpConfig, queues: u16) -> io::Result<Vec<UdpPort>> {
+        let rss = default_rss(queues, &cfg.rss_key);
+        if rss.as_ref().is_some_and(|r| r.build().is_none()) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "RSS key shorter than 16 bytes"));
+        }
+        if u32::from(cfg.bind.port()) + u32::from(queues) > 65536 || (queues > 1 && cfg.bind.port() == 0) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "queue ports must lie in 1..=65535"));
+        }
+        (0..queues.max(1))
+            .map(|q| {
+                let bind = SocketAddrV4::new(*cfg.bind.ip(), cfg.bind.port() + q);
+                let mut p = UdpPort::new(&UdpConfig { bind, ..cfg.clone() })?;
+                p.caps.queues = queues.max(1);
+                p.caps.rss = rss.clone();
+                Ok(p)
+            })
+            .collect()
     }
 
     /// The bound socket address (useful with port 0).
@@ -218,13 +347,18 @@ impl UdpPort {
         if self.peers.iter().any(|p| p.addr == peer.addr) {
             return Ok(());
         }
-        self.peers
-            .try_push(Peer { addr: peer.addr, sa: sockaddr(peer.addr), mac: peer.mac })
-            .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "UDP tunnel peer table full"))
+        let p = Peer::new(&peer)?;
+        self.peers.try_push(p).map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "UDP tunnel peer table full"))
     }
 
+    /// The peer that sent from `sa`: its IP, and the port of one of its queues.
     fn peer_of(&self, sa: &libc::sockaddr_in) -> Option<usize> {
-        self.peers.iter().position(|p| p.sa.sin_addr.s_addr == sa.sin_addr.s_addr && p.sa.sin_port == sa.sin_port)
+        let port = u16::from_be(sa.sin_port);
+        self.peers.iter().position(|p| {
+            p.sa.sin_addr.s_addr == sa.sin_addr.s_addr
+                && port >= p.addr.port()
+                && u32::from(port) < u32::from(p.addr.port()) + u32::from(p.queues)
+        })
     }
 
     /// Destinations of a frame: `Some(i)` for one peer, `None` for all.
@@ -361,6 +495,8 @@ impl Port for UdpPort {
         let mut iov: [libc::iovec; BURST] = unsafe { core::mem::zeroed() };
         // SAFETY: as above.
         let mut hdrs: [libc::mmsghdr; TX_BATCH] = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        let mut names: [libc::sockaddr_in; TX_BATCH] = unsafe { core::mem::zeroed() };
         // For each frame, the index one past its last datagram.
         let mut ends: ArrayVec<usize, BURST> = ArrayVec::new();
         let mut n = 0usize;
@@ -379,16 +515,18 @@ impl Port for UdpPort {
                 None => (0..self.peers.len()).collect(),
             };
             for p in targets.into_iter().take(TX_BATCH - n) {
+                // The queue the peer's "NIC" picks (queue 0 for broadcasts and non-IPv4).
+                names[n] = self.peers[p].addr_for(frame);
                 let h = &mut hdrs[n].msg_hdr;
                 h.msg_iov = &mut iov[fi];
                 h.msg_iovlen = 1;
-                h.msg_name = (&self.peers[p].sa as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
+                h.msg_name = (&mut names[n] as *mut libc::sockaddr_in).cast();
                 h.msg_namelen = core::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
                 n += 1;
             }
             ends.push(n);
         }
-        // SAFETY: `hdrs[..n]` point at `iov` entries and peer addresses that live across the call;
+        // SAFETY: `hdrs[..n]` point at `iov` entries and `names` that live across the call;
         // each iovec covers a frame owned by `pkts`, which is not modified during the call; the
         // kernel only reads these buffers.
         let r =
@@ -473,8 +611,8 @@ mod tests {
         let mut a = UdpPort::new(&UdpConfig::new(lo(0), mac_a, vec![])).unwrap();
         let mut b = UdpPort::new(&UdpConfig::new(lo(0), mac_b, vec![])).unwrap();
         let (aa, ba) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-        a.add_peer(UdpPeer { addr: ba, mac: None }).unwrap();
-        b.add_peer(UdpPeer { addr: aa, mac: Some(mac_a) }).unwrap();
+        a.add_peer(UdpPeer::new(ba)).unwrap();
+        b.add_peer(UdpPeer { mac: Some(mac_a), ..UdpPeer::new(aa) }).unwrap();
 
         // Broadcast and unknown unicast flood; a full burst goes in one call.
         let mut burst = Burst::new();
@@ -514,13 +652,10 @@ mod tests {
         let stranger = UdpSocket::bind(lo(0)).unwrap();
         stranger.send_to(&[0u8; 60], ba).unwrap();
         let peer_sock = UdpSocket::bind(lo(0)).unwrap();
-        b.add_peer(UdpPeer {
-            addr: match peer_sock.local_addr().unwrap() {
-                std::net::SocketAddr::V4(x) => x,
-                _ => unreachable!(),
-            },
-            mac: None,
-        })
+        b.add_peer(UdpPeer::new(match peer_sock.local_addr().unwrap() {
+            std::net::SocketAddr::V4(x) => x,
+            _ => unreachable!(),
+        }))
         .unwrap();
         peer_sock.send_to(&[0u8; 5], ba).unwrap();
         peer_sock.send_to(&[0u8; 3000], ba).unwrap();
@@ -530,5 +665,87 @@ mod tests {
         let us = b.udp_stats();
         assert_eq!((us.rx_short, us.rx_oversize, us.rx_unknown_sender), (1, 1, 1));
         assert_eq!(b.stats().rx_dropped, 3);
+    }
+
+    /// An IPv4/UDP frame (headers only as far as the hash reads them) tagged in its payload.
+    fn udp_frame(port: &mut UdpPort, dst: EthernetAddress, t: (Ipv4Addr, Ipv4Addr, u16, u16), tag: u8) -> HeapBuf {
+        let mut b = frame_to(port, dst, 0, 64);
+        let s = b.storage_mut();
+        s[14] = 0x45;
+        s[20..22].copy_from_slice(&0x4000u16.to_be_bytes()); // DF, no fragment
+        s[23] = 17;
+        s[26..30].copy_from_slice(&t.0.octets());
+        s[30..34].copy_from_slice(&t.1.octets());
+        s[34..36].copy_from_slice(&t.2.to_be_bytes());
+        s[36..38].copy_from_slice(&t.3.to_be_bytes());
+        s[42] = tag;
+        b
+    }
+
+    #[test]
+    fn a_multi_queue_peer_gets_each_frame_on_the_queue_its_nic_would_pick() {
+        let mac_a = EthernetAddress([2, 0, 0, 0, 0, 0xa]);
+        let mac_b = EthernetAddress([2, 0, 0, 0, 0, 0xb]);
+        // B: three queues with a key of its own; A: one queue, told B's key.
+        let key_b: Vec<u8> = (0..40u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+        let mut qs = None;
+        for base in (34000..60000).step_by(97) {
+            let cfg = UdpConfig { rss_key: key_b.clone(), ..UdpConfig::new(lo(base), mac_b, vec![]) };
+            if let Ok(q) = UdpPort::open_queues(&cfg, 3) {
+                qs = Some(q);
+                break;
+            }
+        }
+        let mut b = qs.expect("three free consecutive loopback ports");
+        let base = b[0].local_addr().unwrap();
+        assert_eq!(b.iter().map(|p| p.local_addr().unwrap().port() - base.port()).collect::<Vec<_>>(), [0, 1, 2]);
+        let rss = b[1].capabilities().rss.clone().expect("a multi-queue device publishes its RSS state");
+        assert_eq!((b[2].capabilities().queues, rss.key.clone(), rss.reta.len()), (3, key_b.clone(), RETA_SIZE));
+        let mut a = UdpPort::new(&UdpConfig::new(lo(0), mac_a, vec![])).unwrap();
+        let aa = a.local_addr().unwrap();
+        a.add_peer(UdpPeer { mac: Some(mac_b), ..UdpPeer::with_queues(base, 3, &key_b) }).unwrap();
+        for q in &mut b {
+            q.add_peer(UdpPeer { mac: Some(mac_a), ..UdpPeer::new(aa) }).unwrap();
+        }
+        // Frames of 96 tuples: each must arrive on the queue the reference Toeplitz hash of its
+        // 4-tuple under B's key picks through a round-robin table of 128 entries.
+        let (ia, ib) = (Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2));
+        let mut want = [Vec::new(), Vec::new(), Vec::new()];
+        for k in 0..96u16 {
+            let t = (ia, ib, 1024 + k * 13, 888);
+            let h = crate::rss::toeplitz(&key_b, &crate::rss::ipv4_tuple_input(t.0, t.1, t.2, t.3));
+            want[usize::from((h % 128) as u16 % 3)].push(k as u8);
+            let mut burst = Burst::new();
+            burst.push(udp_frame(&mut a, mac_b, t, k as u8));
+            assert_eq!(a.tx_burst(&mut burst), 1);
+        }
+        // ARP (not IPv4) and broadcasts go to queue 0.
+        let mut burst = Burst::new();
+        burst.push(frame_to(&mut a, EthernetAddress::BROADCAST, 200, 60));
+        let mut arp = frame_to(&mut a, mac_b, 201, 60);
+        arp.storage_mut()[12..14].copy_from_slice(&[0x08, 0x06]);
+        burst.push(arp);
+        assert_eq!(a.tx_burst(&mut burst), 2);
+        want[0].extend([200, 201]);
+        for (q, w) in want.iter().enumerate() {
+            assert!(!w.is_empty(), "96 tuples reach queue {q} too");
+            let mut burst = Burst::new();
+            let mut got = Vec::new();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while got.len() < w.len() && std::time::Instant::now() < deadline {
+                b[q].rx_burst(&mut burst);
+                for f in burst.drain(..) {
+                    got.push(if f.frame()[12..14] == [0x08, 0x00] { f.frame()[42] } else { f.frame()[14] });
+                    b[q].free(f);
+                }
+            }
+            assert_eq!(&got, w, "queue {q}");
+        }
+        // A recognises B from any of its queues' ports.
+        let mut burst = Burst::new();
+        burst.push(frame_to(&mut b[2], mac_a, 9, 64));
+        assert_eq!(b[2].tx_burst(&mut burst), 1);
+        assert_eq!(recv_all(&mut a, 1), vec![(9, 64)]);
+        assert_eq!(a.udp_stats().rx_unknown_sender, 0);
     }
 }
