@@ -200,6 +200,49 @@ impl Daemon {
         })
     }
 
+    /// Starts `machnetd` for `ip`/`mac` with `shards` shards, its tunnel queues on `bind`..
+    /// `bind + shards - 1` and RSS key `key` (hex), its peer's queues at `peer.0` with `peer.1`
+    /// queues and key `peer.2` (see [`try_start`](Self::try_start) for `extra` and `Err`).
+    pub fn try_start_shards(
+        tag: &str,
+        (ip, mac): (Ipv4Addr, &str),
+        (shards, bind, key): (u32, u16, &str),
+        peer: (u16, u32, &str),
+        extra: &str,
+    ) -> Result<Daemon, String> {
+        let ext = format!(
+            r#""udp": {{"bind": "127.0.0.1:{bind}", "rss_key": "{key}",
+                       "peers": [{{"addr": "127.0.0.1:{}", "queues": {}, "rss_key": "{}"}}]}},
+               "idle": "adaptive" {extra}"#,
+            peer.0, peer.1, peer.2
+        );
+        let mut d = Daemon::spawn(tag, ip, mac, shards, &ext, None);
+        match d.until(READY, |d| d.sock.exists()) {
+            Ok(()) => Ok(d),
+            Err(Gone::Exited(_)) if port_taken(&d.log_text()) => {
+                Err(format!("machnetd {ip} could not bind 127.0.0.1:{bind}+: {}", d.log_text().trim()))
+            }
+            Err(why) => d.failed(why, "its control socket"),
+        }
+    }
+
+    /// A started pair A (198.18.0.1, `shards_a` shards, RSS key `keys.0`) and B (198.18.0.2,
+    /// `shards_b`, `keys.1`) tunnelling to each other over loopback, each told the other's
+    /// queues and key; with `extra` keys for both.
+    pub fn pair_shards(shards_a: u32, shards_b: u32, keys: (&str, &str), extra: &str) -> (Daemon, Daemon) {
+        with_free_udp_ports("a multi-queue machnetd pair", |pa, pb| {
+            let (ra, rb) = (u32::from(pa)..u32::from(pa) + shards_a, u32::from(pb)..u32::from(pb) + shards_b);
+            if ra.end > 65536 || rb.end > 65536 || (ra.start < rb.end && rb.start < ra.end) {
+                return Err(format!("queue ports {ra:?} and {rb:?} do not fit apart"));
+            }
+            let a =
+                Daemon::try_start_shards("a", (IP_A, MAC_A), (shards_a, pa, keys.0), (pb, shards_b, keys.1), extra)?;
+            let b =
+                Daemon::try_start_shards("b", (IP_B, MAC_B), (shards_b, pb, keys.1), (pa, shards_a, keys.0), extra)?;
+            Ok((a, b))
+        })
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
