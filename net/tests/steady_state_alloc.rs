@@ -104,3 +104,66 @@ fn udp_tunnel_steady_state_allocates_nothing() {
     assert!(gb > 0);
     assert_eq!(allocs, 0);
 }
+
+/// The multi-queue tunnel: the sender hashes every IPv4/UDP frame to the receiving device's
+/// queue (its RSS key and table), the receiver polls both queues.
+#[test]
+fn udp_tunnel_with_rss_steady_state_allocates_nothing() {
+    let lo = |p| SocketAddrV4::new(Ipv4Addr::LOCALHOST, p);
+    let mac_a = EthernetAddress([2, 0, 0, 0, 0, 1]);
+    let mac_b = EthernetAddress([2, 0, 0, 0, 0, 2]);
+    let mut a = UdpPort::new(&UdpConfig::new(lo(0), mac_a, vec![])).unwrap();
+    let mut b = (35_000..60_000)
+        .step_by(89)
+        .find_map(|base| UdpPort::open_queues(&UdpConfig::new(lo(base), mac_b, vec![]), 2).ok())
+        .expect("two free consecutive loopback ports");
+    let base = b[0].local_addr().unwrap();
+    let key = b[0].capabilities().rss.clone().unwrap().key;
+    a.add_peer(UdpPeer { mac: Some(mac_b), ..UdpPeer::with_queues(base, 2, &key) }).unwrap();
+    for q in &mut b {
+        q.add_peer(UdpPeer { mac: Some(mac_a), ..UdpPeer::new(a.local_addr().unwrap()) }).unwrap();
+    }
+    let round = |a: &mut UdpPort, b: &mut [UdpPort], r: usize| -> [usize; 2] {
+        let mut burst = Burst::new();
+        for i in 0..BURST {
+            let Some(mut f) = a.alloc() else { break };
+            let s = f.storage_mut();
+            s[..64].fill(0);
+            s[..6].copy_from_slice(&mac_b.0);
+            s[12..14].copy_from_slice(&[0x08, 0x00]);
+            s[14] = 0x45;
+            s[23] = 17;
+            s[26..34].copy_from_slice(&[198, 18, 0, 1, 198, 18, 0, 2]);
+            s[34..36].copy_from_slice(&((1024 + r * BURST + i) as u16).to_be_bytes());
+            s[36..38].copy_from_slice(&888u16.to_be_bytes());
+            f.set_len(64);
+            burst.push(f);
+        }
+        a.tx_burst(&mut burst);
+        for f in burst.drain(..) {
+            a.free(f);
+        }
+        let mut got = [0; 2];
+        let mut rx = Burst::new();
+        for (q, port) in b.iter_mut().enumerate() {
+            got[q] += port.rx_burst(&mut rx);
+            for f in rx.drain(..) {
+                port.free(f);
+            }
+        }
+        got
+    };
+    for r in 0..200 {
+        round(&mut a, &mut b, r);
+    }
+    let (allocs, got) = count_allocs(|| {
+        let mut got = [0; 2];
+        for r in 0..5_000 {
+            let g = round(&mut a, &mut b, r);
+            got = [got[0] + g[0], got[1] + g[1]];
+        }
+        got
+    });
+    assert!(got[0] > 0 && got[1] > 0, "both queues receive: {got:?}");
+    assert_eq!(allocs, 0);
+}
