@@ -139,6 +139,10 @@ pub struct TransportSection {
     /// Established and outgoing flows one application may hold per shard (`max_flows` less a
     /// sixteenth: 3840 of 4096).
     pub max_flows_per_app: Option<usize>,
+    /// Carry acknowledgements in DATA between machnet-rs peers that both offer it (true).
+    pub piggyback_acks: Option<bool>,
+    /// How long an owed ACK may wait for DATA to carry it, µs (5; at most `rto_min_us` / 4).
+    pub ack_delay_us: Option<u64>,
 }
 
 /// Shared-memory channel sizes.
@@ -329,6 +333,7 @@ pub const NUMERIC_KEYS: &[NumericKey] = &[
     num("transport.max_half_open", 1, 65_536, |e| fz(e.transport.max_half_open)),
     num("transport.max_half_open_per_source", 1, 65_536, |e| fz(e.transport.max_half_open_per_source)),
     num("transport.max_flows_per_app", 1, 65_536, |e| fz(e.transport.max_flows_per_app)),
+    num("transport.ack_delay_us", 0, 2_500_000, |e| fu(e.transport.ack_delay_us)),
     num("channel.buffers", 64, 1 << 20, |e| f(e.channel.buffers)),
     pow2("channel.ring_entries", 16, 1 << 20, |e| f(e.channel.ring_entries)),
     num("channel.max_channels", 1, 1024, |e| fz(e.channel.max_channels)),
@@ -698,6 +703,8 @@ impl Config {
             max_half_open: t.max_half_open.unwrap_or(c.max_half_open),
             max_half_open_per_source: t.max_half_open_per_source.unwrap_or(c.max_half_open_per_source),
             max_flows_per_group: t.max_flows_per_app.unwrap_or(c.max_flows_per_group),
+            piggyback_acks: t.piggyback_acks.unwrap_or(c.piggyback_acks),
+            ack_delay: us(t.ack_delay_us, c.ack_delay),
             ..c
         }
     }
@@ -885,6 +892,7 @@ mod tests {
             "idle",
             "ctrl_sock",
             "transport.cc",
+            "transport.piggyback_acks",
             "access.socket_mode",
             "access.socket_group",
             "access.allow_uids",
