@@ -640,7 +640,15 @@ impl<E: Env> FlowCx<'_, E> {
                 let acceptable =
                     seq::in_range(hdr.seqno, self.f.rcv_nxt.wrapping_sub(w), self.f.rcv_nxt.wrapping_add(w))
                         && (1..=self.cfg.mss).contains(&payload.len());
-                if !acceptable {
+                // Nothing to learn: no new cumulative ACK, no SACK, no echo (a one-way stream's
+                // DATA acknowledging what we never sent, or the later packets of a burst that
+                // all carry the same ackno): skip the acknowledgement's work. Such an ACK is
+                // no duplicate ACK either, so nothing is lost by skipping it.
+                let idle = hdr.ackno == self.f.snd_una
+                    && echo == 0
+                    && hdr.sack_count == 0
+                    && self.f.state != FlowState::SynReceived;
+                if !acceptable || idle {
                     return self.on_data(&MachnetRepr { timestamp: u64::from(sent), ..*hdr }, payload);
                 }
                 let ack = MachnetRepr { packet_type: PacketType::Ack, timestamp: u64::from(echo), ..*hdr };
