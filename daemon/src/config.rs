@@ -22,7 +22,7 @@ use machnet_net::wire::EthernetAddress;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -402,6 +402,9 @@ pub struct Extension {
     pub idle_max_park_us: Option<u64>,
     /// Control socket path (the `--ctrl-sock` flag overrides it).
     pub ctrl_sock: Option<String>,
+    /// Where to serve Prometheus metrics, `ip:port` or a port on 127.0.0.1 (the
+    /// `--metrics-addr` flag overrides it); off when absent.
+    pub metrics_addr: Option<String>,
     /// Transport parameters.
     #[serde(default)]
     pub transport: TransportSection,
@@ -415,6 +418,14 @@ pub struct Extension {
     /// checksum; default false).
     #[serde(default)]
     pub no_rx_checksum: bool,
+}
+
+/// The metrics address: `ip:port`, or a bare port on 127.0.0.1 (port 0: any free port).
+pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    s.parse().map_err(|_| format!("{s:?} is not an ip:port (or a port on 127.0.0.1)"))
 }
 
 /// The PCI address (`PCI_SLOT_NAME` of `device/uevent`) of the interface under `sys_net`
@@ -459,6 +470,8 @@ pub struct Config {
     pub udp_peers: Vec<SocketAddrV4>,
     /// Static ARP entries, parsed.
     pub static_arp: Vec<(Ipv4Addr, EthernetAddress)>,
+    /// `machnet_rs.metrics_addr`, parsed.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -649,6 +662,10 @@ impl Config {
             let m: EthernetAddress = mac_s.parse().map_err(|e| err(&k, format!("bad MAC {mac_s:?}: {e}")))?;
             static_arp.push((ip, m));
         }
+        let metrics_addr = match &ext.metrics_addr {
+            Some(a) => Some(parse_metrics_addr(a).map_err(|why| err("machnet_rs.metrics_addr", why))?),
+            None => None,
+        };
         let cfg = Config {
             file: path.into(),
             mac,
@@ -661,6 +678,7 @@ impl Config {
             udp_bind,
             udp_peers,
             static_arp,
+            metrics_addr,
         };
         cfg.transport().validate().map_err(|e| err("machnet_rs.transport", e.to_string()))?;
         Ok(cfg)
@@ -891,6 +909,7 @@ mod tests {
             "dpdk.rss",
             "idle",
             "ctrl_sock",
+            "metrics_addr",
             "transport.cc",
             "transport.piggyback_acks",
             "access.socket_mode",
@@ -915,6 +934,13 @@ mod tests {
         for k in NUMERIC_KEYS.iter().filter(|k| !k.key.starts_with("fault.")) {
             assert!(table.contains(&format!("`{}`", k.key)), "{}: range-checked but not documented", k.key);
         }
+    }
+
+    #[test]
+    fn a_bare_metrics_port_means_loopback() {
+        assert_eq!(parse_metrics_addr("9101"), Ok("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(parse_metrics_addr("0.0.0.0:9101"), Ok("0.0.0.0:9101".parse().unwrap()));
+        assert!(parse_metrics_addr("127.0.0.1").is_err());
     }
 
     #[test]
@@ -963,6 +989,11 @@ mod tests {
                 r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"udp": {"bind": "x"}}}"#,
                 "machnet_rs.udp.bind",
                 "not an IPv4 ip:port",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"udp": {"bind": "127.0.0.1:1"}, "metrics_addr": "localhost"}}"#,
+                "machnet_rs.metrics_addr",
+                "not an ip:port",
             ),
             (
                 r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4", "pcie": "net_null0"}}, "machnet_rs": {"backend": "dpdk", "transport": {"window": 300}}}"#,
