@@ -278,29 +278,12 @@ fn stream(size: usize, messages: u64, inflight: u64, caps: ChecksumCaps) -> Resu
         poll(&mut a, &mut ea, now, &mut rx);
         now = Instant(now.0 + 100);
     }
-    let segs_per_msg = size.div_ceil(MSS);
     let mut sent = 0u64;
     let start = WallClock::now();
     let frames_before = ea.frames + eb.frames;
     while eb.delivered < messages {
         while sent < messages && sent - eb.delivered < inflight {
-            let mut head = Seg::MAX;
-            let mut prev = Seg::MAX;
-            for i in 0..segs_per_msg {
-                let s = ea.free.pop().expect("segments");
-                let n = (size - i * MSS).min(MSS);
-                ea.len[s as usize] = n as u16;
-                ea.flags[s as usize] = MsgFlags::for_fragment(i, segs_per_msg).bits();
-                ea.next[s as usize] = Seg::MAX;
-                if prev == Seg::MAX {
-                    head = s;
-                } else {
-                    ea.next[prev as usize] = s;
-                }
-                prev = s;
-            }
-            let msg = OutMsg { head, tail: prev, count: segs_per_msg as u32, len: size as u32 };
-            a.send(now, &mut ea, fa, &msg).expect("send");
+            send_msg(&mut a, &mut ea, now, fa, size);
             sent += 1;
         }
         a.flush(now, &mut ea);
