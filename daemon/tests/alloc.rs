@@ -9,7 +9,7 @@ use machnet::layout::{ChannelConfig, MachnetFlow};
 use machnet_daemon::arp::ArpConfig;
 use machnet_daemon::mesh::Mesh;
 use machnet_daemon::shard::{ChannelSlot, EngineShard, Reporting, ShardCmd, ShardSetup};
-use machnet_net::port::mem::{pair, MemConfig, MemPort};
+use machnet_net::port::mem::{pairs, MemConfig, MemPort};
 use machnet_net::testutil::{count_allocs, CountingAlloc};
 use machnet_net::wire::{ChecksumCaps, EthernetAddress};
 use machnet_runtime::clock::Clock;
@@ -86,14 +86,11 @@ fn channel(id: u64, cmds: &mpsc::SyncSender<ShardCmd>) -> Channel {
 /// shard `server_shard` of B, every shard polled by this thread; returns the allocations
 /// counted over 20,000 round trips in steady state, and the two sides.
 fn steady_state(shards: usize, client_shard: usize, server_shard: usize) -> (u64, Side, Side) {
-    let (mut pas, mut pbs) = (Vec::new(), Vec::new());
-    for _ in 0..shards {
-        // One pair per queue: what shard i of A sends arrives at shard i of B (as memif's
-        // queues do), so flows whose owners sit on different shards need the hand-off.
-        let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
-        pas.push(pa);
-        pbs.push(pb);
-    }
+    // One pair per queue: what shard i of A sends arrives at shard i of B (as memif's queues
+    // do), so flows whose owners sit on different shards need the hand-off. The queues of a
+    // side share their buffers, as a NIC's share its mempool: a frame handed from shard 0 to
+    // shard 1 is freed by shard 1's queue.
+    let (pas, pbs) = pairs(shards, MemConfig::default(), MAC_A, MAC_B);
     let mut a = side(pas, MAC_A, IP_A, (IP_B, MAC_B));
     let mut b = side(pbs, MAC_B, IP_B, (IP_A, MAC_A));
     let mut server = channel(1, &b.cmds[server_shard]);
