@@ -56,6 +56,9 @@ if want test; then
   command -v c++ >/dev/null 2>&1 || need_apt g++ "the drop-in test builds a C++ Machnet application"
   [ -e /usr/include/gflags/gflags.h ] || need_apt libgflags-dev "the drop-in test builds a C++ application with gflags, as the original's examples"
   command -v ip >/dev/null 2>&1 || need_apt iproute2 "ip creates the network namespaces and veth pairs of the DPDK tests"
+  # Debian's python (/usr/bin/python3) is the one apt's modules serve; a pyenv python3 earlier on
+  # PATH does not see them.
+  /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null || need_apt python3-prometheus-client "the metrics test parses machnetd's /metrics with prometheus_client's own parser"
 fi
 
 if [ ${#apt_pkgs[@]} -gt 0 ]; then

@@ -242,6 +242,20 @@ pub struct ChannelStats {
     pub events_dropped: u64,
 }
 
+/// What an outside wait on the doorbell is for (besides the CQ, always watched).
+#[cfg(feature = "tokio")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Watch {
+    /// A received message.
+    Rx,
+    /// Only the CQ (a control completion or an event).
+    Cq,
+    /// TX buffers returned by the engine.
+    TxBuffers,
+    /// A free TX-ring slot.
+    TxRing,
+}
+
 /// One attached channel. `Send`, not `Sync`.
 pub struct Channel {
     region: Region,
@@ -894,6 +908,115 @@ impl Channel {
             return Err(Error::DaemonGone);
         }
         Ok(())
+    }
+
+    // --- Waiting from outside (the asynchronous channel, `crate::asyncio`) --------------------
+
+    /// The doorbell the engine rings while this side announces a wait (`None` for a channel
+    /// from [`Channel::bind`]).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn app_bell(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.app_bell.as_ref().map(|b| b.as_fd())
+    }
+
+    /// A duplicate of the registration socket's descriptor, to watch for the daemon's death.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn registration_dup(&self) -> Option<io::Result<OwnedFd>> {
+        // SAFETY: `reg_fd` stays open as long as `owner` holds the registration connection,
+        // which this channel does while it is borrowed here; the duplicate is independent.
+        self.reg_fd.map(|fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned())
+    }
+
+    /// Looks at the registration socket now: `Err(DaemonGone)` once the daemon died.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn check_daemon(&mut self) -> Result<(), Error> {
+        if let Some(e) = self.closed_error() {
+            return Err(e);
+        }
+        self.check_alive(true)
+    }
+
+    /// Announces a wait on the doorbell for `w` and re-checks (sequentially consistent, the
+    /// other half of the engine's publish-then-look): true if something is already there, and
+    /// the caller must not wait. Every call is followed by [`end_wait`](Self::end_wait).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn begin_wait(&mut self, w: Watch) -> bool {
+        let bells = self.region.bells();
+        let tx = matches!(w, Watch::TxBuffers | Watch::TxRing);
+        if tx {
+            bells.app.want_tx.store(1, Ordering::SeqCst);
+        }
+        self.sleep_seq = self.sleep_seq.wrapping_add(1) | 1;
+        bells.app.word.store(self.sleep_seq, Ordering::SeqCst);
+        self.cq.has_pending_seqcst()
+            || match w {
+                Watch::Rx => self.rx.has_pending_seqcst(),
+                Watch::Cq => false,
+                Watch::TxBuffers => self.tx_ret.has_pending_seqcst(),
+                Watch::TxRing => self.tx.has_room_seqcst(),
+            }
+    }
+
+    /// Ends a wait begun with [`begin_wait`](Self::begin_wait): clears the announcement and the
+    /// doorbell.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn end_wait(&mut self) {
+        let bells = self.region.bells();
+        self.sleep_seq = self.sleep_seq.wrapping_add(1);
+        bells.app.word.store(self.sleep_seq, Ordering::SeqCst);
+        bells.app.want_tx.store(0, Ordering::Relaxed);
+        if let Some(b) = &self.app_bell {
+            shm::drain(b.as_fd());
+        }
+    }
+
+    /// Moves unsolicited events from the CQ to the local queue (so the CQ does not read as
+    /// pending work), and whether any event is queued.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn queue_events(&mut self) -> Result<bool, Error> {
+        self.drain_cq(0)?;
+        Ok(!self.events.is_empty())
+    }
+
+    /// Posts control request `op` without waiting: its id, or `None` if the SQ is full.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn ctrl_submit(&mut self, op: CtrlOp) -> Result<Option<u64>, Error> {
+        if let Some(e) = self.closed_error() {
+            return Err(e);
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        match self.sq.write(op.encode(id)) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(Corrupt) => return Err(Error::Protocol),
+        }
+        publish(&mut self.sq, self.cheap_wake);
+        self.wake_engine();
+        Ok(Some(id))
+    }
+
+    /// The completion of request `id`, if it has come (events met on the way are queued).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn ctrl_poll(&mut self, id: u64) -> Result<Option<Result<MachnetFlow, Status>>, Error> {
+        if let Some(r) = self.drain_cq(id)? {
+            return Ok(Some(r));
+        }
+        self.closed_error().map_or(Ok(None), Err)
+    }
+
+    /// Gives up on connect `id` (timed out or cancelled): a late success is closed.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn ctrl_abandon(&mut self, id: u64) {
+        if self.abandoned.is_full() {
+            self.abandoned.remove(0);
+        }
+        self.abandoned.push(id);
+    }
+
+    /// The time control requests may take.
+    pub fn ctrl_timeout(&self) -> Duration {
+        self.ctrl_timeout
     }
 
     // --- Control ------------------------------------------------------------------------------

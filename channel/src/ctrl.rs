@@ -385,11 +385,24 @@ impl CtrlServer {
     /// connections closed. Never blocks on a single client: a client whose reply cannot be
     /// sent at once (it does not read) is disconnected and treated as gone.
     pub fn poll(&mut self, timeout: Option<Duration>, handler: &mut impl CtrlHandler) -> io::Result<usize> {
-        let mut pfds = Vec::with_capacity(self.conns.len() + 1);
+        self.poll_also(timeout, handler, &[])
+    }
+
+    /// [`poll`](Self::poll) that also wakes when one of `also` (descriptors the caller serves
+    /// itself, such as machnetd's metrics listener) is readable; the caller then looks at them.
+    pub fn poll_also(
+        &mut self,
+        timeout: Option<Duration>,
+        handler: &mut impl CtrlHandler,
+        also: &[RawFd],
+    ) -> io::Result<usize> {
+        let mut pfds = Vec::with_capacity(self.conns.len() + 1 + also.len());
         pfds.push(libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         for c in &self.conns {
             pfds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
+        let ours = pfds.len();
+        pfds.extend(also.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
         // SAFETY: `pfds` is a valid array of pollfd of the given length.
         let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, crate::shm::timeout_ms(timeout)) };
         if r < 0 {
@@ -399,7 +412,7 @@ impl CtrlServer {
         let mut done = 0;
         // Existing connections first (indices match `pfds[1..]`), then accept new ones.
         let mut closed = Vec::new();
-        for (i, p) in pfds[1..].iter().enumerate() {
+        for (i, p) in pfds[1..ours].iter().enumerate() {
             if p.revents == 0 {
                 continue;
             }

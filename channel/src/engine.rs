@@ -261,6 +261,9 @@ pub struct EngineChannel {
     app_rung: u32,
     /// Messages were delivered since the last doorbell check.
     wake_pending: bool,
+    /// TX buffers were returned or TX-ring slots freed since the last doorbell check (rung for
+    /// only if the application waits for transmit room: `want_tx`).
+    tx_progress: bool,
     stats: EngineStats,
 }
 
@@ -333,6 +336,7 @@ impl EngineChannel {
             dead: false,
             app_rung: 0,
             wake_pending: false,
+            tx_progress: false,
             stats: EngineStats { tx_bufs: n_tx, rx_bufs: n_rx, ..Default::default() },
         };
         Ok((ch, fds))
@@ -408,6 +412,7 @@ impl EngineChannel {
                 Ok(0) => return None,
                 Ok(n) => {
                     self.tx_ring.release();
+                    self.tx_progress = true;
                     self.tx_batch_len = n as u8;
                     self.tx_batch_pos = 0;
                 }
@@ -592,6 +597,7 @@ impl EngineChannel {
         }
         self.tx_ret_pending.truncate(len - written);
         self.tx_ret.publish();
+        self.tx_progress |= written > 0;
     }
 
     // --- RX path --------------------------------------------------------------------------
@@ -872,10 +878,15 @@ impl EngineChannel {
     pub fn flush(&mut self) {
         self.publish_tx_returns();
         self.drain_cq_overflow();
-        if self.wake_pending {
-            self.wake_pending = false;
+        let tx = std::mem::take(&mut self.tx_progress);
+        if self.wake_pending || tx {
+            let delivered = std::mem::take(&mut self.wake_pending);
+            // After the fence either the application's re-check sees what was published, or
+            // these loads see its announcement (sleep sequence and `want_tx`).
             std::sync::atomic::fence(Ordering::SeqCst);
-            self.wake_app();
+            if delivered || self.region.bells().app.want_tx.load(Ordering::SeqCst) != 0 {
+                self.wake_app();
+            }
         }
         let c = &self.region.counters().engine;
         set(&c.tx_msgs, self.stats.tx_msgs);

@@ -278,8 +278,12 @@ pub struct SleepFlag {
     /// 1 if this side's process is registered for `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)`,
     /// so the other side may use a membarrier instead of making this side fence every publish.
     pub barrier: AtomicU32,
+    /// App: 1 while it waits for transmit room (TX buffers back, or a TX-ring slot): the
+    /// engine then also rings after returning buffers or taking messages off the TX ring, not
+    /// only after a delivery or a completion (the asynchronous client's `send`). Engine: zero.
+    pub want_tx: AtomicU32,
     /// Zero.
-    pub reserved: [AtomicU32; 14],
+    pub reserved: [AtomicU32; 13],
 }
 
 /// Doorbell sleep flags: a producer rings the other side's eventfd only while it sleeps.
@@ -547,6 +551,7 @@ const_assert_eq!(offset_of!(Counters, app), CACHE_LINE);
 const_assert_eq!(size_of::<Counters>(), 2 * CACHE_LINE);
 const_assert_eq!(size_of::<SleepFlag>(), CACHE_LINE);
 const_assert_eq!(offset_of!(SleepFlag, barrier), 4);
+const_assert_eq!(offset_of!(SleepFlag, want_tx), 8);
 const_assert_eq!(offset_of!(Bells, engine), CACHE_LINE);
 const_assert_eq!(size_of::<Bells>(), 2 * CACHE_LINE);
 

@@ -6,7 +6,8 @@
 //! The TX pool belongs to the application (its private free list, [`pool`]), the RX pool to the
 //! engine; buffers cross over only through the rings, and the engine side ([`engine`]) checks
 //! every index, length and chain it reads, so a buggy or hostile application can break only its
-//! own channel. The application side is the Rust [`client`] and the C library ([`capi`],
+//! own channel. The application side is the Rust [`client`] (and, with the `tokio` feature,
+//! its asynchronous form `asyncio`) and the C library ([`capi`],
 //! `include/machnet.h`, built as `libmachnet.so` / `libmachnet.a`). [`testing`] has an engine
 //! that serves the control protocol and echoes or forwards messages, for tests.
 //!
@@ -39,6 +40,8 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
+pub mod asyncio;
 pub mod capi;
 pub mod client;
 pub mod ctrl;

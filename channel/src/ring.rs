@@ -226,6 +226,12 @@ impl<T: Slot> Producer<T> {
         self.refresh()
     }
 
+    /// Whether the consumer has left a slot free, read with a sequentially consistent load (the
+    /// re-check after announcing a sleep, as [`Consumer::has_pending_seqcst`]).
+    pub fn has_room_seqcst(&self) -> bool {
+        self.tail.wrapping_sub(self.raw.cons().load(Ordering::SeqCst)) < self.capacity()
+    }
+
     /// Writes `v` into the next slot without publishing it. Returns `Ok(false)` if full.
     #[inline]
     pub fn write(&mut self, v: T) -> Result<bool, Corrupt> {

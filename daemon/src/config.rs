@@ -22,7 +22,7 @@ use machnet_net::wire::EthernetAddress;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -194,6 +194,10 @@ pub struct TransportSection {
     /// Established and outgoing flows one application may hold per shard (`max_flows` less a
     /// sixteenth: 3840 of 4096).
     pub max_flows_per_app: Option<usize>,
+    /// Carry acknowledgements in DATA between machnet-rs peers that both offer it (true).
+    pub piggyback_acks: Option<bool>,
+    /// How long an owed ACK may wait for DATA to carry it, µs (5; at most `rto_min_us` / 4).
+    pub ack_delay_us: Option<u64>,
 }
 
 /// Shared-memory channel sizes.
@@ -384,6 +388,7 @@ pub const NUMERIC_KEYS: &[NumericKey] = &[
     num("transport.max_half_open", 1, 65_536, |e| fz(e.transport.max_half_open)),
     num("transport.max_half_open_per_source", 1, 65_536, |e| fz(e.transport.max_half_open_per_source)),
     num("transport.max_flows_per_app", 1, 65_536, |e| fz(e.transport.max_flows_per_app)),
+    num("transport.ack_delay_us", 0, 2_500_000, |e| fu(e.transport.ack_delay_us)),
     num("channel.buffers", 64, 1 << 20, |e| f(e.channel.buffers)),
     pow2("channel.ring_entries", 16, 1 << 20, |e| f(e.channel.ring_entries)),
     num("channel.max_channels", 1, 1024, |e| fz(e.channel.max_channels)),
@@ -452,6 +457,9 @@ pub struct Extension {
     pub idle_max_park_us: Option<u64>,
     /// Control socket path (the `--ctrl-sock` flag overrides it).
     pub ctrl_sock: Option<String>,
+    /// Where to serve Prometheus metrics, `ip:port` or a port on 127.0.0.1 (the
+    /// `--metrics-addr` flag overrides it); off when absent.
+    pub metrics_addr: Option<String>,
     /// Transport parameters.
     #[serde(default)]
     pub transport: TransportSection,
@@ -465,6 +473,14 @@ pub struct Extension {
     /// checksum; default false).
     #[serde(default)]
     pub no_rx_checksum: bool,
+}
+
+/// The metrics address: `ip:port`, or a bare port on 127.0.0.1 (port 0: any free port).
+pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    s.parse().map_err(|_| format!("{s:?} is not an ip:port (or a port on 127.0.0.1)"))
 }
 
 /// The PCI address (`PCI_SLOT_NAME` of `device/uevent`) of the interface under `sys_net`
@@ -511,6 +527,8 @@ pub struct Config {
     pub udp_rss_key: Vec<u8>,
     /// Static ARP entries, parsed.
     pub static_arp: Vec<(Ipv4Addr, EthernetAddress)>,
+    /// `machnet_rs.metrics_addr`, parsed.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -721,6 +739,10 @@ impl Config {
             let m: EthernetAddress = mac_s.parse().map_err(|e| err(&k, format!("bad MAC {mac_s:?}: {e}")))?;
             static_arp.push((ip, m));
         }
+        let metrics_addr = match &ext.metrics_addr {
+            Some(a) => Some(parse_metrics_addr(a).map_err(|why| err("machnet_rs.metrics_addr", why))?),
+            None => None,
+        };
         let cfg = Config {
             file: path.into(),
             mac,
@@ -734,6 +756,7 @@ impl Config {
             udp_peers,
             udp_rss_key,
             static_arp,
+            metrics_addr,
         };
         cfg.transport().validate().map_err(|e| err("machnet_rs.transport", e.to_string()))?;
         Ok(cfg)
@@ -776,6 +799,8 @@ impl Config {
             max_half_open: t.max_half_open.unwrap_or(c.max_half_open),
             max_half_open_per_source: t.max_half_open_per_source.unwrap_or(c.max_half_open_per_source),
             max_flows_per_group: t.max_flows_per_app.unwrap_or(c.max_flows_per_group),
+            piggyback_acks: t.piggyback_acks.unwrap_or(c.piggyback_acks),
+            ack_delay: us(t.ack_delay_us, c.ack_delay),
             ..c
         }
     }
@@ -1019,7 +1044,9 @@ mod tests {
             "dpdk.rss",
             "idle",
             "ctrl_sock",
+            "metrics_addr",
             "transport.cc",
+            "transport.piggyback_acks",
             "access.socket_mode",
             "access.socket_group",
             "access.allow_uids",
@@ -1042,6 +1069,13 @@ mod tests {
         for k in NUMERIC_KEYS.iter().filter(|k| !k.key.starts_with("fault.")) {
             assert!(table.contains(&format!("`{}`", k.key)), "{}: range-checked but not documented", k.key);
         }
+    }
+
+    #[test]
+    fn a_bare_metrics_port_means_loopback() {
+        assert_eq!(parse_metrics_addr("9101"), Ok("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(parse_metrics_addr("0.0.0.0:9101"), Ok("0.0.0.0:9101".parse().unwrap()));
+        assert!(parse_metrics_addr("127.0.0.1").is_err());
     }
 
     #[test]
@@ -1090,6 +1124,11 @@ mod tests {
                 r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"udp": {"bind": "x"}}}"#,
                 "machnet_rs.udp.bind",
                 "not an IPv4 ip:port",
+            ),
+            (
+                r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4"}}, "machnet_rs": {"udp": {"bind": "127.0.0.1:1"}, "metrics_addr": "localhost"}}"#,
+                "machnet_rs.metrics_addr",
+                "not an ip:port",
             ),
             (
                 r#"{"machnet_config": {"02:00:00:00:00:01": {"ip": "1.2.3.4", "pcie": "net_null0"}}, "machnet_rs": {"backend": "dpdk", "transport": {"window": 300}}}"#,

@@ -344,6 +344,7 @@ impl Controller {
                         "in_flight": f.in_flight,
                         "queued": f.queued,
                         "legacy_peer": f.legacy_peer,
+                        "acks_in_data": f.acks_in_data,
                         "retransmits": f.counters.retransmits,
                         "tx_msgs": f.counters.tx_messages, "tx_bytes": f.counters.tx_bytes,
                         "rx_msgs": f.counters.rx_messages, "rx_bytes": f.counters.rx_bytes,

@@ -12,5 +12,6 @@ pub mod controller;
 pub mod dpdk_backend;
 pub mod embedded;
 pub mod mesh;
+pub mod metrics;
 pub mod nic;
 pub mod shard;

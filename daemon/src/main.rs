@@ -8,6 +8,7 @@ use machnet_daemon::config;
 use machnet_daemon::config::{Backend, Config, DEFAULT_CTRL_SOCK};
 use machnet_daemon::controller::{Access, Controller, DaemonInfo, ShardLink, ShardView};
 use machnet_daemon::mesh::Mesh;
+use machnet_daemon::metrics::MetricsServer;
 use machnet_daemon::shard::{EngineShard, Reporting, ShardSetup};
 use machnet_net::port::fault::{FaultConfig, Faulty};
 use machnet_net::port::udp::{UdpConfig, UdpPeer, UdpPort};
@@ -44,6 +45,11 @@ struct Cli {
     /// Log level.
     #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics: ip:port, or a port on 127.0.0.1 (0: any
+    /// free port, logged). Default: the config's machnet_rs.metrics_addr, else off.
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_metrics_addr)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Longest park of an adaptive shard whose port has no file descriptor to wake it, µs.
@@ -76,7 +82,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli, cfg: Config) -> Result<(), String> {
+fn run(cli: &Cli, mut cfg: Config) -> Result<(), String> {
+    if cli.metrics_addr.is_some() {
+        cfg.metrics_addr = cli.metrics_addr;
+    }
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, term.clone()).map_err(|e| format!("cannot install signal handler: {e}"))?;
@@ -295,6 +304,7 @@ where
         .with_channels_per_app(cfg.max_channels_per_app())
         .with_stats(info, views)
         .with_access(access);
+    let metrics_addr = cfg.metrics_addr;
     let group = cfg.ext.access.socket_group.as_deref().and_then(config::group_id);
     let server = match CtrlServer::bind_with(ctrl_path, cfg.socket_mode(), group) {
         Ok(s) => s,
@@ -314,11 +324,39 @@ where
         shards.len(),
         ctrl_path.display()
     );
+    let mut metrics = match metrics_addr {
+        None => None,
+        Some(addr) => match MetricsServer::bind(addr) {
+            Ok(m) => {
+                let at = m.local_addr().unwrap_or(addr);
+                log::info!("metrics: serving http://{at}/metrics");
+                if !at.ip().is_loopback() {
+                    log::warn!("metrics on {at}, not a loopback address: whoever reaches it reads every flow and application, past the access list");
+                }
+                Some(m)
+            }
+            Err(e) => {
+                controller.shutdown();
+                for (s, _) in shards {
+                    let _ = s.join();
+                }
+                return Err(format!("cannot serve metrics on {addr}: {e}"));
+            }
+        },
+    };
     let mut server = server;
     while !term.load(Ordering::Relaxed) {
-        if let Err(e) = server.poll(Some(Duration::from_millis(100)), &mut controller) {
+        // The metrics endpoint shares the controller's wait: its listener and connections wake it.
+        let (also, wait) = match &metrics {
+            Some(m) => (m.fds(), if m.writing() { 5 } else { 100 }),
+            None => (Vec::new(), 100),
+        };
+        if let Err(e) = server.poll_also(Some(Duration::from_millis(wait)), &mut controller, &also) {
             log::error!("control socket: {e}");
             std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(m) = metrics.as_mut() {
+            m.poll(&controller);
         }
         while let Ok(slot) = dead_channels.try_recv() {
             drop(slot);

@@ -85,11 +85,15 @@ fn help_lists_the_real_flags() {
     let out = machnetd(&["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--config", "--ctrl-sock", "--log-level", "config_json", "MACHNET_CTRL_SOCK", "SIGTERM"] {
+    for flag in
+        ["--config", "--ctrl-sock", "--log-level", "--metrics-addr", "config_json", "MACHNET_CTRL_SOCK", "SIGTERM"]
+    {
         assert!(help.contains(flag), "--help lacks {flag}: {help}");
     }
     let out = machnetd(&["--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
+    let out = machnetd(&["--metrics-addr", "localhost"]);
+    fails_with(&out, 2, &["--metrics-addr", "not an ip:port"]);
 }
 
 #[test]

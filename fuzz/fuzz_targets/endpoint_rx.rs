@@ -336,7 +336,15 @@ impl World {
         let in_window = |s: u32| seq::in_range(s, info.rcv_nxt, info.rcv_nxt.wrapping_add(w));
         let acks_in_flight = |a: u32| seq::gt(a, una) && seq::le(a, nxt);
         match h.packet_type {
-            PacketType::Data => in_window(h.seqno) && (1..=MSS).contains(&m.payload.len()),
+            PacketType::Data if !(1..=MSS).contains(&m.payload.len()) => false,
+            PacketType::Data if in_window(h.seqno) => true,
+            // With ACKs in DATA, a retransmission's ACK (up to a window below) is read too.
+            PacketType::Data => {
+                info.acks_in_data
+                    && seq::in_range(h.seqno, info.rcv_nxt.wrapping_sub(w), info.rcv_nxt)
+                    && acks_in_flight(h.ackno)
+                    && seq::gt(h.ackno, peer.rcv_nxt)
+            }
             PacketType::Rst => in_window(h.seqno) || (h.seqno == 0 && acks_in_flight(h.ackno)),
             PacketType::Ack => acks_in_flight(h.ackno) && seq::gt(h.ackno, peer.rcv_nxt),
             _ => false,

@@ -71,6 +71,11 @@ pub struct EndpointStats {
     pub tx_retransmits: u64,
     /// Pure ACKs sent.
     pub tx_acks: u64,
+    /// Owed ACKs that DATA carried instead of a pure ACK (flows with ACKs in DATA).
+    pub tx_acks_in_data: u64,
+    /// Owed ACKs held back to wait for DATA (`ack_delay`); each went out in DATA or, at its
+    /// deadline, as a pure ACK.
+    pub acks_delayed: u64,
     /// RSTs sent.
     pub tx_rsts: u64,
     /// Transmit attempts that found no buffer.
@@ -160,6 +165,8 @@ pub struct FlowInfo {
     pub rcv_nxt: u32,
     /// The peer is an original Machnet.
     pub legacy_peer: bool,
+    /// Both ends carry acknowledgements in DATA (negotiated at the handshake).
+    pub acks_in_data: bool,
     /// Counters.
     pub counters: FlowCounters,
 }
@@ -586,9 +593,10 @@ impl Endpoint {
                     f.set(fl::UNMAPPED);
                 }
                 // Lazy timer: only move the armed deadline earlier; a late firing re-arms.
-                if f.rto_at != 0 && (f.timer_at == 0 || f.rto_at < f.timer_at) {
-                    f.timer_at = f.rto_at;
-                    env.set_timer(id, Some(Instant(f.rto_at)));
+                let d = f.deadline();
+                if d != 0 && (f.timer_at == 0 || d < f.timer_at) {
+                    f.timer_at = d;
+                    env.set_timer(id, Some(Instant(d)));
                 }
                 if f.has(fl::BLOCKED) {
                     if !f.has(fl::PARKED) {
@@ -822,10 +830,12 @@ impl Endpoint {
         let k = key(u32::from(pkt.src_ip), pkt.src_port, pkt.dst_port);
         if let Some(&i) = self.map.get(&k) {
             let i = i as usize;
-            if self.flows[i].has(fl::HALF_OPEN)
-                && pkt.hdr.packet_type == PacketType::Ack
-                && !self.group_has_room(self.flows[i].owner)
-            {
+            let establishes = match pkt.hdr.packet_type {
+                PacketType::Ack => true,
+                PacketType::Data => self.flows[i].has(fl::PIGGY),
+                _ => false,
+            };
+            if self.flows[i].has(fl::HALF_OPEN) && establishes && !self.group_has_room(self.flows[i].owner) {
                 // This packet would establish the flow, but its owner's group filled up while
                 // it was half-open: refuse it.
                 self.stats.group_limited += 1;
@@ -932,8 +942,14 @@ impl Endpoint {
                 if cx.f.has(fl::HAS_PENDING) {
                     cx.advance();
                 }
-                cx.flush_ack();
-                cx.pump();
+                if cx.f.has(fl::PIGGY) {
+                    // DATA leaving now carries the ACK; one still owed may wait for DATA.
+                    cx.pump();
+                    cx.ack_or_delay();
+                } else {
+                    cx.flush_ack();
+                    cx.pump();
+                }
                 cx.close_if_drained()
             };
             if let Verdict::Free(ev) = v {
@@ -942,9 +958,10 @@ impl Endpoint {
             }
             let id = self.id_of(i);
             let f = &mut self.flows[i];
-            if f.rto_at != 0 && (f.timer_at == 0 || f.rto_at < f.timer_at) {
-                f.timer_at = f.rto_at;
-                env.set_timer(id, Some(Instant(f.rto_at)));
+            let d = f.deadline();
+            if d != 0 && (f.timer_at == 0 || d < f.timer_at) {
+                f.timer_at = d;
+                env.set_timer(id, Some(Instant(d)));
             }
             // Retry later only what could not be done now. A refused delivery waits for the
             // owner to make room (`on_writable`) instead of spinning here.
@@ -952,7 +969,8 @@ impl Endpoint {
                 f.set(fl::PARKED);
                 self.blocked.push(i as u32);
             }
-            if f.has(fl::ACK_PENDING | fl::TX_STALLED) {
+            // An ACK waiting for its delay has its timer; one that found no buffer retries.
+            if (f.has(fl::ACK_PENDING) && f.ack_at == 0) || f.has(fl::TX_STALLED) {
                 self.mark_work(i);
             }
         }
@@ -993,12 +1011,29 @@ impl Endpoint {
         let Some(i) = self.live(flow) else { return };
         let f = &mut self.flows[i];
         f.timer_at = 0;
-        if f.rto_at == 0 {
-            return;
+        if f.ack_at != 0 && f.ack_at <= now.as_nanos() {
+            // A delayed ACK's deadline: DATA queued meanwhile (and not sent yet: the
+            // application's send and this timer fell into one pass) carries it; otherwise it
+            // goes alone.
+            let mut cx = self.cx(i, env, now);
+            if cx.f.pend_count > 0 {
+                cx.pump();
+            }
+            cx.ack_or_delay();
+            let f = &mut self.flows[i];
+            if f.has(fl::ACK_PENDING) {
+                // No buffer: retried at the next flush.
+                f.ack_at = 0;
+                self.mark_work(i);
+            }
         }
-        if f.rto_at > now.as_nanos() {
-            f.timer_at = f.rto_at;
-            env.set_timer(flow, Some(Instant(f.rto_at)));
+        let f = &mut self.flows[i];
+        if f.rto_at == 0 || f.rto_at > now.as_nanos() {
+            let d = f.deadline();
+            if d != 0 {
+                f.timer_at = d;
+                env.set_timer(flow, Some(Instant(d)));
+            }
             return;
         }
         let token = self.tokens[i];
@@ -1060,6 +1095,7 @@ impl Endpoint {
             snd_nxt: f.snd_nxt,
             rcv_nxt: f.rcv_nxt,
             legacy_peer: f.has(fl::LEGACY),
+            acks_in_data: f.has(fl::PIGGY),
             counters: self.counters[i],
         }
     }

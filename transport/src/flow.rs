@@ -73,6 +73,19 @@ pub(crate) mod fl {
     /// longer receives, so a new connection on the same ports (a restarted peer) is not
     /// mistaken for it.
     pub const UNMAPPED: u16 = 1 << 12;
+    /// Both ends offered ACKs in DATA at the handshake: our DATA carries them, the peer's
+    /// DATA is read for them, timestamps are split (see [`MachnetRepr::split_timestamp`]), and
+    /// an owed ACK may wait `ack_delay` for DATA to carry it.
+    pub const PIGGY: u16 = 1 << 15;
+}
+
+/// Unacknowledged in-order packets after which an ACK goes out at once, not delayed.
+const ACK_EVERY: u32 = 16;
+
+/// The full 64-bit time (ns) of a 32-bit timestamp at most ~4.29 s before `now`.
+#[inline]
+fn widen(now: u64, v: u32) -> u64 {
+    now.wrapping_sub(u64::from((now as u32).wrapping_sub(v)))
 }
 
 /// A sent DATA packet awaiting acknowledgement.
@@ -136,6 +149,10 @@ pub(crate) struct Flow {
     pub timer_at: u64,
     /// When the peer was last heard from (any packet of this flow), ns.
     pub last_heard: u64,
+    /// Deadline of a delayed ACK (ns; 0: none armed).
+    pub ack_at: u64,
+    /// `rcv_nxt` that our last ACK (pure or in DATA) carried.
+    pub acked_rcv: u32,
     /// µs timestamp of the first retransmission timeout of an unresolved episode (0: none),
     /// and the window before it, for undoing a spurious timeout (Eifel, RFC 3522).
     pub rto_mark: u32,
@@ -188,6 +205,8 @@ impl Flow {
             rto_at: 0,
             timer_at: 0,
             last_heard: 0,
+            ack_at: 0,
+            acked_rcv: 0,
             rto_mark: 0,
             cwnd_saved: 0.0,
             last_echo: 0,
@@ -246,6 +265,16 @@ impl Flow {
     pub(crate) fn pipe(&self) -> u32 {
         let held = if self.has(fl::LEGACY) { self.peer_held } else { self.sacked };
         self.outstanding().saturating_sub(u32::from(held)).saturating_sub(u32::from(self.lost))
+    }
+
+    /// The earliest of the retransmission and delayed-ACK deadlines (ns; 0: none).
+    #[inline]
+    pub(crate) fn deadline(&self) -> u64 {
+        match (self.rto_at, self.ack_at) {
+            (0, a) => a,
+            (r, 0) => r,
+            (r, a) => r.min(a),
+        }
     }
 
     /// True if nothing is queued or in flight.
@@ -342,7 +371,10 @@ impl<E: Env> FlowCx<'_, E> {
     }
 
     fn send_control(&mut self, ty: PacketType, seqno: u32, ackno: u32, timestamp: u64) -> bool {
-        let hdr = MachnetRepr { timestamp, ..MachnetRepr::control(ty, seqno, ackno) };
+        self.send_header(MachnetRepr { timestamp, ..MachnetRepr::control(ty, seqno, ackno) })
+    }
+
+    fn send_header(&mut self, hdr: MachnetRepr) -> bool {
         let frame = self.frame(hdr);
         let ok = self.env.transmit(NO_OWNER, &frame, None);
         if !ok {
@@ -415,9 +447,30 @@ impl<E: Env> FlowCx<'_, E> {
     /// Sends our SYN again now (the peer's MAC changed), without counting it as a retry.
     pub(crate) fn resend_syn(&mut self) {
         if self.f.state == FlowState::SynSent {
-            let ts = self.stamp();
-            self.send_control(PacketType::Syn, self.f.snd_una, 0, ts);
+            self.send_syn();
         }
+    }
+
+    /// Our handshake flags: the offer of ACKs in DATA (a SYN-ACK only answers one).
+    fn handshake_flags(&self, ty: PacketType) -> MsgFlags {
+        let offer = match ty {
+            PacketType::Syn => self.cfg.piggyback_acks,
+            _ => self.f.has(fl::PIGGY),
+        };
+        if offer {
+            MsgFlags::ACKS_IN_DATA
+        } else {
+            MsgFlags::empty()
+        }
+    }
+
+    fn send_syn(&mut self) {
+        let hdr = MachnetRepr {
+            msg_flags: self.handshake_flags(PacketType::Syn),
+            timestamp: self.stamp(),
+            ..MachnetRepr::control(PacketType::Syn, self.f.snd_una, 0)
+        };
+        self.send_header(hdr);
     }
 
     /// Starts an active open: SYN with the flow's ISN.
@@ -429,9 +482,17 @@ impl<E: Env> FlowCx<'_, E> {
         self.tx[(iss & self.mask()) as usize] =
             TxSlot { seg: NO_SEG, sent_at: self.now.as_nanos(), ..TxSlot::default() };
         self.f.rto_shift = 0;
-        let ts = self.stamp();
-        self.send_control(PacketType::Syn, iss, 0, ts);
+        self.send_syn();
         self.f.rto_at = (self.now + self.handshake_timeout()).as_nanos();
+    }
+
+    /// Takes the peer's offer of ACKs in DATA from its SYN (a server) or SYN-ACK (a client).
+    fn negotiate(&mut self, hdr: &MachnetRepr) {
+        if self.cfg.piggyback_acks && hdr.timestamp != 0 && hdr.msg_flags.contains(MsgFlags::ACKS_IN_DATA) {
+            self.f.set(fl::PIGGY);
+        } else {
+            self.f.clear(fl::PIGGY);
+        }
     }
 
     /// Starts a passive open from a SYN.
@@ -440,9 +501,11 @@ impl<E: Env> FlowCx<'_, E> {
         if syn.timestamp == 0 {
             self.f.set(fl::LEGACY);
         }
+        self.negotiate(syn);
         self.f.state = FlowState::SynReceived;
         self.f.irs = syn.seqno;
         self.f.rcv_nxt = syn.seqno.wrapping_add(1);
+        self.f.acked_rcv = self.f.rcv_nxt;
         self.f.snd_una = iss;
         self.f.snd_nxt = iss.wrapping_add(1);
         self.tx[(iss & self.mask()) as usize] =
@@ -453,8 +516,12 @@ impl<E: Env> FlowCx<'_, E> {
     }
 
     fn send_synack(&mut self) {
-        let ts = self.stamp();
-        self.send_control(PacketType::SynAck, self.f.snd_una, self.f.rcv_nxt, ts);
+        let hdr = MachnetRepr {
+            msg_flags: self.handshake_flags(PacketType::SynAck),
+            timestamp: self.stamp(),
+            ..MachnetRepr::control(PacketType::SynAck, self.f.snd_una, self.f.rcv_nxt)
+        };
+        self.send_header(hdr);
     }
 
     fn send_ack_now(&mut self) -> bool {
@@ -462,10 +529,10 @@ impl<E: Env> FlowCx<'_, E> {
         // The echo carries the sender's timestamp plus the time this end held the packet (from
         // its arrival to this ACK), so the sender measures network delay only; without a fresh
         // packet to answer for, no echo at all.
-        let echo = if self.f.echo_ts != 0 && self.f.echo_rx != 0 {
-            self.f.echo_ts.wrapping_add(self.now.as_nanos().saturating_sub(self.f.echo_rx))
-        } else {
-            0
+        let echo = match self.echo_now() {
+            0 => 0,
+            e if self.f.has(fl::PIGGY) => u64::from((e as u32).max(1)),
+            e => e,
         };
         let hdr = MachnetRepr {
             packet_type: PacketType::Ack,
@@ -478,14 +545,33 @@ impl<E: Env> FlowCx<'_, E> {
         };
         let frame = self.frame(hdr);
         if self.env.transmit(NO_OWNER, &frame, None) {
-            self.f.clear(fl::ACK_PENDING);
-            self.f.echo_rx = 0;
+            self.acked();
             self.stats.tx_acks += 1;
             true
         } else {
             self.stats.tx_no_buffer += 1;
             false
         }
+    }
+
+    /// The echo an ACK sent now carries: the timestamp of the newest fresh packet plus the
+    /// time we held it (0: nothing fresh to answer for).
+    #[inline]
+    fn echo_now(&self) -> u64 {
+        if self.f.echo_ts != 0 && self.f.echo_rx != 0 {
+            self.f.echo_ts.wrapping_add(self.now.as_nanos().saturating_sub(self.f.echo_rx))
+        } else {
+            0
+        }
+    }
+
+    /// An ACK of everything received went out (pure or in DATA).
+    #[inline]
+    fn acked(&mut self) {
+        self.f.clear(fl::ACK_PENDING);
+        self.f.echo_rx = 0;
+        self.f.ack_at = 0;
+        self.f.acked_rcv = self.f.rcv_nxt;
     }
 
     /// An RST carrying our position, then nothing more.
@@ -528,10 +614,51 @@ impl<E: Env> FlowCx<'_, E> {
         src_mac: EthernetAddress,
         token: u64,
     ) -> Verdict {
-        self.f.last_heard = self.now.as_nanos();
+        let half_open = self.f.state == FlowState::SynReceived;
+        let v = self.dispatch(hdr, payload, src_mac, token);
+        // A half-open flow hears its client only in a SYN again or in what establishes it:
+        // anything else (forged, or the SYN-ACK of another half-open flow that a forged SYN
+        // opened on the peer for the same ports, each keeping the other alive) is no sign of
+        // a client, and the half-open flow times out as if it had not come.
+        if !half_open || hdr.packet_type == PacketType::Syn || self.f.state != FlowState::SynReceived {
+            self.f.last_heard = self.now.as_nanos();
+        }
+        v
+    }
+
+    fn dispatch(&mut self, hdr: &MachnetRepr, payload: &[u8], src_mac: EthernetAddress, token: u64) -> Verdict {
         match hdr.packet_type {
+            PacketType::Data if self.f.has(fl::PIGGY) => {
+                // The acknowledgement first (it may free transmit buffers for the answer, or
+                // establish a server flow whose final ACK was lost: its `ackno` proves the
+                // client saw our SYN-ACK), then the data. As in TCP (RFC 793 §3.9), only an
+                // acceptable segment's acknowledgement counts: one whose sequence number lies
+                // within a window of `rcv_nxt` (a retransmission below it included) and whose
+                // length is one a peer sends.
+                let (sent, echo) = MachnetRepr::unsplit_timestamp(hdr.timestamp);
+                let w = self.cfg.window as u32;
+                let acceptable =
+                    seq::in_range(hdr.seqno, self.f.rcv_nxt.wrapping_sub(w), self.f.rcv_nxt.wrapping_add(w))
+                        && (1..=self.cfg.mss).contains(&payload.len());
+                // Nothing to learn: no new cumulative ACK, no SACK, no echo (a one-way stream's
+                // DATA acknowledging what we never sent, or the later packets of a burst that
+                // all carry the same ackno): skip the acknowledgement's work. Such an ACK is
+                // no duplicate ACK either, so nothing is lost by skipping it.
+                let idle = hdr.ackno == self.f.snd_una
+                    && echo == 0
+                    && hdr.sack_count == 0
+                    && self.f.state != FlowState::SynReceived;
+                if !acceptable || idle {
+                    return self.on_data(&MachnetRepr { timestamp: u64::from(sent), ..*hdr }, payload);
+                }
+                let ack = MachnetRepr { packet_type: PacketType::Ack, timestamp: u64::from(echo), ..*hdr };
+                if let Verdict::Free(ev) = self.on_ack(&ack, false) {
+                    return Verdict::Free(ev);
+                }
+                self.on_data(&MachnetRepr { timestamp: u64::from(sent), ..*hdr }, payload)
+            }
             PacketType::Data => self.on_data(hdr, payload),
-            PacketType::Ack => self.on_ack(hdr),
+            PacketType::Ack => self.on_ack(hdr, true),
             PacketType::Syn => {
                 self.on_syn(hdr, src_mac);
                 Verdict::Keep
@@ -552,7 +679,9 @@ impl<E: Env> FlowCx<'_, E> {
                     // The client restarted with a new ISN before anything was exchanged.
                     self.f.irs = hdr.seqno;
                     self.f.rcv_nxt = hdr.seqno.wrapping_add(1);
+                    self.f.acked_rcv = self.f.rcv_nxt;
                 }
+                self.negotiate(hdr);
                 // Our SYN-ACK was lost (or went to a wrong MAC): answer again from here. Only
                 // our own timer counts towards giving up: a client's retries must not hasten it.
                 self.f.remote_mac = src_mac;
@@ -576,8 +705,10 @@ impl<E: Env> FlowCx<'_, E> {
                 if hdr.timestamp == 0 {
                     self.f.set(fl::LEGACY);
                 }
+                self.negotiate(hdr);
                 self.f.irs = hdr.seqno;
                 self.f.rcv_nxt = hdr.seqno.wrapping_add(1);
+                self.f.acked_rcv = self.f.rcv_nxt;
                 self.established_from_handshake();
                 self.f.echo_ts = hdr.timestamp;
                 self.f.echo_rx = self.rx_at.as_nanos();
@@ -827,7 +958,9 @@ impl<E: Env> FlowCx<'_, E> {
         }
     }
 
-    fn on_ack(&mut self, hdr: &MachnetRepr) -> Verdict {
+    /// An acknowledgement: a pure ACK, or (`pure` false) the one a DATA packet carries, which
+    /// is no duplicate ACK when it acknowledges nothing new (RFC 5681 §2: only pure ACKs are).
+    fn on_ack(&mut self, hdr: &MachnetRepr, pure: bool) -> Verdict {
         match self.f.state {
             FlowState::Established | FlowState::Closing => {}
             FlowState::SynReceived if hdr.ackno == self.f.snd_nxt => {
@@ -864,7 +997,13 @@ impl<E: Env> FlowCx<'_, E> {
         // peer held it; `rx_at − echo` is then the network delay of that round trip (a fabric
         // sample, for congestion control). The full round trip behind the RTO comes from Karn
         // samples of packets sent once.
-        let echo = (!legacy && hdr.timestamp != 0 && hdr.timestamp as u32 != self.f.last_echo).then_some(hdr.timestamp);
+        let echo = (!legacy && hdr.timestamp != 0 && hdr.timestamp as u32 != self.f.last_echo).then(|| {
+            if self.f.has(fl::PIGGY) {
+                widen(self.rx_at.as_nanos(), hdr.timestamp as u32)
+            } else {
+                hdr.timestamp
+            }
+        });
         let mut sample = None;
         let newly = a.wrapping_sub(self.f.snd_una);
         let mask = self.mask();
@@ -952,7 +1091,7 @@ impl<E: Env> FlowCx<'_, E> {
             } else {
                 self.arm_rto();
             }
-        } else if self.f.outstanding() > 0 {
+        } else if pure && self.f.outstanding() > 0 {
             self.f.dupacks = self.f.dupacks.saturating_add(1);
             if self.f.has(fl::FRTO) {
                 // The peer still lacks the oldest packet: the timeout was a loss.
@@ -1086,9 +1225,31 @@ impl<E: Env> FlowCx<'_, E> {
     }
 
     fn transmit_data(&mut self, s: u32, slot: &TxSlot) -> bool {
-        let hdr = MachnetRepr::data(s, MsgFlags::from_bits_retain(slot.flags), self.stamp());
+        let flags = MsgFlags::from_bits_retain(slot.flags);
+        if !self.f.has(fl::PIGGY) {
+            let frame = self.frame(MachnetRepr::data(s, flags, self.stamp()));
+            return self.env.transmit(self.f.owner, &frame, Some(slot.seg));
+        }
+        let held = self.f.held;
+        let echo = match self.echo_now() {
+            0 => 0,
+            e => (e as u32).max(1),
+        };
+        let hdr = MachnetRepr {
+            ackno: self.f.rcv_nxt,
+            sack: held,
+            sack_count: held.count() as u16,
+            ..MachnetRepr::data(s, flags, MachnetRepr::split_timestamp(self.stamp(), echo))
+        };
         let frame = self.frame(hdr);
-        self.env.transmit(self.f.owner, &frame, Some(slot.seg))
+        if !self.env.transmit(self.f.owner, &frame, Some(slot.seg)) {
+            return false;
+        }
+        if self.f.has(fl::ACK_PENDING) {
+            self.stats.tx_acks_in_data += 1;
+        }
+        self.acked();
+        true
     }
 
     /// Sends what the windows allow: retransmissions first, then new data.
@@ -1165,6 +1326,23 @@ impl<E: Env> FlowCx<'_, E> {
         }
     }
 
+    /// After the flow's transmissions of this pass: an ACK still owed waits up to `ack_delay`
+    /// for DATA to carry it, unless it reports a hole (out-of-order packets held), or
+    /// `ACK_EVERY` packets wait for it, or its deadline has come.
+    pub(crate) fn ack_or_delay(&mut self) {
+        if !self.f.has(fl::ACK_PENDING) {
+            return;
+        }
+        let now = self.now.as_nanos();
+        let urgent = !self.f.held.is_empty() || self.f.rcv_nxt.wrapping_sub(self.f.acked_rcv) >= ACK_EVERY;
+        if urgent || self.cfg.ack_delay.is_zero() || (self.f.ack_at != 0 && self.f.ack_at <= now) {
+            self.send_ack_now();
+        } else if self.f.ack_at == 0 {
+            self.f.ack_at = (self.now + self.cfg.ack_delay).as_nanos();
+            self.stats.acks_delayed += 1;
+        }
+    }
+
     /// Finishes a graceful close once everything is acknowledged.
     pub(crate) fn close_if_drained(&mut self) -> Verdict {
         if self.f.state == FlowState::Closing && self.f.tx_idle() {
@@ -1189,8 +1367,7 @@ impl<E: Env> FlowCx<'_, E> {
                 }
                 self.f.rto_shift += 1;
                 self.stats.syn_retransmits += 1;
-                let ts = self.stamp();
-                self.send_control(PacketType::Syn, self.f.snd_una, 0, ts);
+                self.send_syn();
                 self.f.rto_at = (self.now + self.handshake_timeout()).as_nanos();
                 Verdict::Keep
             }

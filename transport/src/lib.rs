@@ -320,6 +320,19 @@ pub struct Config {
     /// flow of the shard, the rest stays for the others. Its connects beyond it fail with `TooManyFlows`, SYNs to its listeners are
     /// dropped, and a half-open flow that would establish past it is reset.
     pub max_flows_per_group: usize,
+    /// Offer, and accept, acknowledgements carried in DATA (on). Between machnet-rs peers that
+    /// both offer it at the handshake ([`MsgFlags::ACKS_IN_DATA`]), DATA carries the cumulative
+    /// ACK, the SACK state and the timestamp echo, and a pure ACK goes out only when no DATA
+    /// leaves for the flow within `ack_delay`. Original peers get pure ACKs as always.
+    ///
+    /// [`MsgFlags::ACKS_IN_DATA`]: machnet_net::wire::MsgFlags::ACKS_IN_DATA
+    pub piggyback_acks: bool,
+    /// How long an owed ACK may wait for DATA to carry it, on flows that carry ACKs in DATA
+    /// (5 µs; zero: only DATA leaving in the same pass carries it). Out-of-order arrivals and
+    /// every 16th unacknowledged packet are acknowledged at once. At most a quarter of
+    /// `rto_min`, so the sender's loss recovery and round-trip samples are not disturbed (the
+    /// echo excludes the wait: the receiver adds the time it held the packet).
+    pub ack_delay: Duration,
 }
 
 impl Default for Config {
@@ -341,6 +354,8 @@ impl Default for Config {
             max_half_open: 1024,
             max_half_open_per_source: 256,
             max_flows_per_group: 3840,
+            piggyback_acks: true,
+            ack_delay: Duration::from_micros(5),
         }
     }
 }
@@ -394,6 +409,9 @@ impl Config {
         }
         if self.max_flows_per_group == 0 {
             return Err("max_flows_per_group must be at least 1");
+        }
+        if self.ack_delay > self.rto_min / 4 {
+            return Err("ack_delay must be at most a quarter of rto_min");
         }
         self.cc.validate()
     }

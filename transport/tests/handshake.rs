@@ -75,27 +75,44 @@ fn lost_synack_is_retransmitted_by_timer_and_duplicate_syn() {
     exchange_some(&mut sim, fa, fb);
 }
 
-#[test]
-fn lost_final_ack_does_not_wedge_the_server() {
-    let mut sim = Sim::new(SimConfig::link(Config::default()));
+fn lost_final_ack(cfg: Config) -> Sim {
+    let mut sim = Sim::new(SimConfig::link(cfg));
     sim.sides[B].ep.listen(OWNER, 888).unwrap();
     // The client's handshake ACK is its first ACK: drop it.
     sim.drop_from(A, drop_first(1, PacketType::Ack));
     let fa = sim.start_connect(888, 5);
     assert!(sim.run_until(Duration::from_secs(1), connected));
     let t0 = sim.now;
-    // The server is still in SYN_RECEIVED. The first DATA does not establish it (anyone who
-    // forged the SYN could send it): it answers with its SYN-ACK again, the client's ACK of
-    // that establishes it, and the DATA's tail probe is delivered, promptly.
     let fb_state = sim.sides[B].ep.flows().next().unwrap().state;
     assert_eq!(fb_state, FlowState::SynReceived);
     let fb = sim.sides[B].ep.flows().next().unwrap().id;
     sim.send(A, fa, fb, 1, 0, 10).unwrap();
     assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1));
     assert!(sim.now - t0 < Duration::from_micros(100), "first message took {:?}", sim.now - t0);
-    assert_eq!(sim.sides[B].ep.stats().rx_unproven_data, 1);
     assert!(sim.event(B, |e| matches!(e, Event::Accepted { .. })).is_some());
     exchange_some(&mut sim, fa, fb);
+    let negotiated = sim.sides[B].ep.flow_info(fb).unwrap().acks_in_data;
+    assert_eq!(negotiated, sim.sides[A].ep.flow_info(fa).unwrap().acks_in_data);
+    sim
+}
+
+#[test]
+fn lost_final_ack_does_not_wedge_the_server() {
+    // The server is still in SYN_RECEIVED. The first DATA does not establish it (anyone who
+    // forged the SYN could send it): it answers with its SYN-ACK again, the client's ACK of
+    // that establishes it, and the DATA's tail probe is delivered, promptly.
+    let sim = lost_final_ack(Config { piggyback_acks: false, ..Config::default() });
+    assert_eq!(sim.sides[B].ep.stats().rx_unproven_data, 1);
+    assert!(sim.sides[B].ep.flows().all(|f| !f.acks_in_data), "not negotiated");
+}
+
+#[test]
+fn with_acks_in_data_the_first_data_establishes_the_server() {
+    // DATA carrying the ACK of the server's ISN proves what the lost ACK would have: the
+    // server is established by it and delivers it at once.
+    let sim = lost_final_ack(Config::default());
+    assert_eq!(sim.sides[B].ep.stats().rx_unproven_data, 0);
+    assert!(sim.sides[B].ep.flows().all(|f| f.acks_in_data), "negotiated");
 }
 
 #[test]
@@ -353,7 +370,9 @@ fn data_for_a_flow_the_peer_no_longer_has_is_answered_with_rst() {
     let mut sim = Sim::new(SimConfig::link(Config::default()));
     let (fa, fb) = sim.connect(888);
     sim.send(A, fa, fb, 1, 0, 100).unwrap();
-    assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1));
+    // Delivered and acknowledged (the ACK may wait for DATA a few µs): A has nothing to resend.
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 1
+        && s.sides[A].ep.flow_info(fa).unwrap().in_flight == 0));
     // B's flow ends; its RST is lost.
     let mut first = true;
     sim.drop_from(B, move |f| std::mem::take(&mut first) && f.hdr.packet_type == PacketType::Rst);

@@ -78,6 +78,10 @@ struct Args {
     /// Pin this thread to CPU N.
     #[arg(long)]
     cpu: Option<usize>,
+    /// With --embedded: never carry ACKs in DATA (pure ACKs, as before they existed and as
+    /// with an original peer); the same-run baseline of what they save.
+    #[arg(long = "pure_acks")]
+    pure_acks: bool,
 }
 
 /// Listens (server) or connects (client) with `connect`, then runs the RPC loop; a client
@@ -117,7 +121,7 @@ fn run_rpc<T: RpcIo<Peer = MachnetFlow>>(
 /// A snapshot of transport counters, as [`StackDelta`] holds them.
 fn snapshot(e: &machnet_transport::EndpointStats) -> StackDelta {
     StackDelta {
-        frames_out: e.tx_data + e.tx_acks + e.tx_rsts,
+        frames_out: e.tx_data + e.tx_retransmits + e.tx_acks + e.tx_rsts,
         frames_in: e.rx_packets,
         acks_out: e.tx_acks,
         retransmits: e.tx_retransmits,
@@ -135,7 +139,7 @@ fn daemon_counters() -> Option<StackDelta> {
     for sh in doc["shards"].as_array()? {
         let e = &sh["endpoint"];
         let n = |k: &str| e[k].as_u64().unwrap_or(0);
-        sum.frames_out += n("tx_data") + n("tx_acks") + n("tx_rsts");
+        sum.frames_out += n("tx_data") + n("tx_retransmits") + n("tx_acks") + n("tx_rsts");
         sum.frames_in += n("rx_packets");
         sum.acks_out += n("tx_acks");
         sum.retransmits += n("tx_retransmits");
@@ -311,7 +315,9 @@ mod embedded {
         opts: &RpcOptions,
         stop: &AtomicBool,
     ) -> Result<rpc::Totals, RpcError> {
-        let stack = Embedded::new(port, EmbeddedConfig::new(args.local_ip)).map_err(RpcError)?;
+        let mut cfg = EmbeddedConfig::new(args.local_ip);
+        cfg.transport.piggyback_acks = !args.pure_acks;
+        let stack = Embedded::new(port, cfg).map_err(RpcError)?;
         let mut io = EmbIo { stack, accepted: false };
         if remote.is_none() {
             io.stack.listen(args.local_ip, args.local_port).map_err(rpc_err)?;

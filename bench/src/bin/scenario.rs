@@ -330,7 +330,7 @@ impl Env {
     }
 
     /// Two `msg_gen --embedded` over memif: server on CPU 1, client on CPU 0.
-    fn embedded(&self, size: usize, window: u64) -> Result<Totals, String> {
+    fn embedded(&self, size: usize, window: u64, pure_acks: bool) -> Result<Totals, String> {
         let sock = self.work.join("emb.sock");
         let _ = std::fs::remove_file(&sock);
         let dev = |role: &str| format!("net_memif0,role={role},id=0,socket={},socket-abstract=no", sock.display());
@@ -340,6 +340,10 @@ impl Env {
         let mut c = self.cmd("msg_gen");
         c.args(["--embedded", &dev("client"), "--local_ip", "198.18.0.1", "--remote_ip", "198.18.0.2", "--cpu", "0"]);
         c.args(["--msg_size", &size.to_string(), "--msg_window", &window.to_string()]);
+        if pure_acks {
+            s.arg("--pure_acks");
+            c.arg("--pure_acks");
+        }
         self.pair_ready("msg_gen --embedded", s, c, Some(&sock))
     }
 
@@ -584,7 +588,10 @@ fn run(args: &Args) -> Result<(), String> {
             if embedded {
                 for &size in &args.sizes {
                     for &window in &args.windows {
-                        measure(main, size, window, env.embedded(size, window))?;
+                        measure(main, size, window, env.embedded(size, window, false))?;
+                        // The same stack without ACKs in DATA: what they save, in this run.
+                        let pure = "machnet embedded, pure ACKs";
+                        measure(pure, size, window, env.embedded(size, window, true))?;
                     }
                 }
             } else {

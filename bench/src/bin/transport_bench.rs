@@ -132,6 +132,105 @@ impl Env for BenchEnv {
     }
 }
 
+/// Fires the timers due at `now`.
+fn fire(ep: &mut Endpoint, env: &mut BenchEnv, now: Instant) {
+    for t in 0..env.timers.len() {
+        if let Some((flow, at)) = env.timers[t] {
+            if at <= now {
+                env.timers[t] = None;
+                ep.on_timer(now, env, flow);
+            }
+        }
+    }
+}
+
+/// Queues one message of `size` bytes on `flow`.
+fn send_msg(ep: &mut Endpoint, env: &mut BenchEnv, now: Instant, flow: FlowId, size: usize) {
+    let segs = size.div_ceil(MSS);
+    let mut head = Seg::MAX;
+    let mut prev = Seg::MAX;
+    for i in 0..segs {
+        let s = env.free.pop().expect("segments");
+        let n = (size - i * MSS).min(MSS);
+        env.len[s as usize] = n as u16;
+        env.flags[s as usize] = MsgFlags::for_fragment(i, segs).bits();
+        env.next[s as usize] = Seg::MAX;
+        if prev == Seg::MAX {
+            head = s;
+        } else {
+            env.next[prev as usize] = s;
+        }
+        prev = s;
+    }
+    let msg = OutMsg { head, tail: prev, count: segs as u32, len: size as u32 };
+    ep.send(now, env, flow, &msg).expect("send");
+}
+
+/// Request/response: A keeps `window` requests of `size` bytes outstanding, B answers each as
+/// it is delivered (an echo server in the same pass), timers fire. `acks_in_data` off gives
+/// the pure-ACK protocol (what an original peer gets) for the same-run comparison.
+fn rpc(size: usize, rpcs: u64, window: u64, caps: ChecksumCaps, acks_in_data: bool) -> RpcResult {
+    let mac_a = EthernetAddress([2, 0, 0, 0, 0, 1]);
+    let mac_b = EthernetAddress([2, 0, 0, 0, 0, 2]);
+    let (ip_a, ip_b) = (Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2));
+    let (pa, pb) =
+        pair(MemConfig { buffers: 4096, queue_len: 4096, checksum: caps, ..MemConfig::default() }, mac_a, mac_b);
+    let cfg = Config { max_flows: 16, piggyback_acks: acks_in_data, ..Config::default() };
+    let mut a = Endpoint::new(cfg, LocalAddr { mac: mac_a, ip: ip_a }, Endpoint::shared_ports()).unwrap();
+    let mut b =
+        Endpoint::new(Config { seed: 2, ..cfg }, LocalAddr { mac: mac_b, ip: ip_b }, Endpoint::shared_ports()).unwrap();
+    let mut ea = BenchEnv::new(pa, caps, 16_384);
+    let mut eb = BenchEnv::new(pb, caps, 16_384);
+    let mut rx = Burst::new();
+    let mut now = Instant::from_micros(1);
+    b.listen(1, 888).unwrap();
+    let fa = a.connect(now, &mut ea, 1, ip_b, mac_b, 888, 0).unwrap();
+    ea.flush_tx();
+    let fb = loop {
+        poll(&mut b, &mut eb, now, &mut rx);
+        poll(&mut a, &mut ea, now, &mut rx);
+        now = Instant(now.0 + 100);
+        if let (false, Some(Event::Accepted { flow, .. })) = (ea.events.is_empty(), eb.events.first()) {
+            break *flow;
+        }
+    };
+    let (mut sent, mut answered) = (0u64, 0u64);
+    let start = WallClock::now();
+    let frames_before = ea.frames + eb.frames;
+    while ea.delivered < rpcs {
+        while sent < rpcs && sent - ea.delivered < window {
+            send_msg(&mut a, &mut ea, now, fa, size);
+            sent += 1;
+        }
+        a.flush(now, &mut ea);
+        ea.flush_tx();
+        poll(&mut b, &mut eb, now, &mut rx);
+        while answered < eb.delivered {
+            send_msg(&mut b, &mut eb, now, fb, size);
+            answered += 1;
+        }
+        b.flush(now, &mut eb);
+        eb.flush_tx();
+        poll(&mut a, &mut ea, now, &mut rx);
+        now = Instant(now.0 + 100);
+        fire(&mut a, &mut ea, now);
+        fire(&mut b, &mut eb, now);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let frames = (ea.frames + eb.frames - frames_before) as f64;
+    RpcResult {
+        mrps: rpcs as f64 / secs / 1e6,
+        ns_per_rpc: secs * 1e9 / rpcs as f64,
+        frames_per_rpc: frames / rpcs as f64,
+    }
+}
+
+struct RpcResult {
+    mrps: f64,
+    ns_per_rpc: f64,
+    frames_per_rpc: f64,
+}
+
 /// Receives and handles everything queued at one side.
 fn poll(ep: &mut Endpoint, env: &mut BenchEnv, now: Instant, rx: &mut Burst<HeapBuf>) -> usize {
     let mut n = 0;
@@ -179,29 +278,12 @@ fn stream(size: usize, messages: u64, inflight: u64, caps: ChecksumCaps) -> Resu
         poll(&mut a, &mut ea, now, &mut rx);
         now = Instant(now.0 + 100);
     }
-    let segs_per_msg = size.div_ceil(MSS);
     let mut sent = 0u64;
     let start = WallClock::now();
     let frames_before = ea.frames + eb.frames;
     while eb.delivered < messages {
         while sent < messages && sent - eb.delivered < inflight {
-            let mut head = Seg::MAX;
-            let mut prev = Seg::MAX;
-            for i in 0..segs_per_msg {
-                let s = ea.free.pop().expect("segments");
-                let n = (size - i * MSS).min(MSS);
-                ea.len[s as usize] = n as u16;
-                ea.flags[s as usize] = MsgFlags::for_fragment(i, segs_per_msg).bits();
-                ea.next[s as usize] = Seg::MAX;
-                if prev == Seg::MAX {
-                    head = s;
-                } else {
-                    ea.next[prev as usize] = s;
-                }
-                prev = s;
-            }
-            let msg = OutMsg { head, tail: prev, count: segs_per_msg as u32, len: size as u32 };
-            a.send(now, &mut ea, fa, &msg).expect("send");
+            send_msg(&mut a, &mut ea, now, fa, size);
             sent += 1;
         }
         a.flush(now, &mut ea);
@@ -257,6 +339,9 @@ struct Args {
     /// Messages per run at 64 B (half as many at 1 KiB).
     #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(2..))]
     messages: u64,
+    /// Skip the request/response cases (streams only, as before they existed).
+    #[arg(long)]
+    no_rpc: bool,
 }
 
 fn main() {
@@ -312,4 +397,42 @@ fn main() {
         raw1k.median, raw1k.min, raw1k.max
     );
     println!("\nMpps counts every frame both endpoints sent (DATA and ACKs); both endpoints share one core.");
+
+    if args.no_rpc {
+        return;
+    }
+    // Request/response, the same stack with and without ACKs in DATA, interleaved.
+    let rpc_cases: [(&str, usize, u64, bool); 6] = [
+        ("64 B, window 1, ACKs in DATA", 64, 1, true),
+        ("64 B, window 1, pure ACKs", 64, 1, false),
+        ("64 B, window 32, ACKs in DATA", 64, 32, true),
+        ("64 B, window 32, pure ACKs", 64, 32, false),
+        ("1 KiB, window 32, ACKs in DATA", 1024, 32, true),
+        ("1 KiB, window 32, pure ACKs", 1024, 32, false),
+    ];
+    let mut rr: Vec<Vec<RpcResult>> = (0..rpc_cases.len()).map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (i, (_, size, window, piggy)) in rpc_cases.iter().enumerate() {
+            let n = if *window == 1 { messages / 8 } else { messages / 2 };
+            rr[i].push(rpc(*size, n, *window, ChecksumCaps::software(), *piggy));
+        }
+    }
+    println!("\n| RPC, software checksums | M RPC/s (median) | min | max | ns/RPC | frames/RPC | × pure ACKs |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (i, (name, _, _, piggy)) in rpc_cases.iter().enumerate() {
+        let r = median(rr[i].iter().map(|x| x.mrps).collect());
+        let ns = median(rr[i].iter().map(|x| x.ns_per_rpc).collect());
+        let f = median(rr[i].iter().map(|x| x.frames_per_rpc).collect());
+        let base = if *piggy { median(rr[i + 1].iter().map(|x| x.mrps).collect()).median } else { r.median };
+        println!(
+            "| rpc {name} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
+            r.median,
+            r.min,
+            r.max,
+            ns.median,
+            f.median,
+            r.median / base
+        );
+    }
+    println!("\nBoth endpoints (client and echo server) share one core; an RPC's ns cover both ends.");
 }

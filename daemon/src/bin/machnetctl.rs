@@ -226,7 +226,8 @@ fn render(what: What, d: &Value) -> String {
                     s(&sh["half_open"]),
                     s(&e["syn_evicted"]),
                     s(&e["rx_packets"]),
-                    format!("{}", u(&e["tx_data"]) + u(&e["tx_acks"]) + u(&e["tx_rsts"])),
+                    // Every frame sent: first transmissions, retransmissions, ACKs, RSTs.
+                    format!("{}", u(&e["tx_data"]) + u(&e["tx_retransmits"]) + u(&e["tx_acks"]) + u(&e["tx_rsts"])),
                     s(&e["tx_retransmits"]),
                     s(&c["handoff_sent"]),
                     s(&c["handoff_received"]),

@@ -4,8 +4,12 @@
 //! same buffer, on the other. Each port keeps a local free list and exchanges batches with a
 //! shared spare list, so locks are taken per burst rather than per packet and one-way traffic
 //! cannot starve the sender's pool. The ports are `Send`: the two ends may live on two threads.
+//!
+//! [`pairs`] makes several links that share one set of buffers, like the queues of a
+//! multi-queue NIC sharing its mempool: a frame received on one and freed on another (handed
+//! between shards) goes back to the common buffers.
 
-use super::pool::{HeapBuf, Pool};
+use super::pool::{shared_spare, CachedPool, HeapBuf, SharedSpare};
 use super::{Burst, Capabilities, PacketBuf, Port, PortStats, BURST};
 use crate::wire::{ChecksumCaps, EthernetAddress};
 use std::collections::VecDeque;
@@ -35,7 +39,6 @@ impl Default for MemConfig {
 struct Shared {
     /// `links[i]`: frames sent by port `i`, waiting for the other port.
     links: [Mutex<VecDeque<HeapBuf>>; 2],
-    spare: Mutex<Pool>,
     queue_len: usize,
 }
 
@@ -48,8 +51,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct MemPort {
     id: usize,
     shared: Arc<Shared>,
-    pool: Pool,
-    high_water: usize,
+    pool: CachedPool,
     caps: Capabilities,
     stats: PortStats,
 }
@@ -62,21 +64,35 @@ impl std::fmt::Debug for MemPort {
 
 /// Creates two connected ports with the given MACs.
 pub fn pair(cfg: MemConfig, mac_a: EthernetAddress, mac_b: EthernetAddress) -> (MemPort, MemPort) {
-    let total = 2 * cfg.buffers;
-    let shared = Arc::new(Shared {
-        links: [Mutex::new(VecDeque::with_capacity(cfg.queue_len)), Mutex::new(VecDeque::with_capacity(cfg.queue_len))],
-        spare: Mutex::new(Pool::empty(cfg.buf_size, total)),
-        queue_len: cfg.queue_len,
-    });
-    let make = |id: usize, mac: EthernetAddress| MemPort {
+    let (mut a, mut b) = pairs(1, cfg, mac_a, mac_b);
+    (a.remove(0), b.remove(0))
+}
+
+/// Creates `n` connected pairs (`a[i]` talks to `b[i]`) whose `2 * n * cfg.buffers` buffers
+/// are one common set, as the queues of two multi-queue NICs would share their mempools.
+pub fn pairs(n: usize, cfg: MemConfig, mac_a: EthernetAddress, mac_b: EthernetAddress) -> (Vec<MemPort>, Vec<MemPort>) {
+    let total = 2 * n * cfg.buffers;
+    let spare: SharedSpare = shared_spare(cfg.buf_size, total);
+    let make = |id: usize, mac: EthernetAddress, shared: &Arc<Shared>| MemPort {
         id,
-        shared: Arc::clone(&shared),
-        pool: Pool::new(cfg.buffers, cfg.buf_size, total),
-        high_water: cfg.buffers + BURST,
+        shared: Arc::clone(shared),
+        pool: CachedPool::new(Arc::clone(&spare), cfg.buffers, cfg.buf_size, total),
         caps: Capabilities { mac, mtu: cfg.mtu, queues: 1, rss: None, checksum: cfg.checksum },
         stats: PortStats::default(),
     };
-    (make(0, mac_a), make(1, mac_b))
+    let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let shared = Arc::new(Shared {
+            links: [
+                Mutex::new(VecDeque::with_capacity(cfg.queue_len)),
+                Mutex::new(VecDeque::with_capacity(cfg.queue_len)),
+            ],
+            queue_len: cfg.queue_len,
+        });
+        a.push(make(0, mac_a, &shared));
+        b.push(make(1, mac_b, &shared));
+    }
+    (a, b)
 }
 
 impl MemPort {
@@ -99,10 +115,6 @@ impl Port for MemPort {
 
     #[inline]
     fn alloc(&mut self) -> Option<HeapBuf> {
-        if let Some(b) = self.pool.get() {
-            return Some(b);
-        }
-        lock(&self.shared.spare).transfer(&mut self.pool, BURST);
         let b = self.pool.get();
         if b.is_none() {
             self.stats.alloc_failures += 1;
@@ -113,10 +125,6 @@ impl Port for MemPort {
     #[inline]
     fn free(&mut self, buf: HeapBuf) {
         self.pool.put(buf);
-        if self.pool.available() > self.high_water {
-            let mut spare = lock(&self.shared.spare);
-            self.pool.transfer(&mut spare, BURST);
-        }
     }
 
     fn rx_burst(&mut self, out: &mut Burst<HeapBuf>) -> usize {
@@ -203,6 +211,29 @@ mod tests {
                 b.free(f);
             }
         }
+    }
+
+    #[test]
+    fn buffers_freed_on_another_queue_are_not_lost() {
+        // Shard-to-shard hand-off: frames sent by a[0] arrive at b[0] and are freed by b[1];
+        // a[0] keeps
+        // sending for many times its share of the buffers, and none are dropped.
+        let cfg = MemConfig { buffers: 64, queue_len: 64, ..MemConfig::default() };
+        let (mut a, mut b) = pairs(2, cfg, EthernetAddress::ZERO, EthernetAddress::ZERO);
+        for round in 0..1000 {
+            let mut burst = Burst::new();
+            for _ in 0..BURST {
+                burst.push(a[0].alloc().unwrap_or_else(|| panic!("a[0] starved in round {round}")));
+            }
+            assert_eq!(a[0].tx_burst(&mut burst), BURST);
+            let mut rx = Burst::new();
+            b[0].rx_burst(&mut rx);
+            for f in rx.drain(..) {
+                b[1].free(f);
+            }
+        }
+        let local: usize = a.iter().chain(b.iter()).map(MemPort::pool_available).sum();
+        assert_eq!(local + a[0].pool.spare_available(), 4 * 64, "every buffer is in some list");
     }
 
     #[test]

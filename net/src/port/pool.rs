@@ -103,3 +103,67 @@ impl Pool {
         }
     }
 }
+
+/// The buffers of one port shared by its queues: each queue keeps a local free list (a
+/// [`CachedPool`]) and exchanges batches with this spare list, as DPDK's mempool caches do, so a
+/// buffer received on one queue and freed on another (a frame handed between shards) returns
+/// to the port's buffers instead of overflowing one queue's list while another runs dry.
+pub type SharedSpare = std::sync::Arc<std::sync::Mutex<Pool>>;
+
+/// A spare list able to hold all `total` buffers of a port.
+pub fn shared_spare(buf_size: usize, total: usize) -> SharedSpare {
+    std::sync::Arc::new(std::sync::Mutex::new(Pool::empty(buf_size, total)))
+}
+
+fn lock_spare(s: &SharedSpare) -> std::sync::MutexGuard<'_, Pool> {
+    // A panic elsewhere must not cascade: the data is plain buffers.
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One queue's cache in front of a port's [`SharedSpare`]: the lock is taken once per batch of
+/// [`BURST`](super::BURST) buffers, never per buffer.
+#[derive(Debug)]
+pub struct CachedPool {
+    local: Pool,
+    spare: SharedSpare,
+    /// Above this many local buffers, a batch goes back to the spare list.
+    high_water: usize,
+}
+
+impl CachedPool {
+    /// A cache starting with `count` new buffers of `buf_size` bytes, in front of `spare`, which
+    /// (with every other cache on it) holds at most `total` buffers.
+    pub fn new(spare: SharedSpare, count: usize, buf_size: usize, total: usize) -> Self {
+        CachedPool { local: Pool::new(count, buf_size, total), spare, high_water: count + super::BURST }
+    }
+
+    /// A buffer with length 0, from the local list or else a batch from the spare list.
+    #[inline]
+    pub fn get(&mut self) -> Option<HeapBuf> {
+        if let Some(b) = self.local.get() {
+            return Some(b);
+        }
+        lock_spare(&self.spare).transfer(&mut self.local, super::BURST);
+        self.local.get()
+    }
+
+    /// Returns a buffer; a batch spills to the spare list above the high-water mark.
+    #[inline]
+    pub fn put(&mut self, buf: HeapBuf) {
+        self.local.put(buf);
+        if self.local.available() > self.high_water {
+            let mut spare = lock_spare(&self.spare);
+            self.local.transfer(&mut spare, super::BURST);
+        }
+    }
+
+    /// Buffers in the local list.
+    pub fn available(&self) -> usize {
+        self.local.available()
+    }
+
+    /// Buffers in the shared spare list.
+    pub fn spare_available(&self) -> usize {
+        lock_spare(&self.spare).available()
+    }
+}

@@ -100,6 +100,11 @@ bitflags! {
         const CHAIN = 0x08;
         /// 0x80: delivery notification requested (carried, not acted on).
         const NOTIFY_DELIVERY = 0x80;
+        /// 0x40, in SYN and SYN-ACK only (machnet-rs): the sender reads acknowledgements
+        /// carried in DATA. Set in both, the flow's DATA carries `ackno`, the SACK words and
+        /// count, and a split timestamp ([`MachnetRepr::split_timestamp`]). The original writes
+        /// 0 in a control packet's flags and never reads them, so it neither offers nor sees it.
+        const ACKS_IN_DATA = 0x40;
     }
 }
 
@@ -363,6 +368,23 @@ impl MachnetRepr {
             sack_count: 0,
             timestamp,
         }
+    }
+
+    /// The timestamp of a DATA packet of a flow that carries acknowledgements in DATA: the
+    /// sender's clock (low 32 bits of ns, never 0) in the high half, and in the low half the
+    /// echo of the peer's (32-bit) timestamp plus the time it was held, or 0 for none. ACKs of
+    /// such a flow carry the 32-bit echo in the low half.
+    #[inline]
+    pub const fn split_timestamp(sent: u64, echo: u32) -> u64 {
+        let s = sent as u32;
+        let s = if s == 0 { 1 } else { s };
+        ((s as u64) << 32) | echo as u64
+    }
+
+    /// The two halves of a [`split_timestamp`](Self::split_timestamp): (sent, echo).
+    #[inline]
+    pub const fn unsplit_timestamp(ts: u64) -> (u32, u32) {
+        ((ts >> 32) as u32, ts as u32)
     }
 
     /// Validates the header: length and magic. Unknown packet types parse (as
