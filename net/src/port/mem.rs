@@ -10,7 +10,7 @@
 //! between shards) goes back to the common buffers.
 
 use super::pool::{shared_spare, CachedPool, HeapBuf, SharedSpare};
-use super::{Burst, Capabilities, PacketBuf, Port, PortStats, BURST};
+use super::{Burst, Capabilities, PacketBuf, Port, PortStats};
 use crate::wire::{ChecksumCaps, EthernetAddress};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -162,6 +162,7 @@ impl Port for MemPort {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::port::BURST;
 
     fn frame(port: &mut MemPort, byte: u8, len: usize) -> HeapBuf {
         let mut b = port.alloc().unwrap();

@@ -163,7 +163,8 @@ impl CachedPool {
     }
 
     /// Buffers in the shared spare list.
-    pub fn spare_available(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn spare_available(&self) -> usize {
         lock_spare(&self.spare).available()
     }
 }
