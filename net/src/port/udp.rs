@@ -16,7 +16,7 @@
 //! not IPv4 (ARP) or not unicast on queue 0. So the receiver sees exactly what an RSS NIC would
 //! give it. A peer's datagrams are recognised from any of its queues' ports.
 
-use super::pool::{HeapBuf, Pool};
+use super::pool::{shared_spare, CachedPool, HeapBuf};
 use super::{Burst, Capabilities, PacketBuf, Port, PortStats, RssInfo, BURST};
 use crate::rss::{Rss, MICROSOFT_KEY};
 use crate::wire::{ChecksumCaps, EthernetAddress};
@@ -229,7 +229,8 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
 pub struct UdpPort {
     sock: UdpSocket,
     peers: ArrayVec<Peer, MAX_PEERS>,
-    pool: Pool,
+    /// This queue's buffers, in front of the device's common set.
+    pool: CachedPool,
     caps: Capabilities,
     stats: PortStats,
     ustats: UdpStats,
@@ -268,6 +269,11 @@ fn set_buf_opt(fd: RawFd, force: libc::c_int, plain: libc::c_int, size: usize) {
 impl UdpPort {
     /// Binds the socket and fills the pool. Errors: bind failure, more than [`MAX_PEERS`] peers.
     pub fn new(cfg: &UdpConfig) -> io::Result<Self> {
+        let buf_size = cfg.mtu + 14;
+        Self::with_pool(cfg, CachedPool::new(shared_spare(buf_size, cfg.buffers), cfg.buffers, buf_size, cfg.buffers))
+    }
+
+    fn with_pool(cfg: &UdpConfig, pool: CachedPool) -> io::Result<Self> {
         if cfg.peers.len() > MAX_PEERS {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("at most {MAX_PEERS} UDP tunnel peers")));
         }
@@ -289,11 +295,10 @@ impl UdpPort {
             )
         };
         let peers = cfg.peers.iter().map(Peer::new).collect::<io::Result<_>>()?;
-        let buf_size = cfg.mtu + 14;
         Ok(UdpPort {
             sock,
             peers,
-            pool: Pool::new(cfg.buffers, buf_size, cfg.buffers),
+            pool,
             caps: Capabilities { mac: cfg.mac, mtu: cfg.mtu, queues: 1, rss: None, checksum: ChecksumCaps::software() },
             stats: PortStats::default(),
             ustats: UdpStats::default(),
@@ -304,7 +309,9 @@ impl UdpPort {
     /// A tunnel device of `queues` queues: queue *q* binds `cfg.bind`'s port + *q*; each port
     /// publishes the device's RSS key (`cfg.rss_key`) and its round-robin table of
     /// [`RETA_SIZE`] entries, which the peers must be given (see [`UdpPeer::with_queues`]). One
-    /// queue is [`new`](Self::new): no RSS.
+    /// queue is [`new`](Self::new): no RSS. The queues share one set of `queues * cfg.buffers`
+    /// buffers (each starts with `cfg.buffers`), so a frame received on one queue and freed on
+    /// another (handed between shards) is not lost to the first.
     pub fn open_queues(cfg: &UdpConfig, queues: u16) -> io::Result<Vec<UdpPort>> {
         let rss = default_rss(queues, &cfg.rss_key);
         if rss.as_ref().is_some_and(|r| r.build().is_none()) {
@@ -313,10 +320,14 @@ impl UdpPort {
         if u32::from(cfg.bind.port()) + u32::from(queues) > 65536 || (queues > 1 && cfg.bind.port() == 0) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "queue ports must lie in 1..=65535"));
         }
+        let buf_size = cfg.mtu + 14;
+        let total = usize::from(queues.max(1)) * cfg.buffers;
+        let spare = shared_spare(buf_size, total);
         (0..queues.max(1))
             .map(|q| {
                 let bind = SocketAddrV4::new(*cfg.bind.ip(), cfg.bind.port() + q);
-                let mut p = UdpPort::new(&UdpConfig { bind, ..cfg.clone() })?;
+                let pool = CachedPool::new(spare.clone(), cfg.buffers, buf_size, total);
+                let mut p = UdpPort::with_pool(&UdpConfig { bind, ..cfg.clone() }, pool)?;
                 p.caps.queues = queues.max(1);
                 p.caps.rss = rss.clone();
                 Ok(p)
