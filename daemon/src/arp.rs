@@ -13,8 +13,17 @@
 //!   reachable again within a SYN timeout and an ARP round trip, and a forged entry (an
 //!   attacker who answered a request faster than the peer) is corrected the same way.
 //!
-//! What remains: an attacker who answers each of our requests faster than the peer wins each
-//! time. Static entries are the defence against that.
+//! * a MAC that claims an address while no resolution of ours for it is in progress and none
+//!   was asked for in the last [`ASK_WINDOW`] is a *suspect* for [`SUSPECT_FOR`]: an attacker
+//!   who sends lies continuously (they reach us between resolutions too) loses to the peer's
+//!   real answer even when a lie lands inside a resolution. A suspect's reply during a
+//!   resolution is kept aside and used only if no other reply has come when the next request
+//!   is due (a real peer that announced itself unasked is delayed, not cut off). Requests of
+//!   every shard count as asked (the shards tell each other, [`ArpTable::note_asked`]), since
+//!   replies reach the shard that owns queue 0 whichever shard asked.
+//!
+//! What remains: an attacker who sends nothing until it sees a request, and then answers it
+//! faster than the peer, wins each time. Static entries are the defence against that.
 
 use hashbrown::HashMap;
 use machnet_net::time::Instant;
@@ -58,7 +67,21 @@ struct Pending {
     next: Instant,
     /// The current wait between requests (doubling).
     interval: Duration,
+    /// A suspect's answer, used if no other has come when the next request is due.
+    fallback: Option<EthernetAddress>,
 }
+
+impl Pending {
+    fn started(now: Instant, retry: Duration) -> Pending {
+        Pending { sent: 1, next: now + retry, interval: retry, fallback: None }
+    }
+}
+
+/// A reply this long after our last request for its address is unsolicited.
+pub const ASK_WINDOW: Duration = Duration::from_secs(3);
+
+/// How long an unsolicited claim keeps its MAC suspect for that address.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(60);
 
 /// Longest wait between two requests of one resolution.
 const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -66,7 +89,8 @@ const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// What a reply did to the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Learned {
-    /// Nothing: no resolution of ours was waiting for it (or it named a static entry).
+    /// Nothing: no resolution of ours was waiting for it (or it named a static entry, or came
+    /// from a suspect and was kept aside).
     Ignored,
     /// A resolution completed: the entry is new or confirmed.
     Resolved,
@@ -93,12 +117,55 @@ pub struct ArpTable {
     cfg: ArpConfig,
     entries: HashMap<Ipv4Addr, Entry>,
     pending: HashMap<Ipv4Addr, Pending>,
+    /// When a request for each address last went out, from any shard.
+    asked: HashMap<Ipv4Addr, Instant>,
+    /// Unsolicited claims: (address, MAC) and until when they stay suspect.
+    suspects: HashMap<(Ipv4Addr, EthernetAddress), Instant>,
+    /// Claims that made a MAC suspect.
+    pub suspected: u64,
 }
 
 impl ArpTable {
     /// An empty table with room for `cfg.capacity` entries.
     pub fn new(cfg: ArpConfig) -> Self {
-        ArpTable { cfg, entries: HashMap::with_capacity(cfg.capacity), pending: HashMap::with_capacity(cfg.capacity) }
+        ArpTable {
+            cfg,
+            entries: HashMap::with_capacity(cfg.capacity),
+            pending: HashMap::with_capacity(cfg.capacity),
+            asked: HashMap::with_capacity(cfg.capacity),
+            suspects: HashMap::with_capacity(cfg.capacity),
+            suspected: 0,
+        }
+    }
+
+    /// A request for `ip` goes out now (from this shard or, told through the mesh, another).
+    pub fn note_asked(&mut self, ip: Ipv4Addr, now: Instant) {
+        if self.asked.len() >= self.cfg.capacity && !self.asked.contains_key(&ip) {
+            self.asked.retain(|_, t| now.saturating_since(*t) < ASK_WINDOW);
+        }
+        if self.asked.len() < self.cfg.capacity || self.asked.contains_key(&ip) {
+            self.asked.insert(ip, now);
+        }
+    }
+
+    fn is_suspect(&self, ip: Ipv4Addr, mac: EthernetAddress, now: Instant) -> bool {
+        self.suspects.get(&(ip, mac)).is_some_and(|&until| until > now)
+    }
+
+    /// A claim nobody asked for: its MAC becomes suspect for `ip`, unless a request for `ip`
+    /// went out recently (a late or duplicate answer).
+    fn unsolicited(&mut self, ip: Ipv4Addr, mac: EthernetAddress, now: Instant) {
+        if self.asked.get(&ip).is_some_and(|&t| now.saturating_since(t) < ASK_WINDOW) {
+            return;
+        }
+        let key = (ip, mac);
+        if self.suspects.len() >= self.cfg.capacity && !self.suspects.contains_key(&key) {
+            self.suspects.retain(|_, until| *until > now);
+        }
+        let room = self.suspects.len() < self.cfg.capacity || self.suspects.contains_key(&key);
+        if room && self.suspects.insert(key, now + SUSPECT_FOR).is_none_or(|until| until <= now) {
+            self.suspected += 1;
+        }
     }
 
     /// Adds a permanent entry.
@@ -120,9 +187,28 @@ impl ArpTable {
     /// is in progress (see the module docs); then it completes the resolution and creates or
     /// refreshes the entry.
     pub fn on_reply(&mut self, ip: Ipv4Addr, mac: EthernetAddress, now: Instant) -> Learned {
-        if !mac.is_unicast() || ip.is_unspecified() || self.pending.remove(&ip).is_none() {
+        if !mac.is_unicast() || ip.is_unspecified() {
             return Learned::Ignored;
         }
+        let suspect = self.is_suspect(ip, mac, now);
+        match self.pending.get_mut(&ip) {
+            None => {
+                self.unsolicited(ip, mac, now);
+                return Learned::Ignored;
+            }
+            Some(p) if suspect => {
+                p.fallback = Some(mac);
+                return Learned::Ignored;
+            }
+            Some(_) => {
+                self.pending.remove(&ip);
+            }
+        }
+        self.learn(ip, mac, now)
+    }
+
+    /// A resolution of `ip` completed with `mac`.
+    fn learn(&mut self, ip: Ipv4Addr, mac: EthernetAddress, now: Instant) -> Learned {
         let fresh = Entry { mac, expires: Some(now + self.cfg.timeout) };
         match self.entries.get_mut(&ip) {
             // (A static entry is never resolved: no request of ours asked.)
@@ -156,7 +242,8 @@ impl ArpTable {
         if !learned || self.pending.contains_key(&ip) || self.pending.len() >= self.cfg.capacity {
             return false;
         }
-        self.pending.insert(ip, Pending { sent: 1, next: now + self.cfg.retry, interval: self.cfg.retry });
+        self.pending.insert(ip, Pending::started(now, self.cfg.retry));
+        self.note_asked(ip, now);
         true
     }
 
@@ -171,18 +258,35 @@ impl ArpTable {
         if self.pending.len() >= self.cfg.capacity {
             return Resolve::Full;
         }
-        self.pending.insert(ip, Pending { sent: 1, next: now + self.cfg.retry, interval: self.cfg.retry });
+        self.pending.insert(ip, Pending::started(now, self.cfg.retry));
+        self.note_asked(ip, now);
         Resolve::SendRequest
     }
 
     /// Drives resolutions: `send(ip)` for each request due, `failed(ip)` for each that ran out
-    /// of retries; drops expired entries. Call when [`next_deadline`](Self::next_deadline)
-    /// passes.
-    pub fn poll(&mut self, now: Instant, mut send: impl FnMut(Ipv4Addr), mut failed: impl FnMut(Ipv4Addr)) {
+    /// of retries, `learned(ip, mac, what)` for each completed by a suspect's answer kept aside
+    /// (no other came before the next request was due); drops expired entries. Call when
+    /// [`next_deadline`](Self::next_deadline) passes.
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        mut send: impl FnMut(Ipv4Addr),
+        mut failed: impl FnMut(Ipv4Addr),
+        mut learned: impl FnMut(Ipv4Addr, EthernetAddress, Learned),
+    ) {
         let retries = self.cfg.retries;
         let entries = &mut self.entries;
+        let asked = &mut self.asked;
+        let mut fallbacks: arrayvec::ArrayVec<(Ipv4Addr, EthernetAddress), 16> = arrayvec::ArrayVec::new();
         self.pending.retain(|ip, p| {
             if p.next > now {
+                return true;
+            }
+            if let Some(mac) = p.fallback {
+                if fallbacks.try_push((*ip, mac)).is_ok() {
+                    return false;
+                }
+                // (More than 16 at once: the rest wait for the next poll.)
                 return true;
             }
             if p.sent >= retries {
@@ -197,8 +301,12 @@ impl ArpTable {
             p.interval = (p.interval * 2).min(MAX_RETRY_INTERVAL).max(p.interval);
             p.next = now + p.interval;
             send(*ip);
+            asked.insert(*ip, now);
             true
         });
+        for (ip, mac) in fallbacks {
+            learned(ip, mac, self.learn(ip, mac, now));
+        }
         self.entries.retain(|_, e| e.expires.is_none_or(|t| t > now));
     }
 
@@ -234,7 +342,7 @@ mod tests {
         assert_eq!(t.resolve(IP, ms(1)), Resolve::InProgress);
         let (mut sent, mut failed) = (Vec::new(), Vec::new());
         for now in (0..=400).step_by(10) {
-            t.poll(ms(now), |ip| sent.push((now, ip)), |ip| failed.push((now, ip)));
+            t.poll(ms(now), |ip| sent.push((now, ip)), |ip| failed.push((now, ip)), |_, _, _| panic!("no suspects"));
         }
         assert_eq!(sent, vec![(50, IP), (150, IP)], "two retries after the first, the wait doubling");
         assert_eq!(failed, vec![(350, IP)]);
@@ -245,7 +353,7 @@ mod tests {
         t.resolve(IP, ms(0));
         let (mut sent, mut failed) = (vec![0], Vec::new());
         for now in 1..=3000 {
-            t.poll(ms(now), |_| sent.push(now), |_| failed.push(now));
+            t.poll(ms(now), |_| sent.push(now), |_| failed.push(now), |_, _, _| {});
         }
         assert_eq!(sent, vec![0, 50, 150, 350, 750, 1550]);
         assert_eq!(failed, vec![2550]);
@@ -306,10 +414,60 @@ mod tests {
         assert!(t.revalidate(IP, ms(300)));
         let mut failed = Vec::new();
         for now in 300..3000 {
-            t.poll(ms(now), |_| {}, |ip| failed.push(ip));
+            t.poll(ms(now), |_| {}, |ip| failed.push(ip), |_, _, _| {});
         }
         assert_eq!(failed, vec![IP]);
         assert_eq!(t.lookup(IP, ms(3000)), None, "an unanswered re-resolution drops the entry");
+    }
+
+    /// A liar who sends continuously is seen between resolutions and becomes a suspect: its
+    /// lie inside a resolution loses to the peer's answer, and is used only when nothing else
+    /// came by the next request (a real peer that announced itself unasked still resolves).
+    #[test]
+    fn a_continuous_liar_loses_to_the_real_answer() {
+        let evil = EthernetAddress([2, 0xee, 0, 0, 0, 1]);
+        let mut t = ArpTable::new(ArpConfig::default());
+        assert_eq!(t.on_reply(IP, evil, ms(0)), Learned::Ignored);
+        assert_eq!(t.suspected, 1);
+        t.on_reply(IP, evil, ms(1));
+        assert_eq!(t.suspected, 1, "one suspect, counted once");
+        assert_eq!(t.resolve(IP, ms(10)), Resolve::SendRequest);
+        assert_eq!(t.on_reply(IP, evil, ms(11)), Learned::Ignored, "the suspect's lie is kept aside");
+        assert_eq!(t.lookup(IP, ms(11)), None);
+        assert_eq!(t.on_reply(IP, MAC, ms(12)), Learned::Resolved, "the real answer wins");
+        assert_eq!(t.lookup(IP, ms(13)), Some(MAC));
+        // Only the suspect answers: the resolution completes with it when the retry is due.
+        let other = Ipv4Addr::new(198, 18, 0, 3);
+        t.on_reply(other, evil, ms(100));
+        t.resolve(other, ms(5000));
+        assert_eq!(t.on_reply(other, evil, ms(5001)), Learned::Ignored);
+        let mut learned = Vec::new();
+        let mut sent = 0;
+        for now in 5001..5100 {
+            t.poll(ms(now), |_| sent += 1, |_| panic!("not failed"), |ip, mac, l| learned.push((now, ip, mac, l)));
+        }
+        assert_eq!(learned, vec![(5050, other, evil, Learned::Resolved)]);
+        assert_eq!(sent, 0, "completed instead of asking again");
+        assert_eq!(t.lookup(other, ms(5051)), Some(evil));
+    }
+
+    /// Answers that come soon after a request (a late or duplicate answer, or one to another
+    /// shard's request) make nobody a suspect.
+    #[test]
+    fn answers_to_recent_requests_are_not_suspect() {
+        let mut t = ArpTable::new(ArpConfig::default());
+        t.resolve(IP, ms(0));
+        assert_eq!(t.on_reply(IP, MAC, ms(1)), Learned::Resolved);
+        assert_eq!(t.on_reply(IP, MAC, ms(2)), Learned::Ignored, "a duplicate");
+        let other = Ipv4Addr::new(198, 18, 0, 3);
+        t.note_asked(other, ms(10));
+        assert_eq!(t.on_reply(other, MAC, ms(20)), Learned::Ignored, "another shard's resolution");
+        assert_eq!(t.suspected, 0);
+        assert_eq!(t.on_reply(other, MAC, ms(3020)), Learned::Ignored);
+        assert_eq!(t.suspected, 1, "3 s after the request, a claim is unsolicited");
+        // The suspect is forgotten after a minute.
+        t.resolve(other, ms(70_000));
+        assert_eq!(t.on_reply(other, MAC, ms(70_001)), Learned::Resolved);
     }
 
     #[test]

@@ -244,7 +244,7 @@ impl Controller {
                 let counters = json!({
                         "rx_dropped": c.rx_dropped, "arp_replies": c.arp_replies, "arp_requests": c.arp_requests,
                         "arp_ignored": c.arp_ignored, "arp_revalidations": c.arp_revalidations,
-                        "arp_changed": c.arp_changed,
+                        "arp_changed": c.arp_changed, "arp_suspected": c.arp_suspected,
                         "icmp_replies": c.icmp_replies, "tx_refused": c.tx_refused, "tx_rejected": c.tx_rejected,
                         "channel_violations": c.channel_violations, "violations": violations,
                         "channels_closed_violation": c.channels_closed_violation,

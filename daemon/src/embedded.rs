@@ -405,13 +405,8 @@ impl<P: Port> Embedded<P> {
                 Rx::Machnet(m) => self.ep.handle_at(now, rx_at, &mut self.env, &m),
                 Rx::Arp { ip, mac, learned, replied } => {
                     self.stats.arp_replies += u64::from(replied);
-                    match learned {
-                        Some(Learned::Resolved) => self.resolved(now, ip, Some(mac)),
-                        Some(Learned::Changed) => {
-                            self.ep.update_peer_mac(now, &mut self.env, ip, mac);
-                            self.resolved(now, ip, Some(mac));
-                        }
-                        Some(Learned::Ignored) | None => {}
+                    if let Some(learned) = learned {
+                        self.on_learned(now, ip, mac, learned);
                     }
                 }
                 Rx::Icmp(replied) => self.stats.icmp_replies += u64::from(replied),
@@ -435,7 +430,11 @@ impl<P: Port> Embedded<P> {
         }
         if self.arp.next_deadline().is_some_and(|d| d <= now) {
             let (mut send, mut failed) = core::mem::take(&mut self.scratch);
-            self.arp.poll(now, |ip| send.push(ip), |ip| failed.push(ip));
+            let mut learned: arrayvec::ArrayVec<(Ipv4Addr, EthernetAddress, Learned), 16> = arrayvec::ArrayVec::new();
+            self.arp.poll(now, |ip| send.push(ip), |ip| failed.push(ip), |ip, mac, l| learned.push((ip, mac, l)));
+            for (ip, mac, l) in learned {
+                self.on_learned(now, ip, mac, l);
+            }
             for ip in send.drain(..) {
                 self.env.nic.send_arp_request(self.local, ip);
             }
@@ -450,6 +449,18 @@ impl<P: Port> Embedded<P> {
         self.env.nic.flush();
         self.take_events();
         work
+    }
+
+    /// An ARP reply did `learned` to the table.
+    fn on_learned(&mut self, now: Instant, ip: Ipv4Addr, mac: EthernetAddress, learned: Learned) {
+        match learned {
+            Learned::Resolved => self.resolved(now, ip, Some(mac)),
+            Learned::Changed => {
+                self.ep.update_peer_mac(now, &mut self.env, ip, mac);
+                self.resolved(now, ip, Some(mac));
+            }
+            Learned::Ignored => {}
+        }
     }
 
     /// ARP finished for `ip`: start the waiting connects, or fail them.

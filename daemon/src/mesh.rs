@@ -36,6 +36,12 @@ pub enum Handoff<B> {
         /// Its MAC.
         mac: EthernetAddress,
     },
+    /// The sending shard is about to ask for `ip` with an ARP request (so that a reply landing
+    /// on another shard counts as solicited there).
+    ArpAsked {
+        /// Address.
+        ip: Ipv4Addr,
+    },
 }
 
 /// One shard's ends of the mesh.
@@ -111,9 +117,22 @@ impl<B> Mesh<B> {
 
     /// Sends an ARP mapping to every other shard.
     pub fn broadcast_arp(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        self.broadcast(Handoff::Arp { ip, mac });
+    }
+
+    /// Sends a message without a frame (`Arp`, `ArpAsked`) to every other shard; a frame is
+    /// not sent.
+    pub fn broadcast(&mut self, h: Handoff<B>) {
+        let copy = |h: &Handoff<B>| match *h {
+            Handoff::Arp { ip, mac } => Some(Handoff::Arp { ip, mac }),
+            Handoff::ArpAsked { ip } => Some(Handoff::ArpAsked { ip }),
+            Handoff::Frame { .. } => None,
+        };
         for to in 0..self.out.len() {
             if to != self.index {
-                let _ = self.send(to, Handoff::Arp { ip, mac });
+                if let Some(h) = copy(&h) {
+                    let _ = self.send(to, h);
+                }
             }
         }
     }
@@ -186,6 +205,7 @@ mod tests {
             got.push(match h {
                 Handoff::Frame { buf, .. } => format!("frame {buf}"),
                 Handoff::Arp { ip, .. } => format!("arp {ip}"),
+                Handoff::ArpAsked { ip } => format!("asked {ip}"),
             })
         });
         got.sort();

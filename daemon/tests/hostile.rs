@@ -281,6 +281,7 @@ fn forged_arp_does_not_cut_a_peer_off() {
     let c = &ctl_json(&a.sock, "shards")["shards"][0]["counters"];
     assert!(c["arp_ignored"].as_u64().unwrap() > 0, "no reply counted as ignored: {c}");
     assert_eq!(c["arp_changed"].as_u64(), Some(0), "{c}");
+    assert!(c["arp_suspected"].as_u64().unwrap() >= 1, "the liar's MAC was not made a suspect: {c}");
     drop(ch);
     drop(m);
     drop(server);

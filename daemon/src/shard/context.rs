@@ -5,7 +5,7 @@
 use super::env::ShardEnv;
 use super::ChannelSlot;
 use crate::arp::ArpTable;
-use crate::mesh::Mesh;
+use crate::mesh::{Handoff, Mesh};
 use machnet::layout::MachnetFlow;
 use machnet::ops::Status;
 use machnet_net::port::Port;
@@ -112,6 +112,11 @@ impl<P: Port> ShardCtx<P> {
     }
 
     pub(super) fn send_arp_request(&mut self, ip: Ipv4Addr) {
+        if self.mesh.shards() > 1 {
+            // Before the request leaves: the answer reaches whichever shard owns queue 0, which
+            // must know it was asked for (see crate::arp), and reads the mesh before its queue.
+            self.mesh.broadcast(Handoff::ArpAsked { ip });
+        }
         if self.env.nic.send_arp_request(self.local, ip) {
             self.env.counters.arp_requests += 1;
         }

@@ -135,9 +135,11 @@ pub struct ShardCounters {
     pub arp_replies: u64,
     /// ARP requests sent.
     pub arp_requests: u64,
-    /// ARP replies not believed: unsolicited (no request of ours waiting), or naming a
-    /// static entry.
+    /// ARP replies not believed: unsolicited (no request of ours waiting), naming a static
+    /// entry, or from a suspect during a resolution (kept aside).
     pub arp_ignored: u64,
+    /// Unsolicited claims that made a MAC suspect for an address (see crate::arp).
+    pub arp_suspected: u64,
     /// Re-resolutions started because SYNs to a peer went unanswered.
     pub arp_revalidations: u64,
     /// Re-resolutions that found the peer at a new MAC.

@@ -1,6 +1,6 @@
-//! The `rx` stage: a burst from the port queue (ARP and ICMP echo answered here, Machnet frames
-//! to the endpoint or handed to the shard that owns their port), then what other shards handed
-//! in.
+//! The `rx` stage: what other shards handed in, then a burst from the port queue (ARP and ICMP
+//! echo answered here, Machnet frames to the endpoint or handed to the shard that owns their
+//! port).
 
 use super::context::ShardCtx;
 use crate::arp::Learned;
@@ -24,22 +24,17 @@ pub(super) struct RxStage<P: Port> {
 
 impl<P: Port> Stage<ShardCtx<P>> for RxStage<P> {
     fn poll(&mut self, now: Instant, ctx: &mut ShardCtx<P>) -> Work {
-        ctx.env.nic.port.set_time(now);
-        let mut rx = self.burst.take().expect("the receive burst is put back after every loop");
-        let mut n = ctx.env.nic.port.rx_burst(&mut rx);
-        for b in rx.drain(..) {
-            // The kernel's receive time, where the port knows it, keeps the time this frame
-            // waited for the shard out of round-trip samples.
-            let rx_at = b.rx_timestamp().unwrap_or(now);
-            ctx.on_frame(now, b, rx_at, false, self.caps);
-        }
-        self.burst = Some(rx);
+        let mut n = 0;
+        // What other shards handed in first: an `ArpAsked` must be seen before the reply it
+        // announces, which the asking shard sent after it (see crate::arp).
         if ctx.mesh.shards() > 1 {
             let mut frames: ArrayVec<(P::Buf, Instant), BURST> = ArrayVec::new();
             let mut arps: ArrayVec<(Ipv4Addr, EthernetAddress), BURST> = ArrayVec::new();
+            let arp = &mut ctx.arp;
             n += ctx.mesh.receive(BURST, |h| match h {
                 Handoff::Frame { buf, rx_at } => frames.push((buf, rx_at)),
                 Handoff::Arp { ip, mac } => arps.push((ip, mac)),
+                Handoff::ArpAsked { ip } => arp.note_asked(ip, now),
             });
             ctx.env.counters.handoff_frames_received += frames.len() as u64;
             for (buf, rx_at) in frames {
@@ -53,6 +48,16 @@ impl<P: Port> Stage<ShardCtx<P>> for RxStage<P> {
                 }
             }
         }
+        ctx.env.nic.port.set_time(now);
+        let mut rx = self.burst.take().expect("the receive burst is put back after every loop");
+        n += ctx.env.nic.port.rx_burst(&mut rx);
+        for b in rx.drain(..) {
+            // The kernel's receive time, where the port knows it, keeps the time this frame
+            // waited for the shard out of round-trip samples.
+            let rx_at = b.rx_timestamp().unwrap_or(now);
+            ctx.on_frame(now, b, rx_at, false, self.caps);
+        }
+        self.burst = Some(rx);
         if n > 0 {
             ctx.ep.flush(now, &mut ctx.env);
         }
@@ -91,14 +96,14 @@ impl<P: Port> ShardCtx<P> {
             Some(to) => match self.mesh.send(to, Handoff::Frame { buf: b, rx_at }) {
                 Ok(()) => self.env.counters.handoff_frames_sent += 1,
                 Err(Handoff::Frame { buf, .. }) => self.env.nic.port.free(buf),
-                Err(Handoff::Arp { .. }) => {}
+                Err(Handoff::Arp { .. } | Handoff::ArpAsked { .. }) => {}
             },
             None => self.env.nic.port.free(b),
         }
     }
 
     /// An ARP reply did `learned` to the table.
-    fn on_learned(&mut self, now: Instant, ip: Ipv4Addr, mac: EthernetAddress, learned: Learned) {
+    pub(super) fn on_learned(&mut self, now: Instant, ip: Ipv4Addr, mac: EthernetAddress, learned: Learned) {
         match learned {
             Learned::Ignored => self.env.counters.arp_ignored += 1,
             Learned::Resolved => self.run_pending(now, ip, Some(mac)),

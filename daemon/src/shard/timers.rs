@@ -2,9 +2,11 @@
 //! retries and failures, and re-resolution of peers whose SYNs go unanswered.
 
 use super::context::ShardCtx;
+use crate::arp::Learned;
 use arrayvec::ArrayVec;
 use machnet_net::port::Port;
 use machnet_net::time::Instant;
+use machnet_net::wire::EthernetAddress;
 use machnet_runtime::stage::{Stage, Work};
 use std::net::Ipv4Addr;
 
@@ -34,7 +36,12 @@ impl<P: Port> Stage<ShardCtx<P>> for TimersStage {
             n += 1;
             // Both lists have room for every resolution the table can hold.
             let (mut send, mut failed) = (core::mem::take(&mut self.arp_send), core::mem::take(&mut self.arp_failed));
-            ctx.arp.poll(now, |ip| send.push(ip), |ip| failed.push(ip));
+            let mut learned: ArrayVec<(Ipv4Addr, EthernetAddress, Learned), 16> = ArrayVec::new();
+            ctx.arp.poll(now, |ip| send.push(ip), |ip| failed.push(ip), |ip, mac, l| learned.push((ip, mac, l)));
+            for (ip, mac, l) in learned {
+                // A suspect's answer, the only one a resolution got.
+                ctx.on_learned(now, ip, mac, l);
+            }
             for ip in send.drain(..) {
                 ctx.send_arp_request(ip);
             }

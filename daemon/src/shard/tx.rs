@@ -39,6 +39,7 @@ impl<P: Port> Stage<ShardCtx<P>> for TxStage {
 impl TxStage {
     pub(super) fn publish<P: Port>(&mut self, ctx: &mut ShardCtx<P>) {
         ctx.env.counters.handoff_sent = ctx.mesh.sent;
+        ctx.env.counters.arp_suspected = ctx.arp.suspected;
         ctx.env.counters.handoff_received = ctx.mesh.received;
         ctx.env.counters.handoff_dropped = ctx.mesh.dropped;
         ctx.env.counters.tx_dropped = ctx.env.nic.dropped;
