@@ -13,7 +13,7 @@
 //! ```
 //!
 //! `machnet_config` maps one interface MAC to `ip` (required), `engine_threads` (number,
-//! default 1), `cpu_mask` (hex string, default all CPUs) and `pcie` (PCI address or DPDK vdev
+//! default 1), `cpu_mask` (hex string, default all CPUs) and `pcie` (PCI address, VMBus GUID or DPDK vdev
 //! string). `machnet_rs` is optional; its keys are documented on [`Extension`] and in
 //! `docs/operations.md`. Unknown keys anywhere are errors; every error names the file, the key
 //! and the reason.
@@ -239,7 +239,8 @@ pub struct ArpSection {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DpdkSection {
-    /// The device: a PCI address (`0000:00:04.0`) or a DPDK vdev string
+    /// The device: a PCI address (`0000:00:04.0`), a VMBus GUID for DPDK's netvsc PMD
+    /// (Azure's synthetic NIC bound to `uio_hv_generic`), or a DPDK vdev string
     /// (`net_memif0,role=server,socket=/run/m.sock`); default: `machnet_config.<MAC>.pcie`.
     pub device: Option<String>,
     /// More EAL arguments, appended to machnetd's own (`--no-shconf --file-prefix <unique>

@@ -91,7 +91,7 @@ impl DpdkBackend {
         }
         let device = device.as_str();
         let spec = DeviceSpec::parse(device);
-        let pci = matches!(spec, DeviceSpec::Pci(_));
+        let pci = spec.is_hardware();
         let mut args = EalArgs::new(&unique_file_prefix("machnetd"))
             .hugepages(d.hugepages.unwrap_or(pci))
             .memory_mb(d.memory_mb.unwrap_or(256))

@@ -40,6 +40,22 @@ pub enum DeviceSpec {
     Vdev(String),
     /// A PCI address, normalised to `dddd:bb:dd.f`.
     Pci(String),
+    /// A VMBus device (Hyper-V / Azure's synthetic NIC, bound to `uio_hv_generic`) for DPDK's
+    /// netvsc PMD: its instance GUID, lower-case, with optional `,key=value` device arguments
+    /// (`latency=`, `rx_copybreak=`, ...).
+    Vmbus(String),
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (hex digits), lower-cased.
+fn normalize_guid(s: &str) -> Option<String> {
+    let groups: Vec<&str> = s.split('-').collect();
+    let lens = [8, 4, 4, 4, 12];
+    if groups.len() != 5
+        || groups.iter().zip(lens).any(|(g, n)| g.len() != n || !g.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return None;
+    }
+    Some(s.to_ascii_lowercase())
 }
 
 fn normalize_pci(s: &str) -> Option<String> {
@@ -65,35 +81,48 @@ fn normalize_pci(s: &str) -> Option<String> {
 }
 
 impl DeviceSpec {
-    /// A PCI address (`[dddd:]bb:dd.f`) or else a vdev string.
+    /// A PCI address (`[dddd:]bb:dd.f`), a VMBus GUID (`GUID[,args]`), or else a vdev string.
     pub fn parse(s: &str) -> DeviceSpec {
         let s = s.trim();
-        match normalize_pci(s) {
-            Some(addr) => DeviceSpec::Pci(addr),
-            None => DeviceSpec::Vdev(s.to_string()),
+        if let Some(addr) = normalize_pci(s) {
+            return DeviceSpec::Pci(addr);
         }
+        let (head, args) = s.split_once(',').map_or((s, None), |(h, a)| (h, Some(a)));
+        match (normalize_guid(head), args) {
+            (Some(g), None) => DeviceSpec::Vmbus(g),
+            (Some(g), Some(a)) => DeviceSpec::Vmbus(format!("{g},{a}")),
+            (None, _) => DeviceSpec::Vdev(s.to_string()),
+        }
+    }
+
+    /// True for devices on a hardware bus (PCI, VMBus): they want hugepages, and the PCI bus
+    /// stays enabled (netvsc finds its accelerated-networking VF there).
+    pub fn is_hardware(&self) -> bool {
+        matches!(self, DeviceSpec::Pci(_) | DeviceSpec::Vmbus(_))
     }
 
     /// The ethdev name DPDK gives the port: the vdev string up to its first comma, or the PCI
     /// address.
     pub fn name(&self) -> &str {
         match self {
-            DeviceSpec::Vdev(s) => s.split(',').next().unwrap_or(s),
+            DeviceSpec::Vdev(s) | DeviceSpec::Vmbus(s) => s.split(',').next().unwrap_or(s),
             DeviceSpec::Pci(a) => a,
         }
     }
 
-    /// The EAL arguments that probe this device: `--vdev <string>` or `-a <address>`.
+    /// The EAL arguments that probe this device: `--vdev <string>`, or `-a <address>` for a
+    /// PCI address or VMBus GUID (EAL's VMBus bus takes the GUID, with the netvsc arguments
+    /// after it, in its allow list).
     pub fn eal_args(&self) -> [String; 2] {
         match self {
             DeviceSpec::Vdev(s) => ["--vdev".to_string(), s.clone()],
-            DeviceSpec::Pci(a) => ["-a".to_string(), a.clone()],
+            DeviceSpec::Pci(a) | DeviceSpec::Vmbus(a) => ["-a".to_string(), a.clone()],
         }
     }
 
     fn devargs(&self) -> &str {
         match self {
-            DeviceSpec::Vdev(s) | DeviceSpec::Pci(s) => s,
+            DeviceSpec::Vdev(s) | DeviceSpec::Pci(s) | DeviceSpec::Vmbus(s) => s,
         }
     }
 }
@@ -982,6 +1011,20 @@ mod tests {
         assert!(matches!(DeviceSpec::parse("00:20.0"), DeviceSpec::Vdev(_)));
         assert!(matches!(DeviceSpec::parse("zz:00.0"), DeviceSpec::Vdev(_)));
         assert!(matches!(DeviceSpec::parse("0:0:0:0.0"), DeviceSpec::Vdev(_)));
+        // Azure's synthetic NIC, as `driverctl -b vmbus set-override <GUID> uio_hv_generic`
+        // names it.
+        let g = DeviceSpec::parse("7A2D5B3E-1C4F-4E8A-9B6D-0F1E2D3C4B5A");
+        assert_eq!(g, DeviceSpec::Vmbus("7a2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5a".into()));
+        assert_eq!(g.name(), "7a2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5a", "netvsc names its port by the GUID");
+        assert_eq!(g.eal_args(), ["-a".to_string(), "7a2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5a".to_string()]);
+        assert!(g.is_hardware());
+        let g = DeviceSpec::parse("7a2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5a,latency=0");
+        assert_eq!(g.name(), "7a2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5a");
+        assert_eq!(g.eal_args()[1], "7a2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5a,latency=0");
+        // Not a GUID: wrong group lengths, non-hex.
+        assert!(matches!(DeviceSpec::parse("7a2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5"), DeviceSpec::Vdev(_)));
+        assert!(matches!(DeviceSpec::parse("ga2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5a"), DeviceSpec::Vdev(_)));
+        assert!(!DeviceSpec::parse("net_null0").is_hardware());
     }
 
     fn udp_frame() -> Vec<u8> {

@@ -235,7 +235,7 @@ impl EalArgs {
             a.extend(["--no-huge".to_string(), "-m".to_string(), self.memory_mb.to_string()]);
             a.push("--no-shconf".to_string());
         }
-        if !self.devices.iter().any(|d| matches!(d, DeviceSpec::Pci(_))) {
+        if !self.devices.iter().any(DeviceSpec::is_hardware) {
             a.push("--no-pci".to_string());
         }
         a.extend(["--file-prefix".to_string(), self.file_prefix.clone()]);
@@ -333,6 +333,14 @@ mod tests {
         let pci = DeviceSpec::parse("00:04.0");
         let a = EalArgs::new("t-2").hugepages(true).device(&pci).build();
         assert_eq!(a.join(" "), "--in-memory --file-prefix t-2 --no-telemetry --log-level=error -a 0000:00:04.0");
+        // Azure's route: the synthetic NIC's GUID for netvsc, hugepages, and the PCI bus left on
+        // (netvsc takes over the accelerated-networking VF with the same MAC from it).
+        let vmbus = DeviceSpec::parse("7a2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5a");
+        let a = EalArgs::new("t-3").hugepages(true).device(&vmbus).build();
+        assert_eq!(
+            a.join(" "),
+            "--in-memory --file-prefix t-3 --no-telemetry --log-level=error -a 7a2d5b3e-1c4f-4e8a-9b6d-0f1e2d3c4b5a"
+        );
         assert_ne!(unique_file_prefix("x"), unique_file_prefix("x"));
     }
 
