@@ -55,6 +55,7 @@ fi
 if want test; then
   command -v c++ >/dev/null 2>&1 || need_apt g++ "the drop-in test builds a C++ Machnet application"
   [ -e /usr/include/gflags/gflags.h ] || need_apt libgflags-dev "the drop-in test builds a C++ application with gflags, as the original's examples"
+  command -v tshark >/dev/null 2>&1 || need_apt tshark "the capture test reads machnetctl capture's pcapng with tshark and tools/wireshark/machnet.lua"
   command -v ip >/dev/null 2>&1 || need_apt iproute2 "ip creates the network namespaces and veth pairs of the DPDK tests"
   # Debian's python (/usr/bin/python3) is the one apt's modules serve; a pyenv python3 earlier on
   # PATH does not see them.

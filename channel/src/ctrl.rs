@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | 0 | 4 | magic `MNCT` (0x54434E4D) |
 //! | 4 | 2 | version (1) |
-//! | 6 | 2 | kind: 1 REGISTER, 2 CREATE_CHANNEL, 3 DETACH_CHANNEL; a reply sets bit 15; 0xFFFF = error reply to an unparsable message |
+//! | 6 | 2 | kind: 1 REGISTER, 2 CREATE_CHANNEL, 3 DETACH_CHANNEL, 4 STATS, 5 CAPTURE; a reply sets bit 15; 0xFFFF = error reply to an unparsable message |
 //! | 8 | 4 | seq: chosen by the client, echoed |
 //! | 12 | 4 | status ([`Status`] code; 0 in requests) |
 //! | 16 | 8 | channel id (CREATE reply, DETACH request) |
@@ -22,7 +22,7 @@
 //! | 28 | 4 | uid (same) |
 //! | 32 | 4 | gid (same) |
 //! | 36 | 4 | number of descriptors attached (CREATE reply: 3) |
-//! | 40 | 24 | reserved, zero |
+//! | 40 | 24 | arguments of CAPTURE (see [`KIND_CAPTURE`]); otherwise reserved, zero |
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -54,6 +54,19 @@ pub const KIND_DETACH_CHANNEL: u16 = 3;
 /// the handler interprets; the reply carries one descriptor, a sealed memfd holding the
 /// answer (JSON), whose length is in the reply's `channel` field.
 pub const KIND_STATS: u16 = 4;
+/// Request: packet capture (`machnetctl capture`; no registration needed, the statistics
+/// access rules apply). `channel` is the operation: [`CAPTURE_START`] (bytes 40..64 carry the
+/// filter, see the daemon's `capture` module), [`CAPTURE_READ`], [`CAPTURE_STOP`]. The reply
+/// carries a sealed memfd like `STATS`: pcapng bytes after a 16-byte prefix (captures dropped
+/// so far, packets in this reply; two little-endian u64). A capture belongs to the connection
+/// that started it and stops when that connection closes.
+pub const KIND_CAPTURE: u16 = 5;
+/// [`KIND_CAPTURE`] operation: start; the reply holds the pcapng section and interface headers.
+pub const CAPTURE_START: u64 = 1;
+/// [`KIND_CAPTURE`] operation: the packets captured since the last read.
+pub const CAPTURE_READ: u64 = 2;
+/// [`KIND_CAPTURE`] operation: stop; the reply holds the last packets.
+pub const CAPTURE_STOP: u64 = 3;
 /// Largest statistics reply a client accepts.
 pub const STATS_LIMIT: usize = 64 << 20;
 /// Bit set in the kind of every reply.
@@ -87,6 +100,8 @@ pub struct CtrlMsg {
     pub gid: u32,
     /// Descriptors attached.
     pub nfds: u32,
+    /// Bytes 40..64: request arguments ([`KIND_CAPTURE`]); zero otherwise.
+    pub args: [u8; 24],
 }
 
 /// Why a message could not be parsed.
@@ -122,6 +137,7 @@ impl CtrlMsg {
         b[28..32].copy_from_slice(&self.uid.to_le_bytes());
         b[32..36].copy_from_slice(&self.gid.to_le_bytes());
         b[36..40].copy_from_slice(&self.nfds.to_le_bytes());
+        b[40..64].copy_from_slice(&self.args);
         b
     }
 
@@ -145,6 +161,7 @@ impl CtrlMsg {
             uid: u32_at(28),
             gid: u32_at(32),
             nfds: u32_at(36),
+            args: b[40..64].try_into().unwrap(),
         })
     }
 }
@@ -279,6 +296,17 @@ pub trait CtrlHandler {
     fn stats(&mut self, cred: PeerCred, selector: u64) -> Result<Vec<u8>, Status> {
         let _ = (cred, selector);
         Err(Status::BadRequest)
+    }
+    /// A packet-capture request (`KIND_CAPTURE`, operation `op`, arguments `args`) on
+    /// connection `conn`: the reply bytes or an error status. Not supported by default.
+    fn capture(&mut self, conn: AppId, cred: PeerCred, op: u64, args: [u8; 24]) -> Result<Vec<u8>, Status> {
+        let _ = (conn, cred, op, args);
+        Err(Status::BadRequest)
+    }
+    /// Connection `conn` closed, registered or not (after [`app_gone`](Self::app_gone) for a
+    /// registered one).
+    fn conn_closed(&mut self, conn: AppId) {
+        let _ = conn;
     }
 }
 
@@ -427,6 +455,7 @@ impl CtrlServer {
             if c.registered {
                 handler.app_gone(c.app);
             }
+            handler.conn_closed(c.app);
             done += 1;
         }
         if pfds[0].revents != 0 {
@@ -444,8 +473,11 @@ impl CtrlServer {
                         done += answered;
                         if alive {
                             self.conns.push(c);
-                        } else if c.registered {
-                            handler.app_gone(c.app);
+                        } else {
+                            if c.registered {
+                                handler.app_gone(c.app);
+                            }
+                            handler.conn_closed(c.app);
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -527,7 +559,11 @@ impl CtrlServer {
                 }
                 Err(s) => send_all(&c.stream, &req.reply(s).encode(), &[]),
             },
-            KIND_STATS => match handler.stats(c.cred, req.channel) {
+            KIND_STATS | KIND_CAPTURE => match if req.kind == KIND_STATS {
+                handler.stats(c.cred, req.channel)
+            } else {
+                handler.capture(c.app, c.cred, req.channel, req.args)
+            } {
                 Ok(bytes) => match crate::shm::sealed_bytes("machnet-stats", &bytes) {
                     Ok(fd) => {
                         let mut m = req.reply(Status::Ok);
@@ -616,7 +652,16 @@ impl CtrlClient {
     /// Asks for the daemon's statistics (`selector` as the daemon defines it); returns the
     /// reply's bytes.
     pub fn stats(&mut self, selector: u64) -> Result<Vec<u8>, CallError> {
-        let (m, fds) = self.call(KIND_STATS, selector)?;
+        self.call_for_bytes(KIND_STATS, selector, [0; 24])
+    }
+
+    /// A packet-capture request ([`KIND_CAPTURE`]); returns the reply's bytes.
+    pub fn capture(&mut self, op: u64, args: [u8; 24]) -> Result<Vec<u8>, CallError> {
+        self.call_for_bytes(KIND_CAPTURE, op, args)
+    }
+
+    fn call_for_bytes(&mut self, kind: u16, channel: u64, args: [u8; 24]) -> Result<Vec<u8>, CallError> {
+        let (m, fds) = self.call_with(kind, channel, args)?;
         let fd = fds.first().ok_or(CallError::Protocol)?;
         let bytes = crate::shm::read_all_at(fd.as_fd(), STATS_LIMIT).map_err(CallError::Io)?;
         if bytes.len() as u64 != m.channel {
@@ -632,6 +677,10 @@ impl CtrlClient {
     /// put every later call out of step. A timeout in the middle of a message cannot be
     /// recovered from: the connection is then reported broken.
     pub fn call(&mut self, kind: u16, channel: u64) -> Result<(CtrlMsg, Vec<OwnedFd>), CallError> {
+        self.call_with(kind, channel, [0; 24])
+    }
+
+    fn call_with(&mut self, kind: u16, channel: u64, args: [u8; 24]) -> Result<(CtrlMsg, Vec<OwnedFd>), CallError> {
         if self.broken {
             return Err(CallError::Io(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -641,6 +690,7 @@ impl CtrlClient {
         self.seq = self.seq.wrapping_add(1);
         let mut req = CtrlMsg::request(kind, self.seq);
         req.channel = channel;
+        req.args = args;
         if let Err(e) = self.send_all(&req.encode()) {
             // Part of the request may have gone out.
             self.broken = true;
@@ -722,8 +772,11 @@ mod tests {
             uid: 2,
             gid: 3,
             nfds: 3,
+            args: core::array::from_fn(|i| i as u8 + 1),
         };
         let b = m.encode();
+        assert_eq!(b[40], 1, "the arguments fill bytes 40..64");
+        assert_eq!(b[63], 24);
         assert_eq!(&b[0..4], b"MNCT");
         assert_eq!(CtrlMsg::decode(&b), Ok(m));
         let mut bad = b;

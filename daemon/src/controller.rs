@@ -3,9 +3,10 @@
 //! its shard close everything it owned. It also answers statistics requests (`machnetctl`)
 //! from the snapshots the shards publish, and applies the access list.
 
+use crate::capture;
 use crate::shard::{ChannelSlot, Reporting, ShardCmd, ShardReport};
 use hashbrown::HashMap;
-use machnet::ctrl::{AppId, ChannelGrant, CtrlHandler, PeerCred};
+use machnet::ctrl::{AppId, ChannelGrant, CtrlHandler, PeerCred, CAPTURE_READ, CAPTURE_START, CAPTURE_STOP};
 use machnet::engine::{EngineChannel, Violation};
 use machnet::layout::ChannelConfig;
 use machnet::ops::Status;
@@ -125,6 +126,26 @@ pub struct Controller {
     started: Instant,
     /// Registrations and statistics requests refused by the access list.
     refused: u64,
+    /// The packet capture in progress, if any.
+    capture: Option<CaptureSession>,
+}
+
+/// A `machnetctl capture`: its connection, each shard's reader, and the offset from the
+/// shards' clock (`CLOCK_MONOTONIC`) to the wall clock at its start.
+struct CaptureSession {
+    conn: AppId,
+    readers: Vec<capture::Reader>,
+    offset_ns: i128,
+}
+
+/// Most packets one capture read returns (about 9 MiB of pcapng at the largest snapshot).
+const CAPTURE_READ_MAX: usize = 1024;
+
+fn clock_ns(id: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
 impl Controller {
@@ -143,6 +164,7 @@ impl Controller {
             access: Access::default(),
             started: Instant::now(),
             refused: 0,
+            capture: None,
         }
     }
 
@@ -390,6 +412,32 @@ impl Controller {
         Ok(())
     }
 
+    /// Stops the capture, if any: the shards drop their taps; returns what was still waiting.
+    fn stop_capture(&mut self) -> Option<CaptureSession> {
+        let s = self.capture.take()?;
+        for i in 0..self.shards.len() {
+            let _ = self.send(i, ShardCmd::Capture(None));
+        }
+        log::info!("packet capture stopped ({} captures dropped)", s.readers.iter().map(|r| r.dropped()).sum::<u64>());
+        Some(s)
+    }
+
+    /// The prefix (drops so far, packets) and pcapng blocks of up to `max` captured packets.
+    fn capture_packets(s: &mut CaptureSession, head: Vec<u8>, max: usize) -> Vec<u8> {
+        let mut body = head;
+        let mut packets = 0;
+        let offset = s.offset_ns;
+        for (i, r) in s.readers.iter_mut().enumerate() {
+            packets += r.drain(max - packets, |rec| capture::pcapng_packet(&mut body, i as u32, rec, offset));
+        }
+        let dropped: u64 = s.readers.iter().map(|r| r.dropped()).sum();
+        let mut out = Vec::with_capacity(16 + body.len());
+        out.extend_from_slice(&dropped.to_le_bytes());
+        out.extend_from_slice(&(packets as u64).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
     /// Tells every shard to reset its flows and stop.
     pub fn shutdown(&mut self) {
         for i in 0..self.shards.len() {
@@ -427,6 +475,58 @@ impl CtrlHandler for Controller {
             return Err(Status::NotPermitted);
         }
         serde_json::to_vec(&self.stats_json(selector)).map_err(|_| Status::Internal)
+    }
+
+    fn capture(&mut self, conn: AppId, cred: PeerCred, op: u64, args: [u8; 24]) -> Result<Vec<u8>, Status> {
+        if !self.access.allows(&cred) {
+            self.refused += 1;
+            log::warn!(
+                "packet capture refused: pid {} uid {} gid {} is not on the access list",
+                cred.pid,
+                cred.uid,
+                cred.gid
+            );
+            return Err(Status::NotPermitted);
+        }
+        match op {
+            CAPTURE_START => {
+                let (filter, snaplen) = capture::decode_args(&args).ok_or(Status::BadRequest)?;
+                if self.capture.is_some() {
+                    // One at a time: a second would halve what each sees.
+                    return Err(Status::AddrInUse);
+                }
+                let now = machnet_net::time::Instant::from_nanos(machnet_runtime::clock::monotonic_ns());
+                let mut readers = Vec::with_capacity(self.shards.len());
+                for i in 0..self.shards.len() {
+                    let (tap, reader) = capture::tap(filter, snaplen, now);
+                    self.send(i, ShardCmd::Capture(Some(Box::new(tap))))?;
+                    readers.push(reader);
+                }
+                let offset_ns = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
+                log::info!("packet capture started by pid {}: {filter:?}, snaplen {snaplen}", cred.pid);
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                let head = capture::pcapng_header(self.shards.len(), snaplen.min(capture::MAX_SNAPLEN), host.trim());
+                let mut s = CaptureSession { conn, readers, offset_ns };
+                let out = Self::capture_packets(&mut s, head, 0);
+                self.capture = Some(s);
+                Ok(out)
+            }
+            CAPTURE_READ | CAPTURE_STOP => {
+                let Some(s) = self.capture.as_mut().filter(|s| s.conn == conn) else { return Err(Status::BadRequest) };
+                let out = Self::capture_packets(s, Vec::new(), CAPTURE_READ_MAX);
+                if op == CAPTURE_STOP {
+                    self.stop_capture();
+                }
+                Ok(out)
+            }
+            _ => Err(Status::BadRequest),
+        }
+    }
+
+    fn conn_closed(&mut self, conn: AppId) {
+        if self.capture.as_ref().is_some_and(|s| s.conn == conn) {
+            self.stop_capture();
+        }
     }
 
     fn create_channel(&mut self, app: AppId) -> Result<ChannelGrant, Status> {

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod arp;
+pub mod capture;
 pub mod config;
 pub mod controller;
 #[cfg(feature = "dpdk")]

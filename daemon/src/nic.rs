@@ -2,6 +2,7 @@
 //! answers to ARP and ICMP echo. Shared by the daemon's shards and the embedded mode.
 
 use crate::arp::{ArpTable, Learned};
+use crate::capture::{Dir, Tap};
 use machnet_net::port::{Burst, PacketBuf, Port};
 use machnet_net::time::Instant;
 use machnet_net::wire::{
@@ -23,17 +24,29 @@ pub struct PortTx<P: Port> {
     pub caps: ChecksumCaps,
     /// Frames dropped: no buffer, or a frame that would not build.
     pub dropped: u64,
+    /// A packet capture in progress (`machnetctl capture`).
+    pub tap: Option<Box<Tap>>,
+    /// Frames at the head of `txq` already captured.
+    captured: usize,
 }
 
 impl<P: Port> PortTx<P> {
     /// Wraps `port`.
     pub fn new(port: P) -> Self {
         let caps = port.capabilities().checksum;
-        PortTx { port, txq: Burst::new(), caps, dropped: 0 }
+        PortTx { port, txq: Burst::new(), caps, dropped: 0, tap: None, captured: 0 }
     }
 
     /// Sends what is queued; what the device refuses stays queued (the caller retries).
     pub fn flush(&mut self) -> usize {
+        if let Some(t) = self.tap.as_deref_mut() {
+            // Each frame once, however many flushes it waits.
+            let now = t.now;
+            for b in self.txq.iter().skip(self.captured) {
+                t.frame(Dir::Out, now, b.frame());
+            }
+            self.captured = self.txq.len();
+        }
         let mut sent = 0;
         for _ in 0..4 {
             if self.txq.is_empty() {
@@ -45,6 +58,7 @@ impl<P: Port> PortTx<P> {
                 break;
             }
         }
+        self.captured = self.captured.saturating_sub(sent);
         sent
     }
 

@@ -29,7 +29,7 @@ struct Cli {
     what: What,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum What {
     /// Address, backend and port, shards, uptime, totals.
     Status,
@@ -43,15 +43,116 @@ enum What {
     Apps,
     /// ARP tables.
     Arp,
+    /// Capture the frames the shards receive and send, as pcapng (`tcpdump -r`, `tshark -r`,
+    /// Wireshark; tools/wireshark/machnet.lua decodes the Machnet header). Stops after
+    /// --count packets, --duration seconds, or at Ctrl-C.
+    Capture(CaptureArgs),
 }
 
-fn selector(w: What) -> u64 {
+#[derive(clap::Args, Debug, Clone)]
+struct CaptureArgs {
+    /// Write the capture to FILE; '-' is standard output (`machnetctl capture -w - | tshark -r -`).
+    #[arg(short = 'w', long = "write", value_name = "FILE", default_value = "-")]
+    write: String,
+    /// Stop after N packets.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Stop after S seconds.
+    #[arg(long, value_name = "S")]
+    duration: Option<f64>,
+    /// Only the frames of one flow, either direction: LOCAL_IP:PORT-REMOTE_IP:PORT as
+    /// `machnetctl flows` prints it.
+    #[arg(long, value_name = "LOCAL:PORT-REMOTE:PORT")]
+    flow: Option<String>,
+    /// Only IPv4 frames from or to this address.
+    #[arg(long)]
+    ip: Option<std::net::Ipv4Addr>,
+    /// Only UDP frames from or to this port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Bytes kept of each frame (1..=9216).
+    #[arg(long, default_value_t = 9216, value_parser = clap::value_parser!(u16).range(1..=9216))]
+    snaplen: u16,
+}
+
+fn selector(w: &What) -> u64 {
     match w {
         What::Flows => STATS_FLOWS | STATS_CHANNELS,
         What::Channels => STATS_CHANNELS,
         What::Arp => STATS_ARP,
-        What::Status | What::Shards | What::Apps => 0,
+        What::Status | What::Shards | What::Apps | What::Capture(_) => 0,
     }
+}
+
+fn parse_flow(s: &str) -> Result<(u16, std::net::Ipv4Addr, u16), String> {
+    let bad = || format!("--flow {s:?}: expected LOCAL_IP:PORT-REMOTE_IP:PORT, e.g. 198.18.0.1:1024-198.18.0.2:888");
+    let (l, r) = s.split_once('-').ok_or_else(bad)?;
+    let l: std::net::SocketAddrV4 = l.trim().parse().map_err(|_| bad())?;
+    let r: std::net::SocketAddrV4 = r.trim().parse().map_err(|_| bad())?;
+    Ok((l.port(), *r.ip(), r.port()))
+}
+
+/// `machnetctl capture`: start, read every 20 ms, stop; the pcapng goes to the file or stdout.
+fn capture(path: &std::path::Path, a: &CaptureArgs, stop: &std::sync::atomic::AtomicBool) -> Result<String, String> {
+    use machnet::ctrl::{CAPTURE_READ, CAPTURE_START, CAPTURE_STOP};
+    use machnet_daemon::capture::{encode_args, first_packets, Filter};
+    use std::io::Write;
+    let flow = a.flow.as_deref().map(parse_flow).transpose()?;
+    let filter = Filter { ip: a.ip, port: a.port, flow };
+    let hint = "is machnetd running? (--ctrl-sock or MACHNET_CTRL_SOCK names its socket)";
+    let mut c = CtrlClient::connect(path, Duration::from_secs(5))
+        .map_err(|e| format!("cannot reach machnetd at {}: {e}; {hint}", path.display()))?;
+    let call_err = |e: CallError| match e {
+        CallError::Status(Status::NotPermitted) => "machnetd refused: this user is not on its access list".to_string(),
+        CallError::Status(Status::AddrInUse) => "another capture is running on this machnetd".to_string(),
+        CallError::Status(Status::BadRequest) => {
+            "machnetd does not support packet capture (an older version?)".to_string()
+        }
+        e => format!("capture request failed: {e:?}"),
+    };
+    let mut out: Box<dyn Write> = if a.write == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&a.write).map_err(|e| format!("cannot create {}: {e}", a.write))?,
+        ))
+    };
+    let split = |reply: Vec<u8>| -> Result<(u64, Vec<u8>), String> {
+        if reply.len() < 16 {
+            return Err("short capture reply from machnetd".into());
+        }
+        Ok((u64::from_le_bytes(reply[0..8].try_into().unwrap()), reply[16..].to_vec()))
+    };
+    let (_, head) = split(c.capture(CAPTURE_START, encode_args(&filter, usize::from(a.snaplen))).map_err(call_err)?)?;
+    out.write_all(&head).and_then(|_| out.flush()).map_err(|e| format!("cannot write the capture: {e}"))?;
+    let until = a.duration.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let (mut written, mut dropped) = (0u64, 0u64);
+    let mut last = false;
+    while !last {
+        last = stop.load(std::sync::atomic::Ordering::Relaxed) || until.is_some_and(|t| std::time::Instant::now() >= t);
+        if !last {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let op = if last { CAPTURE_STOP } else { CAPTURE_READ };
+        let (d, body) = split(c.capture(op, [0; 24]).map_err(call_err)?)?;
+        dropped = d;
+        let want = a.count.map_or(usize::MAX, |n| (n - written) as usize);
+        let (len, n) = first_packets(&body, want);
+        written += n as u64;
+        if let Err(e) = out.write_all(&body[..len]).and_then(|_| out.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                // The reader went away (`| head`): a normal end.
+                let _ = c.capture(CAPTURE_STOP, [0; 24]);
+                break;
+            }
+            return Err(format!("cannot write the capture: {e}"));
+        }
+        if a.count.is_some_and(|n| written >= n) && !last {
+            let _ = c.capture(CAPTURE_STOP, [0; 24]);
+            break;
+        }
+    }
+    Ok(format!("{written} packets captured; {dropped} not captured (the capture fell behind the traffic)"))
 }
 
 fn fetch(path: &std::path::Path, sel: u64) -> Result<Value, String> {
@@ -150,7 +251,7 @@ fn bytes(b: u64) -> String {
     }
 }
 
-fn render(what: What, d: &Value) -> String {
+fn render(what: &What, d: &Value) -> String {
     match what {
         What::Status => {
             let st = &d["status"];
@@ -355,6 +456,7 @@ fn render(what: What, d: &Value) -> String {
             }
             t.render()
         }
+        What::Capture(_) => String::new(),
     }
 }
 
@@ -365,8 +467,20 @@ fn main() -> ExitCode {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let _ = signal_hook::flag::register(sig, stop.clone());
     }
+    if let What::Capture(a) = &cli.what {
+        return match capture(&path, a, &stop) {
+            Ok(summary) => {
+                eprintln!("machnetctl: {summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("machnetctl: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     loop {
-        match fetch(&path, selector(cli.what)) {
+        match fetch(&path, selector(&cli.what)) {
             Ok(doc) => {
                 if cli.watch.is_some() {
                     // Clear the screen, home the cursor.
@@ -375,7 +489,7 @@ fn main() -> ExitCode {
                 if cli.json {
                     println!("{}", serde_json::to_string_pretty(&doc).expect("serialisable"));
                 } else {
-                    print!("{}", render(cli.what, &doc));
+                    print!("{}", render(&cli.what, &doc));
                 }
             }
             Err(e) => {

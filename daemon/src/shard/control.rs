@@ -61,6 +61,18 @@ impl<P: Port> Stage<ShardCtx<P>> for ControlStage {
                         ctx.start_linger(now, owner, linger);
                     }
                 }
+                Ok(ShardCmd::Capture(tap)) => {
+                    n += 1;
+                    match &tap {
+                        Some(_) => log::info!("shard {}: packet capture started", ctx.index),
+                        None if ctx.env.nic.tap.is_some() => log::info!("shard {}: packet capture stopped", ctx.index),
+                        None => {}
+                    }
+                    ctx.env.nic.tap = tap.map(|mut t| {
+                        t.now = now;
+                        t
+                    });
+                }
                 Ok(ShardCmd::Shutdown) | Err(TryRecvError::Disconnected) => {
                     ctx.shutdown(now);
                     return Work(n + 1);

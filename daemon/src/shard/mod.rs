@@ -122,6 +122,8 @@ pub enum ShardCmd {
         /// its flows get the shorter `gone_linger`, so its peers learn of it promptly.
         gone: bool,
     },
+    /// Start (`Some`) or stop (`None`) capturing this shard's frames.
+    Capture(Option<Box<crate::capture::Tap>>),
     /// Reset every flow, tell the applications, and stop.
     Shutdown,
 }

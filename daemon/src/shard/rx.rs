@@ -4,6 +4,7 @@
 
 use super::context::ShardCtx;
 use crate::arp::Learned;
+use crate::capture::Dir;
 use crate::mesh::Handoff;
 use crate::nic::{handle_frame, Rx};
 use arrayvec::ArrayVec;
@@ -51,6 +52,12 @@ impl<P: Port> Stage<ShardCtx<P>> for RxStage<P> {
         ctx.env.nic.port.set_time(now);
         let mut rx = self.burst.take().expect("the receive burst is put back after every loop");
         n += ctx.env.nic.port.rx_burst(&mut rx);
+        if let Some(t) = ctx.env.nic.tap.as_deref_mut() {
+            t.now = now;
+            for b in rx.iter() {
+                t.frame(Dir::In, b.rx_timestamp().unwrap_or(now), b.frame());
+            }
+        }
         for b in rx.drain(..) {
             // The kernel's receive time, where the port knows it, keeps the time this frame
             // waited for the shard out of round-trip samples.
