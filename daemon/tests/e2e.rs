@@ -67,11 +67,13 @@ fn child_sender() {
 
 #[test]
 fn sigkill_mid_transfer_reclaims_everything() {
-    // The child queues as fast as the channel takes messages, so at its death up to the whole
-    // transmit pool (12 MiB) waits; on a loaded host the flow drains that at about 20 MB/s
-    // (cwnd 32 over a 1.5 ms smoothed RTT, seen beside two CPU hogs: 600 ms), longer than the
-    // default 500 ms a dead application's flows get, so A gives them the most (2 s).
-    let (a, b) = Daemon::pair_with(r#", "channel": {"gone_linger_ms": 2000}"#, "");
+    // The child queues as fast as the channel takes messages, so at its death the whole of
+    // its transmit pool may wait. A loaded host's udp backend drains a flow at 5-20 MB/s
+    // (cwnd 32 over a smoothed RTT of 1.5 ms and more, seen beside two CPU hogs): the default
+    // pool (12 MiB) took longer than even 2 s, the most a dead application's flows get, and
+    // the flow was reset. A's channels have 2048 buffers each way (2 MiB), A gives dead
+    // applications' flows 2 s.
+    let (a, b) = Daemon::pair_with(r#", "channel": {"buffers": 2048, "gone_linger_ms": 2000}"#, "");
     let mb = b.app();
     let mut rx = mb.attach().unwrap();
     rx.listen(IP_B, PORT).unwrap();
@@ -90,7 +92,7 @@ fn sigkill_mid_transfer_reclaims_everything() {
     }
     child.kill();
     // The daemon notices the registration socket close, lets the flow send what the app had
-    // queued, closes it, and reclaims the channel with every buffer accounted for (12288 each
+    // queued, closes it, and reclaims the channel with every buffer accounted for (2048 each
     // way is the whole of both pools). The receiver keeps reading meanwhile: a receiver that
     // stopped would leave the drain waiting for room until the linger expired.
     let t = Instant::now();
@@ -101,7 +103,7 @@ fn sigkill_mid_transfer_reclaims_everything() {
     }
     let log = a.log_text();
     let line = log.lines().find(|l| l.contains("buffers reclaimed")).unwrap();
-    assert!(line.contains("tx 12288 rx 12288 free"), "{line}");
+    assert!(line.contains("tx 2048 rx 2048 free"), "{line}");
     assert!(line.contains("closed: 0 flows reset"), "drained, not reset: {line}");
     // The peer app learns its flow closed (after draining what had arrived).
     let t = Instant::now();
