@@ -19,6 +19,9 @@ use std::sync::Arc;
 
 /// Records per shard.
 pub const RECORDS: usize = 4096;
+/// Most packets one read of a capture returns (about 9 MiB of pcapng at the largest snapshot);
+/// a reader that gets this many reads again at once.
+pub const READ_MAX: usize = 1024;
 /// Largest snapshot length (a whole frame of the largest MTU the backends take, 9000 + 14).
 pub const MAX_SNAPLEN: usize = 9216;
 

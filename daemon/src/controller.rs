@@ -138,9 +138,6 @@ struct CaptureSession {
     offset_ns: i128,
 }
 
-/// Most packets one capture read returns (about 9 MiB of pcapng at the largest snapshot).
-const CAPTURE_READ_MAX: usize = 1024;
-
 fn clock_ns(id: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
@@ -513,7 +510,7 @@ impl CtrlHandler for Controller {
             }
             CAPTURE_READ | CAPTURE_STOP => {
                 let Some(s) = self.capture.as_mut().filter(|s| s.conn == conn) else { return Err(Status::BadRequest) };
-                let out = Self::capture_packets(s, Vec::new(), CAPTURE_READ_MAX);
+                let out = Self::capture_packets(s, Vec::new(), capture::READ_MAX);
                 if op == CAPTURE_STOP {
                     self.stop_capture();
                 }

@@ -127,10 +127,10 @@ fn capture(path: &std::path::Path, a: &CaptureArgs, stop: &std::sync::atomic::At
     out.write_all(&head).and_then(|_| out.flush()).map_err(|e| format!("cannot write the capture: {e}"))?;
     let until = a.duration.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let (mut written, mut dropped) = (0u64, 0u64);
-    let mut last = false;
+    let (mut last, mut busy) = (false, false);
     while !last {
         last = stop.load(std::sync::atomic::Ordering::Relaxed) || until.is_some_and(|t| std::time::Instant::now() >= t);
-        if !last {
+        if !last && !busy {
             std::thread::sleep(Duration::from_millis(20));
         }
         let op = if last { CAPTURE_STOP } else { CAPTURE_READ };
@@ -138,6 +138,8 @@ fn capture(path: &std::path::Path, a: &CaptureArgs, stop: &std::sync::atomic::At
         dropped = d;
         let want = a.count.map_or(usize::MAX, |n| (n - written) as usize);
         let (len, n) = first_packets(&body, want);
+        // A full read means more are waiting.
+        busy = first_packets(&body, usize::MAX).1 >= machnet_daemon::capture::READ_MAX;
         written += n as u64;
         if let Err(e) = out.write_all(&body[..len]).and_then(|_| out.flush()) {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
