@@ -42,8 +42,11 @@
 //! original ACKs echo timestamp 0, which marks the peer as *legacy*: its SACK words are not
 //! trusted (they are garbled, spec §6.4), its `sack_count` is, RTT falls back to Karn samples,
 //! and at most 64 packets are kept in flight (its reassembly window).
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+extern crate alloc;
 
 mod admission;
 pub mod cc;
@@ -55,10 +58,10 @@ pub mod seq;
 pub mod timer;
 
 pub use admission::RxAdmission;
-pub use endpoint::{Endpoint, EndpointStats, FlowInfo, SharedPorts};
+pub use endpoint::{Endpoint, EndpointStats, FlowInfo};
 pub use env::Env;
 pub use flow::FlowState;
-pub use ports::{PortSpace, MAX_SHARDS};
+pub use ports::{ClientPortQuery, LocalPorts, PortAllocator};
 
 use core::fmt;
 use core::net::Ipv4Addr;
@@ -247,7 +250,7 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl core::error::Error for Error {}
 
 /// The endpoint's local addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
