@@ -338,7 +338,7 @@ mod tests {
 
     #[test]
     fn sqrt_core_matches_std() {
-        let mut check = |x: f64| {
+        let check = |x: f64| {
             let (got, want) = (sqrt_core(x), x.sqrt());
             assert!(
                 got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
