@@ -1,7 +1,8 @@
 //! The Machnet transport as a sans-IO state machine.
 //!
 //! An [`Endpoint`] holds the flows of one shard: a fixed-capacity arena addressed by
-//! [`FlowId`] handles, a 4-tuple map, the listener table and the client port space. It never
+//! [`FlowId`] handles, a 4-tuple map and the listener table; its local ports come from a
+//! [`PortAllocator`] (a type parameter, [`LocalPorts`] by default). It never
 //! reads a clock and never does I/O: packets ([`Endpoint::handle`]), application messages
 //! ([`Endpoint::send`]), timer expiries ([`Endpoint::on_timer`]) and `now` go in; frames to
 //! transmit, messages to deliver, timer deadlines and events go out through the [`Env`] trait,
@@ -42,6 +43,13 @@
 //! original ACKs echo timestamp 0, which marks the peer as *legacy*: its SACK words are not
 //! trusted (they are garbled, spec §6.4), its `sack_count` is, RTT falls back to Karn samples,
 //! and at most 64 packets are kept in flight (its reassembly window).
+//!
+//! # Without the standard library
+//!
+//! With its `std` feature off (on by default) the crate is `#![no_std]` and needs only
+//! `alloc`; nothing else changes (`examples/nostd-embed` embeds two endpoints that way). The
+//! embedder supplies the clock (`now` arguments), the [`Env`] (buffers, delivery, timers) and a
+//! [`PortAllocator`].
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
