@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: what CI runs (.ci/run) and what README.md shows.
 #
-#   ./scripts/test.sh            everything: fmt, clippy, tests, fuzz smoke
+#   ./scripts/test.sh            everything: fmt, clippy, tests, the no_std build, fuzz smoke
 #
 # Environment:
 #   FUZZ_SECONDS=N    seconds per fuzz target (default 15; 0 skips fuzzing)
@@ -20,9 +20,25 @@ cargo fmt --all --check
 
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+say "cargo clippy -p machnet-net -p machnet-transport --no-default-features -- -D warnings (the no_std core)"
+cargo clippy -p machnet-net -p machnet-transport --no-default-features -- -D warnings
 
 say "cargo test"
 cargo test --workspace
+
+# --- The no_std core: machnet-net, machnet-transport and the embedding example, built for a
+# bare-metal target with core and alloc only (docs/architecture.md, "Without the standard
+# library"). Its own target directory keeps the main build's cache intact. --------------------
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  say "no_std build SKIPPED: no nightly toolchain (rustup toolchain install nightly --component rust-src)"
+elif ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+  say "no_std build SKIPPED: nightly has no rust-src component (rustup component add rust-src --toolchain nightly)"
+else
+  say "cargo +nightly build -Z build-std=core,alloc --target x86_64-unknown-none (net, transport, examples/nostd-embed; no std)"
+  cargo +nightly build -Z build-std=core,alloc --target x86_64-unknown-none \
+    --target-dir "${CARGO_TARGET_DIR:-target}/nostd" \
+    -p machnet-net -p machnet-transport -p machnet-nostd-embed --no-default-features
+fi
 
 # --- The DPDK backend (needs the system DPDK; the namespace tests need root and iproute2) -------
 DPDK_FEATURES=machnet-net/dpdk,machnet-dpdk-sys/bindings,machnet-bench/dpdk,machnet-daemon/dpdk

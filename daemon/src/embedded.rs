@@ -57,7 +57,8 @@ use machnet_net::time::Instant;
 use machnet_net::wire::{ChecksumCaps, EthernetAddress, FrameRepr, MsgFlags};
 use machnet_runtime::clock::Clock;
 use machnet_transport::{
-    ConnectError, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, RxAdmission, Seg,
+    ConnectError, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, LocalPorts, OutMsg, Owner, RxAdmission,
+    Seg,
 };
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -326,7 +327,7 @@ impl<P: Port> Embedded<P> {
         let local = LocalAddr { mac: caps.mac, ip: cfg.ip };
         let mss = cfg.transport.mss;
         let max_flows = cfg.transport.max_flows;
-        let mut ep = Endpoint::new(cfg.transport, local, Endpoint::shared_ports())
+        let mut ep = Endpoint::new(cfg.transport, local, LocalPorts::new())
             .map_err(|e| format!("transport configuration: {e}"))?;
         ep.set_steering(caps.rss.as_ref().and_then(|r| r.build()), 0);
         let mut arp = ArpTable::new(cfg.arp);

@@ -15,4 +15,5 @@ pub mod embedded;
 pub mod mesh;
 pub mod metrics;
 pub mod nic;
+pub mod ports;
 pub mod shard;

@@ -9,6 +9,7 @@ use machnet_daemon::config::{Backend, Config, DEFAULT_CTRL_SOCK};
 use machnet_daemon::controller::{Access, Controller, DaemonInfo, ShardLink, ShardView};
 use machnet_daemon::mesh::Mesh;
 use machnet_daemon::metrics::MetricsServer;
+use machnet_daemon::ports::SharedPorts;
 use machnet_daemon::shard::{EngineShard, Reporting, ShardSetup};
 use machnet_net::port::fault::{FaultConfig, Faulty};
 use machnet_net::port::udp::{UdpConfig, UdpPeer, UdpPort};
@@ -198,7 +199,7 @@ where
     P::Buf: Send,
 {
     let tcfg = cfg.transport();
-    let shared_ports = Endpoint::shared_ports();
+    let shared_ports = SharedPorts::new();
     let mut idle = match cfg.ext.idle.as_deref() {
         Some("busy") => IdlePolicy::Busy,
         Some(_) => IdlePolicy::ADAPTIVE,

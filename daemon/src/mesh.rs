@@ -5,6 +5,7 @@
 //! connection lands wherever the device's hash puts it, the listener lives with its channel's
 //! shard) and devices without RSS (one queue, or a fixed queue per peer, receives everything).
 //! The receiving shard looks the destination port up in the shared port space's owner table
+//! ([`SharedPorts::owner`](crate::ports::SharedPorts::owner))
 //! and passes the frame to its owner here. ARP answers are broadcast the same way, so that a
 //! connect waiting on one shard learns an address another shard received.
 //!

@@ -8,6 +8,7 @@ use machnet::engine::EngineChannel;
 use machnet::layout::{ChannelConfig, MachnetFlow};
 use machnet_daemon::arp::ArpConfig;
 use machnet_daemon::mesh::Mesh;
+use machnet_daemon::ports::SharedPorts;
 use machnet_daemon::shard::{ChannelSlot, EngineShard, Reporting, ShardCmd, ShardSetup};
 use machnet_net::port::mem::{pairs, MemConfig, MemPort};
 use machnet_net::testutil::{count_allocs, CountingAlloc};
@@ -44,7 +45,7 @@ fn side(ports: Vec<MemPort>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr
     let parkers: Vec<Parker> = ports.iter().map(|_| Parker::new().unwrap()).collect();
     let wakers: Vec<_> = parkers.iter().map(|p| p.waker()).collect();
     let meshes = Mesh::build(&wakers);
-    let space = Endpoint::shared_ports();
+    let space = SharedPorts::new();
     // No channel closes in these tests; a closed one would be dropped by its shard.
     let (graveyard, _) = mpsc::sync_channel(1);
     let mut s = Side { shards: Vec::new(), cmds: Vec::new(), reports: Vec::new(), _parkers: Vec::new() };

@@ -26,7 +26,7 @@ use machnet_net::wire::{
 };
 use machnet_transport::cc::CcConfig;
 use machnet_transport::{
-    seq, Config, Endpoint, Env, Event, FlowId, FlowState, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, Seg,
+    seq, Config, Endpoint, Env, Event, FlowId, FlowState, FlowTuple, InMsg, LocalAddr, LocalPorts, OutMsg, Owner, Seg,
 };
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -501,7 +501,7 @@ fuzz_target!(|data: &[u8]| {
         Endpoint::new(
             Config { seed: i as u64 + 1, ..cfg },
             LocalAddr { mac: MACS[i], ip: IPS[i] },
-            Endpoint::shared_ports(),
+            LocalPorts::new(),
         )
         .unwrap()
     };

@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use machnet_net::time::Instant;
 use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetFrame, MachnetRepr, MsgFlags, PacketType, SackBitmap};
 use machnet_transport::cc::CcConfig;
-use machnet_transport::{Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, Seg};
+use machnet_transport::{Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, LocalPorts, OutMsg, Owner, Seg};
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -146,7 +146,7 @@ fn pattern(stream: u64, k: u64, j: usize) -> u8 {
 
 fn endpoint(mac: EthernetAddress, ip: Ipv4Addr, seed: u64, cc: CcConfig) -> Endpoint {
     let cfg = Config { mss: MSS, max_flows: 8, window: 32, max_message: 64 * MSS, cc, seed, ..Config::default() };
-    Endpoint::new(cfg, LocalAddr { mac, ip }, Endpoint::shared_ports()).unwrap()
+    Endpoint::new(cfg, LocalAddr { mac, ip }, LocalPorts::new()).unwrap()
 }
 
 struct World {

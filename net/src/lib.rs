@@ -11,6 +11,13 @@
 //! * [`time`]: the [`time::Instant`] newtype every layer above uses; nothing here reads a clock
 //!   except the UDP backend's socket calls.
 //!
+//! # Without the standard library
+//!
+//! The `std` feature (on by default) brings the `mem`, `udp` and `dpdk` ports, the shared
+//! buffer pools and [`testutil`]. Without it the crate is `#![no_std]` and needs only `alloc`:
+//! [`wire`], [`rss`], [`time`], the [`port::Port`] trait, [`port::HeapBuf`], [`port::Pool`] and
+//! the [`port::fault`] injector build for bare-metal targets such as `x86_64-unknown-none`.
+//!
 //! # Example: build a Machnet SYN and classify it back
 //!
 //! ```
@@ -38,10 +45,14 @@
 //!     other => panic!("unexpected {other:?}"),
 //! }
 //! ```
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
+
+extern crate alloc;
 
 pub mod port;
 pub mod rss;
+#[cfg(feature = "std")]
 pub mod testutil;
 pub mod time;
 pub mod wire;

@@ -8,6 +8,8 @@
 //! the byte-swapped hash must map to the same queue too, which guards against drivers that
 //! report or apply the hash in the other byte order.
 
+use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::fmt;
 use core::net::Ipv4Addr;
 
@@ -70,7 +72,7 @@ impl fmt::Display for RssError {
     }
 }
 
-impl std::error::Error for RssError {}
+impl core::error::Error for RssError {}
 
 /// A device's RSS state (key and RETA) with a per-byte lookup table that makes hashing a
 /// 12-byte IPv4/UDP tuple twelve table lookups.

@@ -92,13 +92,73 @@ impl SwiftParams {
         if range == 0.0 {
             return self.base_target;
         }
-        let inv_min = 1.0 / self.fs_min_cwnd.sqrt();
-        let inv_max = 1.0 / self.fs_max_cwnd.sqrt();
+        let inv_min = 1.0 / sqrt(self.fs_min_cwnd);
+        let inv_max = 1.0 / sqrt(self.fs_max_cwnd);
         let alpha = range / (inv_min - inv_max);
         let beta = -alpha * inv_max;
-        let fs = (alpha / cwnd.max(1e-3).sqrt() + beta).clamp(0.0, range);
+        let fs = (alpha / sqrt(cwnd.max(1e-3)) + beta).clamp(0.0, range);
         self.base_target + Duration::from_secs_f64(fs)
     }
+}
+
+/// The square root: the standard library's (the CPU instruction) when there is one.
+#[cfg(feature = "std")]
+#[inline]
+fn sqrt(x: f64) -> f64 {
+    x.sqrt()
+}
+
+/// The square root: without `std`, `f64::sqrt` is not available (it lives in `std` until
+/// `core_float_math` is stable), so [`sqrt_core`].
+#[cfg(not(feature = "std"))]
+#[inline]
+fn sqrt(x: f64) -> f64 {
+    sqrt_core(x)
+}
+
+/// The correctly rounded square root (as IEEE 754 and `f64::sqrt` define it: the exact root
+/// rounded to nearest, ties to even) from integer arithmetic, for builds without `std`.
+/// `tests::sqrt_core_matches_std` holds it to the standard library's bit for bit.
+#[cfg_attr(feature = "std", allow(dead_code))]
+fn sqrt_core(x: f64) -> f64 {
+    if x.is_nan() || x == 0.0 || x == f64::INFINITY {
+        return x; // NaN, ±0 and +∞ are their own roots
+    }
+    if x < 0.0 {
+        return f64::NAN;
+    }
+    const MANT: u64 = (1 << 52) - 1;
+    let bits = x.to_bits();
+    let biased = (bits >> 52) as i32;
+    // x = m · 2^e with m an integer in [2^52, 2^53).
+    let (mut m, mut e) = if biased == 0 {
+        let shift = (bits & MANT).leading_zeros() - 11; // a subnormal: normalise it
+        (u128::from(bits & MANT) << shift, -1074 - shift as i32)
+    } else {
+        (u128::from((bits & MANT) | (1 << 52)), biased - 1075)
+    };
+    if e % 2 != 0 {
+        m <<= 1; // an even exponent halves exactly
+        e -= 1;
+    }
+    // √(m · 2^56) lies in [2^54, 2^55): 53 bits of result, a guard bit and a round bit; the
+    // remainder says whether anything lies beyond them.
+    let wide = m << 56;
+    let r = wide.isqrt();
+    let inexact = r * r != wide;
+    let mut q = (r >> 2) as u64;
+    let guard = r & 2 != 0;
+    let sticky = r & 1 != 0 || inexact;
+    let mut exp = (e - 56) / 2 + 2; // √x = q · 2^exp before rounding
+    if guard && (sticky || q & 1 == 1) {
+        q += 1;
+        if q == 1 << 53 {
+            q >>= 1;
+            exp += 1;
+        }
+    }
+    // q in [2^52, 2^53): the value is 1.f · 2^(exp + 52), always a normal number.
+    f64::from_bits((((exp + 52 + 1023) as u64) << 52) | (q & MANT))
 }
 
 /// Which algorithm, with its parameters.
@@ -275,6 +335,36 @@ impl CongestionControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqrt_core_matches_std() {
+        let check = |x: f64| {
+            let (got, want) = (sqrt_core(x), x.sqrt());
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "sqrt({x:e}): {got:e} != {want:e}"
+            );
+        };
+        for x in [0.0, -0.0, 1.0, 2.0, 4.0, 0.25, 1e-3, 32.0, 256.0, 1e300, f64::MAX, f64::MIN_POSITIVE, 5e-324] {
+            check(x);
+        }
+        for x in [-1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            check(x);
+        }
+        // Random bit patterns (every exponent, subnormals included), perfect squares and their
+        // neighbours (where rounding is closest to a tie).
+        let mut s = 0x9e37_79b9_7f4a_7c15_u64;
+        for i in 0..200_000u64 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            check(f64::from_bits(s & !(1 << 63)));
+            let sq = (i as f64) * (i as f64);
+            check(sq);
+            check(f64::from_bits(sq.to_bits() + 1));
+            check(f64::from_bits(sq.to_bits().saturating_sub(1)));
+        }
+    }
 
     fn rtt_with(min_us: u64) -> RttEstimator {
         let mut r = RttEstimator::new();

@@ -2,21 +2,19 @@
 
 use crate::env::Env;
 use crate::flow::{fl, Flow, FlowCx, FlowState, Path, RxSlot, TxSlot, Verdict, NO_OWNER};
+use crate::ports::{ClientPortQuery, LocalPorts, PortAllocator};
 use crate::{Config, Error, Event, FlowId, FlowTuple, LocalAddr, OutMsg, Owner};
+use alloc::collections::VecDeque;
+use alloc::vec;
+use alloc::vec::Vec;
 use arrayvec::ArrayVec;
 use core::hash::{BuildHasher, Hasher};
 use core::net::Ipv4Addr;
 use core::time::Duration;
 use hashbrown::HashMap;
-use machnet_net::rss::{search_source_port, Rss};
+use machnet_net::rss::Rss;
 use machnet_net::time::Instant;
 use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetFrame, MachnetRepr, PacketType};
-use std::collections::VecDeque;
-use std::sync::Arc;
-
-/// The port space of one local IP, shared by the endpoints (shards) that use that IP (see
-/// [`PortSpace`](crate::PortSpace)).
-pub type SharedPorts = Arc<crate::ports::PortSpace>;
 
 /// Endpoint-wide counters. Plain integers; the daemon publishes snapshots.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -210,8 +208,9 @@ fn key(remote_ip: u32, remote_port: u16, local_port: u16) -> u64 {
     (u64::from(remote_ip) << 32) | (u64::from(remote_port) << 16) | u64::from(local_port)
 }
 
-/// The flows of one shard.
-pub struct Endpoint {
+/// The flows of one shard. `P` gives out its local ports ([`PortAllocator`]; a plain
+/// [`LocalPorts`] by default, a handle on a shared table when shards share the local IP).
+pub struct Endpoint<P = LocalPorts> {
     cfg: Config,
     local: LocalAddr,
     flows: Vec<Flow>,
@@ -229,7 +228,7 @@ pub struct Endpoint {
     /// Accepted flows per local port: a listener's port stays taken (and owned by this shard)
     /// until its last accepted flow is gone, even after the listener closes.
     server_refs: Vec<u32>,
-    ports: SharedPorts,
+    ports: P,
     rss: Option<Rss>,
     queue: u16,
     work: VecDeque<u32>,
@@ -249,7 +248,7 @@ pub struct Endpoint {
     stats: EndpointStats,
 }
 
-impl core::fmt::Debug for Endpoint {
+impl<P: PortAllocator> core::fmt::Debug for Endpoint<P> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Endpoint")
             .field("local", &self.local)
@@ -261,14 +260,10 @@ impl core::fmt::Debug for Endpoint {
 /// Most listening ports per endpoint.
 pub const MAX_LISTENERS: usize = 1024;
 
-impl Endpoint {
-    /// A fresh port space for one local IP.
-    pub fn shared_ports() -> SharedPorts {
-        crate::ports::PortSpace::shared()
-    }
-
+impl<P: PortAllocator> Endpoint<P> {
     /// Creates an endpoint, reserving memory for `cfg.max_flows` flows and their windows.
-    pub fn new(mut cfg: Config, local: LocalAddr, ports: SharedPorts) -> Result<Self, &'static str> {
+    /// Its local ports come from `ports`.
+    pub fn new(mut cfg: Config, local: LocalAddr, ports: P) -> Result<Self, &'static str> {
         cfg.validate()?;
         let n = cfg.max_flows;
         cfg.max_half_open = cfg.max_half_open.min(n);
@@ -309,15 +304,15 @@ impl Endpoint {
     }
 
     /// Steering for client source ports: the device's RSS state and this shard's queue, which
-    /// is also the shard's name in the shared port space's owner table. Without RSS every port
+    /// is also the shard's name to its [`PortAllocator`]. Without RSS every port
     /// is acceptable.
     pub fn set_steering(&mut self, rss: Option<Rss>, queue: u16) {
         self.rss = rss;
         self.queue = queue;
     }
 
-    /// The shared port space (taken ports and their owning shards).
-    pub fn ports(&self) -> &SharedPorts {
+    /// The port allocator (for a shared one, the owner of each port).
+    pub fn ports(&self) -> &P {
         &self.ports
     }
 
@@ -462,13 +457,13 @@ impl Endpoint {
         f.owner = NO_OWNER;
         self.free.push(i as u32);
         if client {
-            self.ports.lock().release(local_port);
+            self.ports.release(local_port);
         } else {
             let refs = &mut self.server_refs[usize::from(local_port)];
             *refs = refs.saturating_sub(1);
             if *refs == 0 && !self.listeners.contains_key(&local_port) {
                 // The listener closed earlier; its last flow is gone.
-                self.ports.lock().release(local_port);
+                self.ports.release(local_port);
             }
         }
         if let Some(ev) = event {
@@ -628,7 +623,7 @@ impl Endpoint {
         // A port whose listener closed while its flows live on is still this shard's: listening
         // on it again is allowed.
         let ours = self.server_refs[usize::from(port)] > 0;
-        if !ours && !self.ports.lock().take(port, self.queue) {
+        if !ours && !self.ports.reserve(port, self.queue) {
             return Err(Error::PortInUse);
         }
         self.listeners.insert(port, owner);
@@ -641,7 +636,7 @@ impl Endpoint {
             Some(&o) if o == owner => {
                 self.listeners.remove(&port);
                 if self.server_refs[usize::from(port)] == 0 {
-                    self.ports.lock().release(port);
+                    self.ports.release(port);
                 }
                 Ok(())
             }
@@ -677,14 +672,8 @@ impl Endpoint {
         if self.free.is_empty() && !self.evict_half_open(env, now) {
             return Err(Error::TooManyFlows);
         }
-        let port = {
-            let mut ports = self.ports.lock();
-            let p =
-                search_source_port(self.rss.as_ref(), self.queue, self.local.ip, remote_ip, remote_port, ports.bits())
-                    .map_err(|_| Error::NoPortAvailable)?;
-            ports.take(p, self.queue);
-            p
-        };
+        let query = ClientPortQuery::new(self.rss.as_ref(), self.queue, self.local.ip, remote_ip, remote_port);
+        let port = self.ports.reserve_client(&query).ok_or(Error::NoPortAvailable)?;
         let i = self.alloc_flow(owner, remote_ip, remote_mac, remote_port, port).ok_or(Error::TooManyFlows)?;
         self.flows[i].set(fl::CLIENT);
         let g = self.group_of(owner);
@@ -764,7 +753,7 @@ impl Endpoint {
 
     /// Closes every listener of `owner`.
     pub fn unlisten_owner(&mut self, owner: Owner) {
-        let mut ports = self.ports.lock();
+        let ports = &mut self.ports;
         let refs = &self.server_refs;
         self.listeners.retain(|port, o| {
             if *o == owner {

@@ -1,7 +1,8 @@
 //! The Machnet transport as a sans-IO state machine.
 //!
 //! An [`Endpoint`] holds the flows of one shard: a fixed-capacity arena addressed by
-//! [`FlowId`] handles, a 4-tuple map, the listener table and the client port space. It never
+//! [`FlowId`] handles, a 4-tuple map and the listener table; its local ports come from a
+//! [`PortAllocator`] (a type parameter, [`LocalPorts`] by default). It never
 //! reads a clock and never does I/O: packets ([`Endpoint::handle`]), application messages
 //! ([`Endpoint::send`]), timer expiries ([`Endpoint::on_timer`]) and `now` go in; frames to
 //! transmit, messages to deliver, timer deadlines and events go out through the [`Env`] trait,
@@ -42,8 +43,18 @@
 //! original ACKs echo timestamp 0, which marks the peer as *legacy*: its SACK words are not
 //! trusted (they are garbled, spec §6.4), its `sack_count` is, RTT falls back to Karn samples,
 //! and at most 64 packets are kept in flight (its reassembly window).
+//!
+//! # Without the standard library
+//!
+//! With its `std` feature off (on by default) the crate is `#![no_std]` and needs only
+//! `alloc`; nothing else changes (`examples/nostd-embed` embeds two endpoints that way). The
+//! embedder supplies the clock (`now` arguments), the [`Env`] (buffers, delivery, timers) and a
+//! [`PortAllocator`].
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+extern crate alloc;
 
 mod admission;
 pub mod cc;
@@ -55,10 +66,10 @@ pub mod seq;
 pub mod timer;
 
 pub use admission::RxAdmission;
-pub use endpoint::{Endpoint, EndpointStats, FlowInfo, SharedPorts};
+pub use endpoint::{Endpoint, EndpointStats, FlowInfo};
 pub use env::Env;
 pub use flow::FlowState;
-pub use ports::{PortSpace, MAX_SHARDS};
+pub use ports::{ClientPortQuery, LocalPorts, PortAllocator};
 
 use core::fmt;
 use core::net::Ipv4Addr;
@@ -247,7 +258,7 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl core::error::Error for Error {}
 
 /// The endpoint's local addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

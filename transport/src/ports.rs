@@ -1,93 +1,114 @@
-//! The port space of one local IP, shared by the shards (endpoints) of a daemon.
+//! Local ports: the endpoint asks an injected [`PortAllocator`] for them.
 //!
-//! Two things per port: whether it is taken (a bitmap, locked only on listen, connect and flow
-//! teardown, never per packet), and which shard owns it (a lock-free table read per received
-//! packet, so that a packet landing on the wrong shard can be handed to its owner). Ports are
-//! unique across shards, so the local port alone names the owner of every flow and listener.
+//! An [`Endpoint`](crate::Endpoint) takes a local port when it listens or opens a client flow,
+//! and gives it back when the listener closes and its last accepted flow is gone, or when the
+//! client flow is freed. It asks its allocator, a type parameter of the endpoint, so the
+//! protocol holds no lock and no reference count: several shards sharing one local IP share
+//! one allocator behind their own handles (machnetd keeps a locked bitmap and a lock-free
+//! owner table, `daemon/src/ports.rs`); a single endpoint owns a plain [`LocalPorts`].
+//!
+//! The allocator is called only on the slow path (listen, unlisten, connect, flow teardown),
+//! never per packet; being a generic parameter, the calls are static, never `dyn`.
 
-use machnet_net::rss::PortBitmap;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use core::net::Ipv4Addr;
+use machnet_net::rss::{search_source_port, PortBitmap, Rss};
 
-/// Most shards the owner table can name.
-pub const MAX_SHARDS: u16 = 255;
-
-/// Taken ports and their owning shards.
-pub struct PortSpace {
-    used: Mutex<PortBitmap>,
-    /// Owner shard + 1 per port; 0 = none.
-    owner: Box<[AtomicU8]>,
+/// Where an endpoint's local ports come from. Every method is called from the endpoint's
+/// thread, on listen, unlisten, connect and flow teardown only.
+///
+/// `shard` is the endpoint's queue ([`Endpoint::set_steering`](crate::Endpoint::set_steering);
+/// 0 unless set): an allocator shared by shards records it, so that a packet received by the
+/// wrong shard can be handed to the owner of its destination port.
+pub trait PortAllocator {
+    /// Takes `port` (a listener's) for `shard`; false if it is taken.
+    fn reserve(&mut self, port: u16, shard: u16) -> bool;
+    /// Takes a client source port for `query.shard()`: normally the one
+    /// [`ClientPortQuery::search`] finds among the free ports (the RSS-- search). `None` if
+    /// none is left.
+    fn reserve_client(&mut self, query: &ClientPortQuery<'_>) -> Option<u16>;
+    /// Gives back `port`, taken by [`reserve`](Self::reserve) or
+    /// [`reserve_client`](Self::reserve_client).
+    fn release(&mut self, port: u16);
 }
 
-impl core::fmt::Debug for PortSpace {
+/// A client connect's request for a source port: the reply `remote → local:port` must be
+/// steered by the device's RSS to `shard`'s queue (spec §5.3).
+#[derive(Clone, Copy)]
+pub struct ClientPortQuery<'a> {
+    rss: Option<&'a Rss>,
+    shard: u16,
+    local_ip: Ipv4Addr,
+    remote_ip: Ipv4Addr,
+    remote_port: u16,
+}
+
+impl core::fmt::Debug for ClientPortQuery<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "PortSpace({} in use)", self.in_use())
+        f.debug_struct("ClientPortQuery")
+            .field("rss", &self.rss.is_some())
+            .field("shard", &self.shard)
+            .field("local_ip", &self.local_ip)
+            .field("remote_ip", &self.remote_ip)
+            .field("remote_port", &self.remote_port)
+            .finish()
     }
 }
 
-impl Default for PortSpace {
-    fn default() -> Self {
-        PortSpace { used: Mutex::new(PortBitmap::new()), owner: (0..=u16::MAX).map(|_| AtomicU8::new(0)).collect() }
+impl<'a> ClientPortQuery<'a> {
+    /// A query for a flow `local_ip:? → remote_ip:remote_port` owned by `shard`, whose replies
+    /// the device steers with `rss` (`None`: one queue receives everything). The endpoint
+    /// builds these; allocators' tests may too.
+    pub fn new(rss: Option<&'a Rss>, shard: u16, local_ip: Ipv4Addr, remote_ip: Ipv4Addr, remote_port: u16) -> Self {
+        ClientPortQuery { rss, shard, local_ip, remote_ip, remote_port }
+    }
+    /// The shard (queue) that will own the flow.
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+    /// The remote end of the flow.
+    pub fn remote(&self) -> (Ipv4Addr, u16) {
+        (self.remote_ip, self.remote_port)
+    }
+    /// The lowest port of `used`'s free ones in [1024, 65535] that steers replies to the
+    /// shard ([`search_source_port`]). The port is not taken.
+    pub fn search(&self, used: &PortBitmap) -> Option<u16> {
+        search_source_port(self.rss, self.shard, self.local_ip, self.remote_ip, self.remote_port, used).ok()
     }
 }
 
-impl PortSpace {
-    /// An empty space, shared.
-    pub fn shared() -> Arc<PortSpace> {
-        Arc::new(PortSpace::default())
-    }
+/// The ports of one local IP used by one endpoint alone (one shard, an embedder without
+/// threads): a plain bitmap, no lock.
+#[derive(Debug, Clone, Default)]
+pub struct LocalPorts {
+    used: PortBitmap,
+}
 
-    /// The shard that owns `port` (a listener, a client flow, or flows still open on a closed
-    /// listener's port), if any. One atomic load.
-    #[inline]
-    pub fn owner(&self, port: u16) -> Option<u16> {
-        match self.owner[usize::from(port)].load(Ordering::Acquire) {
-            0 => None,
-            v => Some(u16::from(v) - 1),
-        }
+impl LocalPorts {
+    /// All ports free.
+    pub fn new() -> Self {
+        Self::default()
     }
-
+    /// True if `port` is taken.
+    pub fn is_used(&self, port: u16) -> bool {
+        self.used.is_used(port)
+    }
     /// Ports taken.
     pub fn in_use(&self) -> usize {
-        self.lock().count_used()
-    }
-
-    /// The bitmap, locked (a panicking holder cannot corrupt a bitmap: the poison is ignored).
-    pub(crate) fn lock(&self) -> PortsGuard<'_> {
-        PortsGuard { bits: self.used.lock().unwrap_or_else(|e| e.into_inner()), owner: &self.owner }
+        self.used.count_used()
     }
 }
 
-/// The locked port space: changes to the bitmap and the owner table happen together.
-pub(crate) struct PortsGuard<'a> {
-    bits: MutexGuard<'a, PortBitmap>,
-    owner: &'a [AtomicU8],
-}
-
-impl PortsGuard<'_> {
-    /// The bitmap.
-    pub fn bits(&self) -> &PortBitmap {
-        &self.bits
+impl PortAllocator for LocalPorts {
+    fn reserve(&mut self, port: u16, _shard: u16) -> bool {
+        self.used.take(port)
     }
-
-    /// Takes `port` for `shard`; false if it was taken.
-    pub fn take(&mut self, port: u16, shard: u16) -> bool {
-        if !self.bits.take(port) {
-            return false;
-        }
-        self.owner[usize::from(port)].store(shard.min(MAX_SHARDS - 1) as u8 + 1, Ordering::Release);
-        true
+    fn reserve_client(&mut self, query: &ClientPortQuery<'_>) -> Option<u16> {
+        let p = query.search(&self.used)?;
+        self.used.take(p);
+        Some(p)
     }
-
-    /// Releases `port`.
-    pub fn release(&mut self, port: u16) {
-        self.bits.release(port);
-        self.owner[usize::from(port)].store(0, Ordering::Release);
-    }
-
-    /// Ports taken.
-    pub fn count_used(&self) -> usize {
-        self.bits.count_used()
+    fn release(&mut self, port: u16) {
+        self.used.release(port);
     }
 }
 
@@ -95,17 +116,20 @@ impl PortsGuard<'_> {
 mod tests {
     use super::*;
 
+    fn query(shard: u16) -> ClientPortQuery<'static> {
+        ClientPortQuery::new(None, shard, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 888)
+    }
+
     #[test]
-    fn owner_follows_take_and_release() {
-        let s = PortSpace::shared();
-        assert_eq!(s.owner(888), None);
-        assert!(s.lock().take(888, 3));
-        assert!(!s.lock().take(888, 1), "a taken port cannot be taken again");
-        assert_eq!(s.owner(888), Some(3));
-        assert_eq!(s.in_use(), 1);
-        s.lock().release(888);
-        assert_eq!(s.owner(888), None);
-        assert!(s.lock().take(888, 0));
-        assert_eq!(s.owner(888), Some(0));
+    fn local_ports_take_release_and_search() {
+        let mut p = LocalPorts::new();
+        assert!(p.reserve(1024, 0));
+        assert!(!p.reserve(1024, 0), "a taken port cannot be taken again");
+        assert_eq!(p.reserve_client(&query(0)), Some(1025), "the lowest free client port");
+        assert_eq!(p.reserve_client(&query(0)), Some(1026));
+        assert_eq!(p.in_use(), 3);
+        p.release(1024);
+        assert!(!p.is_used(1024));
+        assert_eq!(p.reserve_client(&query(0)), Some(1024), "a released port is reused");
     }
 }

@@ -7,7 +7,7 @@ mod sim;
 use machnet_net::wire::{
     ChecksumCaps, EthernetAddress, FrameRepr, MachnetRepr, MsgFlags, PacketType, FRAME_HEADER_LEN,
 };
-use machnet_transport::{Config, Endpoint, Error, Event, FlowState};
+use machnet_transport::{Config, Endpoint, Error, Event, FlowState, LocalPorts};
 use sim::*;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -218,7 +218,7 @@ fn one_group_cannot_take_every_flow() {
     let mut sim = Sim::new(SimConfig::link(cfg));
     // A, the client, has no group limit.
     let a_cfg = Config { seed: 3, ..Config::default().with_max_flows(64) };
-    sim.sides[A].ep = Endpoint::new(a_cfg, sim.sides[A].ep.local(), Endpoint::shared_ports()).unwrap();
+    sim.sides[A].ep = Endpoint::new(a_cfg, sim.sides[A].ep.local(), LocalPorts::new()).unwrap();
     const OTHER: u32 = OWNER + 1;
     sim.sides[B].ep.set_owner_group(OWNER, 1);
     sim.sides[B].ep.set_owner_group(OTHER, 2);

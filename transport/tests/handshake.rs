@@ -3,7 +3,7 @@
 mod sim;
 
 use machnet_net::wire::{FrameRepr, PacketType};
-use machnet_transport::{Config, ConnectError, Endpoint, Event, FlowId, FlowState};
+use machnet_transport::{Config, ConnectError, Endpoint, Event, FlowId, FlowState, LocalPorts};
 use sim::*;
 use std::time::Duration;
 
@@ -315,32 +315,33 @@ fn connect_and_close_many_reuses_ports_and_slots() {
 }
 
 #[test]
-fn ports_name_their_shard_and_a_closed_listeners_port_stays_while_its_flows_live() {
+fn ports_are_taken_from_the_allocator_and_a_closed_listeners_port_stays_while_its_flows_live() {
+    // Which shard owns a port is the allocator's business (machnetd's shared table has its
+    // tests there); here each side has a plain `LocalPorts`.
     let mut sim = Sim::new(SimConfig::link(Config::default()));
-    sim.sides[A].ep.set_steering(None, 2);
-    sim.sides[B].ep.set_steering(None, 3);
-    let (pa, pb) = (sim.sides[A].ep.ports().clone(), sim.sides[B].ep.ports().clone());
     let (fa, fb) = sim.connect(888);
-    assert_eq!(pb.owner(888), Some(3), "the listener's shard owns its port");
+    assert!(sim.sides[B].ep.ports().is_used(888), "the listener took its port");
     let client_port = sim.sides[A].ep.flow_info(fa).unwrap().tuple.local_port;
-    assert_eq!(pa.owner(client_port), Some(2), "the client flow's shard owns its source port");
+    assert!(sim.sides[A].ep.ports().is_used(client_port), "the client flow took its source port");
+    assert_eq!(sim.sides[A].ep.ports().in_use(), 1);
     sim.sides[B].ep.unlisten(OWNER, 888).unwrap();
-    assert_eq!(pb.owner(888), Some(3), "the accepted flow still uses the port");
-    assert_eq!(pb.in_use(), 1);
+    assert!(sim.sides[B].ep.ports().is_used(888), "the accepted flow still uses the port");
+    assert_eq!(sim.sides[B].ep.ports().in_use(), 1);
     exchange_some(&mut sim, fa, fb);
-    // The port is still this shard's: listening on it again works, and so does closing that.
+    // The port is still this endpoint's: listening on it again works, and so does closing that.
     sim.sides[B].ep.listen(OWNER, 888).unwrap();
     sim.sides[B].ep.unlisten(OWNER, 888).unwrap();
+    assert!(sim.sides[B].ep.ports().is_used(888));
     let now = sim.now;
     let side = &mut sim.sides[A];
     side.ep.close(now, &mut side.env, fa).unwrap();
     assert!(
         sim.run_until(Duration::from_secs(1), |s| s.sides[B].ep.flow_count() == 0 && s.sides[A].ep.flow_count() == 0)
     );
-    assert_eq!(pb.owner(888), None, "released with the last flow");
-    assert_eq!(pb.in_use(), 0);
-    assert_eq!(pa.owner(client_port), None);
-    assert_eq!(pa.in_use(), 0);
+    assert!(!sim.sides[B].ep.ports().is_used(888), "released with the last flow");
+    assert_eq!(sim.sides[B].ep.ports().in_use(), 0);
+    assert!(!sim.sides[A].ep.ports().is_used(client_port));
+    assert_eq!(sim.sides[A].ep.ports().in_use(), 0);
 }
 
 #[test]
@@ -412,8 +413,7 @@ fn a_restarted_peer_connects_through_its_stale_flow() {
         let old_port = sim.sides[A].ep.flow_info(fa).unwrap().tuple.local_port;
         // A restarts: a fresh endpoint with a new seed (new ISNs).
         let fresh = Config { seed: 77, ..Config::default() };
-        sim.sides[A].ep =
-            Endpoint::new(fresh, sim.sides[A].ep.local(), Endpoint::shared_ports()).expect("valid config");
+        sim.sides[A].ep = Endpoint::new(fresh, sim.sides[A].ep.local(), LocalPorts::new()).expect("valid config");
         sim.sides[A].env.events.clear();
         let t0 = sim.now;
         let f2 = sim.start_connect(888, 5);

@@ -7,7 +7,9 @@ mod sim;
 use machnet_net::time::Instant;
 use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetRepr, MsgFlags, PacketType, SackBitmap};
 use machnet_transport::cc::CcConfig;
-use machnet_transport::{Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, Seg};
+use machnet_transport::{
+    Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, LocalPorts, OutMsg, Owner, Seg,
+};
 use sim::{SegStore, IP_A, IP_B, MAC_A, MAC_B, OWNER, RX, SEG_SIZE, TX};
 use std::time::Duration;
 
@@ -91,7 +93,7 @@ const PORT: u16 = 888;
 impl Harness {
     fn new(cfg: Config) -> Self {
         Harness {
-            ep: Endpoint::new(cfg, LocalAddr { mac: MAC_B, ip: IP_B }, Endpoint::shared_ports()).unwrap(),
+            ep: Endpoint::new(cfg, LocalAddr { mac: MAC_B, ip: IP_B }, LocalPorts::new()).unwrap(),
             env: Script {
                 segs: SegStore::new(4096, 4096),
                 sent: Vec::new(),

@@ -5,7 +5,7 @@
 mod sim;
 
 use machnet_net::wire::{FrameRepr, PacketType};
-use machnet_transport::{Config, Endpoint, FlowId, LocalAddr};
+use machnet_transport::{Config, Endpoint, FlowId, LocalAddr, LocalPorts};
 use sim::*;
 use std::time::Duration;
 
@@ -158,7 +158,7 @@ fn a_peer_that_does_not_offer_gets_pure_acks() {
     // both ends on pure ACKs, four frames per RPC.
     let mut sim = Sim::new(SimConfig::link(Config::default()));
     let off = Config { piggyback_acks: false, seed: 99, ..Config::default() };
-    sim.sides[B].ep = Endpoint::new(off, LocalAddr { mac: MAC_B, ip: IP_B }, Endpoint::shared_ports()).unwrap();
+    sim.sides[B].ep = Endpoint::new(off, LocalAddr { mac: MAC_B, ip: IP_B }, LocalPorts::new()).unwrap();
     let (fa, fb) = sim.connect(888);
     assert!(!sim.sides[A].ep.flow_info(fa).unwrap().acks_in_data);
     assert!(!sim.sides[B].ep.flow_info(fb).unwrap().acks_in_data);

@@ -25,6 +25,7 @@ use machnet::layout::{ChannelConfig, MachnetFlow};
 use machnet_bench::machine_summary;
 use machnet_daemon::arp::ArpConfig;
 use machnet_daemon::mesh::Mesh;
+use machnet_daemon::ports::SharedPorts;
 use machnet_daemon::shard::{ChannelSlot, EngineShard, Reporting, ShardCmd, ShardSetup};
 use machnet_net::port::mem::{pair, MemConfig, MemPort};
 use machnet_net::wire::{ChecksumCaps, EthernetAddress};
@@ -80,7 +81,7 @@ struct Side {
 fn side(ports: Vec<MemPort>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr, EthernetAddress)) -> Side {
     let parkers: Vec<Parker> = ports.iter().map(|_| Parker::new().expect("an eventfd")).collect();
     let wakers: Vec<_> = parkers.iter().map(|p| p.waker()).collect();
-    let space = Endpoint::shared_ports();
+    let space = SharedPorts::new();
     let (graveyard, _) = mpsc::sync_channel(1);
     let mut s = Side { shards: Vec::new(), cmds: Vec::new(), _parkers: Vec::new() };
     for (i, ((port, mesh), parker)) in ports.into_iter().zip(Mesh::build(&wakers)).zip(&parkers).enumerate() {

@@ -10,7 +10,9 @@ use machnet_net::port::mem::{pair, MemConfig, MemPort};
 use machnet_net::port::{Burst, HeapBuf, PacketBuf, Port};
 use machnet_net::time::Instant;
 use machnet_net::wire::{classify, ChecksumCaps, EthernetAddress, Frame, FrameRepr, MsgFlags, FRAME_HEADER_LEN};
-use machnet_transport::{Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, Seg};
+use machnet_transport::{
+    Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, LocalPorts, OutMsg, Owner, Seg,
+};
 use std::net::Ipv4Addr;
 use std::time::Instant as WallClock;
 
@@ -176,9 +178,9 @@ fn rpc(size: usize, rpcs: u64, window: u64, caps: ChecksumCaps, acks_in_data: bo
     let (pa, pb) =
         pair(MemConfig { buffers: 4096, queue_len: 4096, checksum: caps, ..MemConfig::default() }, mac_a, mac_b);
     let cfg = Config { max_flows: 16, piggyback_acks: acks_in_data, ..Config::default() };
-    let mut a = Endpoint::new(cfg, LocalAddr { mac: mac_a, ip: ip_a }, Endpoint::shared_ports()).unwrap();
+    let mut a = Endpoint::new(cfg, LocalAddr { mac: mac_a, ip: ip_a }, LocalPorts::new()).unwrap();
     let mut b =
-        Endpoint::new(Config { seed: 2, ..cfg }, LocalAddr { mac: mac_b, ip: ip_b }, Endpoint::shared_ports()).unwrap();
+        Endpoint::new(Config { seed: 2, ..cfg }, LocalAddr { mac: mac_b, ip: ip_b }, LocalPorts::new()).unwrap();
     let mut ea = BenchEnv::new(pa, caps, 16_384);
     let mut eb = BenchEnv::new(pb, caps, 16_384);
     let mut rx = Burst::new();
@@ -262,9 +264,9 @@ fn stream(size: usize, messages: u64, inflight: u64, caps: ChecksumCaps) -> Resu
     let (pa, pb) =
         pair(MemConfig { buffers: 4096, queue_len: 4096, checksum: caps, ..MemConfig::default() }, mac_a, mac_b);
     let cfg = Config { max_flows: 16, ..Config::default() };
-    let mut a = Endpoint::new(cfg, LocalAddr { mac: mac_a, ip: ip_a }, Endpoint::shared_ports()).unwrap();
+    let mut a = Endpoint::new(cfg, LocalAddr { mac: mac_a, ip: ip_a }, LocalPorts::new()).unwrap();
     let mut b =
-        Endpoint::new(Config { seed: 2, ..cfg }, LocalAddr { mac: mac_b, ip: ip_b }, Endpoint::shared_ports()).unwrap();
+        Endpoint::new(Config { seed: 2, ..cfg }, LocalAddr { mac: mac_b, ip: ip_b }, LocalPorts::new()).unwrap();
     let mut ea = BenchEnv::new(pa, caps, 16_384);
     let mut eb = BenchEnv::new(pb, caps, 16_384);
     let mut rx = Burst::new();

@@ -6,13 +6,14 @@ use super::env::ShardEnv;
 use super::ChannelSlot;
 use crate::arp::ArpTable;
 use crate::mesh::{Handoff, Mesh};
+use crate::ports::ShardEndpoint;
 use machnet::layout::MachnetFlow;
 use machnet::ops::Status;
 use machnet_net::port::Port;
 use machnet_net::time::Instant;
 use machnet_net::wire::EthernetAddress;
 use machnet_runtime::idle::FdSet;
-use machnet_transport::{Endpoint, LocalAddr, Owner};
+use machnet_transport::{LocalAddr, Owner};
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::SyncSender;
@@ -38,7 +39,7 @@ pub(super) struct PendingConnect {
 /// The state the stages share.
 pub(super) struct ShardCtx<P: Port> {
     pub(super) index: usize,
-    pub(super) ep: Endpoint,
+    pub(super) ep: ShardEndpoint,
     pub(super) env: ShardEnv<P>,
     pub(super) arp: ArpTable,
     pub(super) local: LocalAddr,

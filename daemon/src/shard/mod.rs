@@ -27,6 +27,7 @@ mod tx;
 use crate::arp::{ArpConfig, ArpTable};
 use crate::mesh::Mesh;
 use crate::nic::{FlowTimers, PortTx};
+use crate::ports::ShardEndpoint;
 use channels::ChannelsStage;
 use context::ShardCtx;
 use control::ControlStage;
@@ -40,7 +41,7 @@ use machnet_net::wire::{ChecksumCaps, EthernetAddress};
 use machnet_runtime::idle::FdSet;
 use machnet_runtime::shard::{Pipeline, Recorder};
 use machnet_runtime::stage::{Stage, Work};
-use machnet_transport::{Endpoint, Owner, RxAdmission};
+use machnet_transport::{Owner, RxAdmission};
 use rx::RxStage;
 use std::net::Ipv4Addr;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -277,7 +278,7 @@ pub struct ShardSetup<P: Port> {
     /// The port queue.
     pub port: P,
     /// Transport endpoint.
-    pub endpoint: Endpoint,
+    pub endpoint: ShardEndpoint,
     /// ARP behaviour and static entries.
     pub arp: (ArpConfig, Vec<(Ipv4Addr, EthernetAddress)>),
     /// Receive checksum handling (transmit comes from the port's capabilities).

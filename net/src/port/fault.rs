@@ -12,8 +12,8 @@
 
 use super::{Burst, Capabilities, PacketBuf, Port, PortStats};
 use crate::time::Instant;
+use alloc::collections::VecDeque;
 use core::time::Duration;
-use std::collections::VecDeque;
 
 /// What to inject. Probabilities are per frame, in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -314,7 +314,7 @@ impl<P: Port> Port for Faulty<P> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod tests {
     use super::super::mem::{pair, MemConfig, MemPort};
     use super::*;

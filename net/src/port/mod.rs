@@ -14,16 +14,23 @@
 //! * [`udp`]: whole Ethernet frames tunnelled one per kernel UDP datagram; zero setup, no
 //!   privileges;
 //! * [`dpdk`]: DPDK ethdev queues (kernel bypass), behind this crate's `dpdk` feature.
+//!
+//! Without the `std` feature only the trait, [`HeapBuf`], [`Pool`] and the [`fault`] injector
+//! are here: an embedder on a `no_std` target brings its own [`Port`] (the `mem`, `udp` and
+//! `dpdk` backends need threads, locks or the OS).
 
 use crate::rss::Rss;
 use crate::wire::{ChecksumCaps, EthernetAddress};
+use alloc::vec::Vec;
 use arrayvec::ArrayVec;
 
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
 pub mod fault;
+#[cfg(feature = "std")]
 pub mod mem;
 mod pool;
+#[cfg(feature = "std")]
 pub mod udp;
 
 pub use pool::{HeapBuf, Pool};

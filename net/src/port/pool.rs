@@ -1,6 +1,11 @@
 //! Heap packet buffers and a preallocated free list, shared by the `mem` and `udp` backends.
+//! [`HeapBuf`] and [`Pool`] need only `alloc`; the per-queue caches in front of a shared spare
+//! list ([`CachedPool`]) take a lock and need `std`.
 
 use super::PacketBuf;
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
 
 /// A heap-allocated packet buffer of fixed capacity.
 #[derive(Debug)]
@@ -108,13 +113,16 @@ impl Pool {
 /// [`CachedPool`]) and exchanges batches with this spare list, as DPDK's mempool caches do, so a
 /// buffer received on one queue and freed on another (a frame handed between shards) returns
 /// to the port's buffers instead of overflowing one queue's list while another runs dry.
+#[cfg(feature = "std")]
 pub type SharedSpare = std::sync::Arc<std::sync::Mutex<Pool>>;
 
 /// A spare list able to hold all `total` buffers of a port.
+#[cfg(feature = "std")]
 pub fn shared_spare(buf_size: usize, total: usize) -> SharedSpare {
     std::sync::Arc::new(std::sync::Mutex::new(Pool::empty(buf_size, total)))
 }
 
+#[cfg(feature = "std")]
 fn lock_spare(s: &SharedSpare) -> std::sync::MutexGuard<'_, Pool> {
     // A panic elsewhere must not cascade: the data is plain buffers.
     s.lock().unwrap_or_else(|e| e.into_inner())
@@ -122,6 +130,7 @@ fn lock_spare(s: &SharedSpare) -> std::sync::MutexGuard<'_, Pool> {
 
 /// One queue's cache in front of a port's [`SharedSpare`]: the lock is taken once per batch of
 /// [`BURST`](super::BURST) buffers, never per buffer.
+#[cfg(feature = "std")]
 #[derive(Debug)]
 pub struct CachedPool {
     local: Pool,
@@ -130,6 +139,7 @@ pub struct CachedPool {
     high_water: usize,
 }
 
+#[cfg(feature = "std")]
 impl CachedPool {
     /// A cache starting with `count` new buffers of `buf_size` bytes, in front of `spare`, which
     /// (with every other cache on it) holds at most `total` buffers.

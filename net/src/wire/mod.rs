@@ -92,7 +92,7 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl core::error::Error for Error {}
 
 /// Result of parsing or emitting.
 pub type Result<T> = core::result::Result<T, Error>;

@@ -17,7 +17,7 @@ use machnet_net::port::{Burst, HeapBuf, PacketBuf, Port};
 use machnet_net::time::Instant;
 use machnet_net::wire::{classify, ChecksumCaps, EthernetAddress, Frame, FrameRepr, MsgFlags, FRAME_HEADER_LEN};
 use machnet_transport::{
-    Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, OutMsg, Owner, RxAdmission, Seg,
+    Config, Endpoint, Env, Event, FlowId, FlowTuple, InMsg, LocalAddr, LocalPorts, OutMsg, Owner, RxAdmission, Seg,
 };
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -354,7 +354,7 @@ impl Sim {
         let make = |port: MemPort, fault: FaultConfig, mac, ip, seed| {
             let tcfg = Config { seed, ..cfg.transport };
             Side {
-                ep: Endpoint::new(tcfg, LocalAddr { mac, ip }, Endpoint::shared_ports()).expect("valid config"),
+                ep: Endpoint::new(tcfg, LocalAddr { mac, ip }, LocalPorts::new()).expect("valid config"),
                 env: SimEnv {
                     port: Faulty::new(port, fault),
                     caps: ChecksumCaps::software(),
