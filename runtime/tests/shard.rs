@@ -39,6 +39,8 @@ impl Stage<()> for Sleeper {
 }
 
 struct Pipe {
+    /// Times the shard was about to park with nothing pending.
+    parking: Arc<AtomicU64>,
     inbox: Inbox,
     sleeper: Sleeper,
     target: u64,
@@ -81,7 +83,11 @@ impl Pipeline for Pipe {
         self.deadline.filter(|_| self.reached_deadline_at.is_none())
     }
     fn before_park(&mut self) -> bool {
-        self.inbox.pending.load(Ordering::Acquire) == 0
+        let idle = self.inbox.pending.load(Ordering::Acquire) == 0;
+        if idle {
+            self.parking.fetch_add(1, Ordering::AcqRel);
+        }
+        idle
     }
     fn done(&self) -> bool {
         self.inbox.done >= self.target || std::time::Instant::now() >= self.give_up
@@ -90,6 +96,7 @@ impl Pipeline for Pipe {
 
 fn pipe(pending: &Arc<AtomicU64>, target: u64) -> Pipe {
     Pipe {
+        parking: Arc::new(AtomicU64::new(0)),
         inbox: Inbox { pending: pending.clone(), done: 0 },
         sleeper: Sleeper { slept: false },
         target,
@@ -103,11 +110,21 @@ fn pipe(pending: &Arc<AtomicU64>, target: u64) -> Pipe {
 fn adaptive_shard_parks_and_is_woken_by_producers() {
     let pending = Arc::new(AtomicU64::new(0));
     let cfg = ShardConfig { idle: IdlePolicy::ADAPTIVE, timing_every: 1, ..ShardConfig::default() };
-    let shard = Shard::spawn(cfg, pipe(&pending, 100)).unwrap();
+    let p = pipe(&pending, 100);
+    let parking = p.parking.clone();
+    let shard = Shard::spawn(cfg, p).unwrap();
     let waker = shard.waker();
-    for _ in 0..100 {
-        // Let it fall asleep (spin 50 us + yield 200 us), then hand it one item.
-        std::thread::sleep(Duration::from_millis(2));
+    for k in 0..100 {
+        // Let it fall asleep (spin 50 us + yield 200 us of idle loops), then hand it one item.
+        // Waiting for the shard to be about to park, not a fixed time: on a loaded host (two
+        // CPU hogs) a 2 ms gap was all run-queue wait, the shard always found an item and
+        // never parked (parks 0 in 100, runqueue 191 ms).
+        let before = parking.load(Ordering::Acquire);
+        let t = std::time::Instant::now();
+        while parking.load(Ordering::Acquire) == before {
+            assert!(t.elapsed() < Duration::from_secs(10), "item {k}: the shard did not go idle within 10 s");
+            std::thread::sleep(Duration::from_micros(200));
+        }
         pending.fetch_add(1, Ordering::AcqRel);
         waker.wake();
     }
