@@ -435,6 +435,22 @@ impl Controller {
         out
     }
 
+    /// Refuses (counted, logged with the peer's credentials) a peer the access list does not
+    /// allow to do `what`.
+    fn admit(&mut self, cred: &PeerCred, what: &str, hint: &str) -> Result<(), Status> {
+        if self.access.allows(cred) {
+            return Ok(());
+        }
+        self.refused += 1;
+        log::warn!(
+            "{what} refused: pid {} uid {} gid {} is not on the access list{hint}",
+            cred.pid,
+            cred.uid,
+            cred.gid
+        );
+        Err(Status::NotPermitted)
+    }
+
     /// Tells every shard to reset its flows and stop.
     pub fn shutdown(&mut self) {
         for i in 0..self.shards.len() {
@@ -445,46 +461,19 @@ impl Controller {
 
 impl CtrlHandler for Controller {
     fn register(&mut self, app: AppId, cred: PeerCred) -> Result<(), Status> {
-        if !self.access.allows(&cred) {
-            self.refused += 1;
-            log::warn!(
-                "registration refused: pid {} uid {} gid {} is not on the access list (machnet_rs.access)",
-                cred.pid,
-                cred.uid,
-                cred.gid
-            );
-            return Err(Status::NotPermitted);
-        }
+        self.admit(&cred, "registration", " (machnet_rs.access)")?;
         log::info!("app {} registered: pid {} uid {} gid {}", app.0, cred.pid, cred.uid, cred.gid);
         self.apps.insert(app, App { cred, channels: Vec::new(), since: Instant::now() });
         Ok(())
     }
 
     fn stats(&mut self, cred: PeerCred, selector: u64) -> Result<Vec<u8>, Status> {
-        if !self.access.allows(&cred) {
-            self.refused += 1;
-            log::warn!(
-                "statistics refused: pid {} uid {} gid {} is not on the access list",
-                cred.pid,
-                cred.uid,
-                cred.gid
-            );
-            return Err(Status::NotPermitted);
-        }
+        self.admit(&cred, "statistics", "")?;
         serde_json::to_vec(&self.stats_json(selector)).map_err(|_| Status::Internal)
     }
 
     fn capture(&mut self, conn: AppId, cred: PeerCred, op: u64, args: [u8; 24]) -> Result<Vec<u8>, Status> {
-        if !self.access.allows(&cred) {
-            self.refused += 1;
-            log::warn!(
-                "packet capture refused: pid {} uid {} gid {} is not on the access list",
-                cred.pid,
-                cred.uid,
-                cred.gid
-            );
-            return Err(Status::NotPermitted);
-        }
+        self.admit(&cred, "packet capture", "")?;
         match op {
             CAPTURE_START => {
                 let (filter, snaplen) = capture::decode_args(&args).ok_or(Status::BadRequest)?;
