@@ -212,9 +212,13 @@ pub struct ChannelSection {
     pub max_channels: Option<usize>,
     /// Most channels one application may have (`max_channels` less a sixteenth: 240 of 256).
     pub max_per_app: Option<usize>,
-    /// After an application detaches a channel, how long its flows may take to send what it
-    /// queued before they are reset, ms (2000).
+    /// After an application detaches a channel, how long its flows may go without progress
+    /// (nothing newly acknowledged) while they send what it queued before they are reset,
+    /// ms (2000).
     pub linger_ms: Option<u64>,
+    /// The most a detached channel's flows may take to send what it queued, progressing or
+    /// not, ms (30000; at least `linger_ms`).
+    pub linger_max_ms: Option<u64>,
     /// The same after an application died (its registration connection closed without a
     /// detach), ms (500; at most `linger_ms`): its peers learn of the death within a second.
     pub gone_linger_ms: Option<u64>,
@@ -395,6 +399,7 @@ pub const NUMERIC_KEYS: &[NumericKey] = &[
     num("channel.max_channels", 1, 1024, |e| fz(e.channel.max_channels)),
     num("channel.max_per_app", 1, 1024, |e| fz(e.channel.max_per_app)),
     num("channel.linger_ms", 0, 600_000, |e| fu(e.channel.linger_ms)),
+    num("channel.linger_max_ms", 0, 3_600_000, |e| fu(e.channel.linger_max_ms)),
     num("channel.gone_linger_ms", 0, 600_000, |e| fu(e.channel.gone_linger_ms)),
     num("arp.timeout_s", 1, 86_400, |e| fu(e.arp.timeout_s)),
     num("arp.retries", 1, 20, |e| f(e.arp.retries)),
@@ -685,6 +690,12 @@ impl Config {
             ));
         }
         let linger = c.linger_ms.unwrap_or(2000);
+        if let Some(m) = c.linger_max_ms.filter(|&m| m < linger) {
+            return Err(err(
+                "machnet_rs.channel.linger_max_ms",
+                format!("{m} is out of range: expected in {linger}..=3600000 (at least channel.linger_ms)"),
+            ));
+        }
         if let Some(g) = c.gone_linger_ms.filter(|&g| g > linger) {
             return Err(err(
                 "machnet_rs.channel.gone_linger_ms",
@@ -982,7 +993,7 @@ mod tests {
     #[test]
     fn every_numeric_key_is_range_checked_at_start() {
         // Their upper bounds depend on another key (checked separately below).
-        let relational = ["channel.max_per_app", "channel.gone_linger_ms"];
+        let relational = ["channel.max_per_app", "channel.gone_linger_ms", "channel.linger_max_ms"];
         for k in NUMERIC_KEYS {
             let path = format!("machnet_rs.{}", k.key);
             let mut bad = vec![k.max + 1];
@@ -1003,7 +1014,8 @@ mod tests {
                 }
             }
             for v in [k.min, k.max] {
-                if relational.contains(&k.key) && v == k.max {
+                // An upper bound from another key, or (linger_max_ms) a lower one.
+                if relational.contains(&k.key) && (v == k.max || k.key == "channel.linger_max_ms") {
                     continue;
                 }
                 if let Err(e) = parse(&with_key(k.key, v.into())) {
@@ -1016,6 +1028,8 @@ mod tests {
         assert!(e.to_string().contains("300 is out of range: expected in 1..=256 (channel.max_channels)"), "{e}");
         let e = parse(&with_key("channel.gone_linger_ms", 2500.into())).unwrap_err();
         assert!(e.to_string().contains("expected in 0..=2000 (channel.linger_ms)"), "{e}");
+        let e = parse(&with_key("channel.linger_max_ms", 1500.into())).unwrap_err();
+        assert!(e.to_string().contains("expected in 2000..=3600000 (at least channel.linger_ms)"), "{e}");
         // The values of the issue that started the daemon uselessly.
         for v in [0u64, 4_294_967_295] {
             let e = parse(&with_key("channel.buffers", v.into())).unwrap_err();

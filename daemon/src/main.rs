@@ -267,6 +267,7 @@ where
             fds: parker.fd_set(),
             report: report.clone(),
             linger: Duration::from_millis(cfg.ext.channel.linger_ms.unwrap_or(2000)),
+            linger_max: Duration::from_millis(cfg.ext.channel.linger_max_ms.unwrap_or(30_000)),
             gone_linger: Duration::from_millis(cfg.ext.channel.gone_linger_ms.unwrap_or(500)),
             mesh,
             graveyard: graveyard.clone(),

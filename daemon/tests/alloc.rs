@@ -65,6 +65,7 @@ fn side(ports: Vec<MemPort>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr
             fds: parker.fd_set(),
             report: report.clone(),
             linger: Duration::from_millis(100),
+            linger_max: Duration::from_millis(100),
             gone_linger: Duration::from_millis(100),
             mesh,
             graveyard: graveyard.clone(),

@@ -751,6 +751,16 @@ impl<P: PortAllocator> Endpoint<P> {
         self.flows.iter().filter(|f| f.has(fl::LIVE) && f.owner == owner).count()
     }
 
+    /// Live flows of `owner` and a mark that changes whenever one of them has something
+    /// acknowledged (the sum of their `snd_una`): how a draining owner shows progress. A
+    /// scan of the arena: for control paths only.
+    pub fn drain_progress(&self, owner: Owner) -> (usize, u64) {
+        self.flows
+            .iter()
+            .filter(|f| f.has(fl::LIVE) && f.owner == owner)
+            .fold((0, 0), |(n, m), f| (n + 1, m.wrapping_add(u64::from(f.snd_una))))
+    }
+
     /// Closes every listener of `owner`.
     pub fn unlisten_owner(&mut self, owner: Owner) {
         let ports = &mut self.ports;

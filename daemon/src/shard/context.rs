@@ -60,15 +60,22 @@ impl<P: Port> ShardCtx<P> {
         *c = (*c).max(thread_cpu_ns().saturating_sub(cpu0));
     }
 
-    /// Finishes a lingering channel whose flows are gone or whose time is up.
+    /// Finishes a lingering channel whose flows are gone or whose time is up; moves its
+    /// deadline on while its flows make progress.
     pub(super) fn check_linger(&mut self, now: Instant, owner: Owner) {
         let Some(slot) = self.env.slot(owner) else { return };
-        let Some(deadline) = slot.linger else { return };
-        if now < slot.next_check {
+        if slot.linger.is_none() || now < slot.next_check {
             return;
         }
+        let mark = self.ep.drain_progress(owner);
+        let Some(slot) = self.env.slot(owner) else { return };
         slot.next_check = now + Duration::from_millis(1);
-        if self.ep.flows_of(owner) == 0 {
+        if mark != slot.linger_mark {
+            slot.linger_mark = mark;
+            slot.linger = Some((now + slot.linger_idle).min(slot.linger_end));
+        }
+        let deadline = slot.linger.unwrap_or(now);
+        if mark.0 == 0 {
             self.remove_owner(now, owner, "closed");
         } else if now >= deadline {
             self.env.counters.linger_expired += 1;

@@ -20,6 +20,7 @@ pub(super) struct ControlStage {
     /// A command `before_park` took from `cmds` (it cannot peek); handled first.
     pub(super) deferred_cmd: Option<ShardCmd>,
     pub(super) linger: Duration,
+    pub(super) linger_max: Duration,
     pub(super) gone_linger: Duration,
 }
 
@@ -57,8 +58,16 @@ impl<P: Port> Stage<ShardCtx<P>> for ControlStage {
                 Ok(ShardCmd::RemoveChannel { id, gone }) => {
                     n += 1;
                     if let Some(owner) = ctx.owner_of_channel(id) {
-                        let linger = if gone { self.gone_linger.min(self.linger) } else { self.linger };
-                        ctx.start_linger(now, owner, linger);
+                        // A detached channel's flows drain while they make progress (as a
+                        // closed TCP socket's do), up to linger_max; a dead application's
+                        // peers learn of its death within gone_linger, progress or not.
+                        let (idle, max) = if gone {
+                            let g = self.gone_linger.min(self.linger);
+                            (g, g)
+                        } else {
+                            (self.linger, self.linger_max.max(self.linger))
+                        };
+                        ctx.start_linger(now, owner, idle, max);
                     }
                 }
                 Ok(ShardCmd::Capture(tap)) => {
@@ -123,8 +132,9 @@ impl<P: Port> ShardCtx<P> {
 
     /// The application detached the channel or died: its listeners close now; its flows close
     /// gracefully, so what it queued still reaches the peers; the channel is reclaimed when the
-    /// last flow is gone or the linger time is up.
-    pub(super) fn start_linger(&mut self, now: Instant, owner: Owner, linger: Duration) {
+    /// last flow is gone, or its flows are reset when they made no progress (nothing newly
+    /// acknowledged) for `idle`, or `max` after the start.
+    pub(super) fn start_linger(&mut self, now: Instant, owner: Owner, idle: Duration, max: Duration) {
         let Some(slot) = self.env.slot(owner) else { return };
         if slot.linger.is_some() {
             return;
@@ -148,7 +158,10 @@ impl<P: Port> ShardCtx<P> {
             }
         }
         let Some(slot) = self.env.slot(owner) else { return };
-        slot.linger = Some(now + linger);
+        slot.linger = Some(now + idle.min(max));
+        slot.linger_idle = idle;
+        slot.linger_end = now + max;
+        slot.linger_mark = (usize::MAX, 0);
         slot.next_check = now;
         slot.blocked = false;
         // Its flows no longer wait for room in a ring nobody reads.

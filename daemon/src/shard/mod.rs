@@ -78,6 +78,12 @@ pub struct ChannelSlot {
     blocked: bool,
     /// The application detached or died: its flows are draining until this deadline.
     linger: Option<Instant>,
+    /// While draining: how long the flows may go without progress, the latest the
+    /// deadline may move to, and the progress seen at the last check (live flows, the
+    /// sum of their acknowledged sequence numbers).
+    linger_idle: Duration,
+    linger_end: Instant,
+    linger_mark: (usize, u64),
     /// When the lingering channel is next checked.
     next_check: Instant,
     /// The first protocol violation seen (the channel is closed after this round).
@@ -103,6 +109,9 @@ impl ChannelSlot {
             tx_flags: vec![0; n],
             blocked: false,
             linger: None,
+            linger_idle: Duration::ZERO,
+            linger_end: Instant::ZERO,
+            linger_mark: (0, 0),
             next_check: Instant::ZERO,
             violation: None,
             admission,
@@ -289,9 +298,11 @@ pub struct ShardSetup<P: Port> {
     pub fds: FdSet,
     /// Where the shard publishes its report.
     pub report: Arc<Reporting>,
-    /// How long a detached channel's flows may take to drain.
+    /// How long a detached channel's flows may go without progress while they drain.
     pub linger: Duration,
-    /// The same for the channels of an application that died.
+    /// The most a detached channel's flows may take to drain, progressing or not.
+    pub linger_max: Duration,
+    /// How long the flows of an application that died may take to drain (in all).
     pub gone_linger: Duration,
     /// Hand-off rings to and from the other shards.
     pub mesh: Mesh<P::Buf>,
@@ -352,7 +363,13 @@ impl<P: Port> EngineShard<P> {
         };
         EngineShard {
             ctx,
-            control: ControlStage { cmds: s.cmds, deferred_cmd: None, linger: s.linger, gone_linger: s.gone_linger },
+            control: ControlStage {
+                cmds: s.cmds,
+                deferred_cmd: None,
+                linger: s.linger,
+                linger_max: s.linger_max,
+                gone_linger: s.gone_linger,
+            },
             rx: RxStage { burst: Some(Box::new(Burst::new())), caps: s.rx_caps },
             channels: ChannelsStage,
             timers: TimersStage {
