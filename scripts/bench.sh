@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Benchmarks, each with its baselines in the same invocation (docs/performance.md):
 #
-#   ./scripts/bench.sh udp|memif|embedded|busy|shared [--runs N] [--seconds S] [--sizes 64,1024] [--windows 1,32] [--out FILE]
+#   ./scripts/bench.sh udp|memif|embedded|bulk|busy|shared [--runs N] [--seconds S] [--sizes 64,1024] [--windows 1,32] [--out FILE]
 #   ./scripts/bench.sh transport      # S4: transport per core (transport_bench)
 #   ./scripts/bench.sh channel        # S5: channel one way and round trip (channel_bench)
 #   ./scripts/bench.sh all            # S1-S5, results in bench/results/, charts in docs/img/
 #
 # Builds the daemon and the benchmark programs (release), with the DPDK backend when the system
-# DPDK is installed (memif and embedded need it).
+# DPDK is installed (memif, embedded and bulk need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh bench

@@ -27,8 +27,15 @@
 //!   restarted for each, interleaved; reports frames per RPC and retransmissions per thousand
 //!   RPCs from the client daemon's counters.
 //!
-//! Every configuration runs at window 1 (E1) and 32 (E2), 64 B and 1 KiB, unless narrowed by
-//! `--windows` and `--sizes`. The raw results go to `--out` (JSON) for plotting.
+//! * `bulk` (S6, `dpdk` build): large messages (64 KiB, 1 MiB and 8 MiB at windows 1 and 8):
+//!   `msg_gen --embedded` over memif and two machnetd over memif with msg_gen `--blocking`,
+//!   against raw memif moving the same bytes in full-size frames (window: the message's
+//!   frames times the window, at most 1024) and kernel TCP request/response on loopback, in
+//!   Gbit/s each way (every RPC moves its size each way) with p50/p99 per message.
+//!
+//! Every configuration runs at window 1 (E1) and 32 (E2), 64 B and 1 KiB (`bulk`: the sizes
+//! and windows above), unless narrowed by `--windows` and `--sizes`. The raw results go to
+//! `--out` (JSON) for plotting.
 
 use clap::Parser;
 use machnet_bench::rpc::Totals;
@@ -43,7 +50,7 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(name = "scenario", version, about = "Run a benchmark scenario with its baselines")]
 struct Args {
-    /// Scenario: udp (S3), memif (S1) or embedded (S2).
+    /// Scenario: udp (S3), memif (S1), embedded (S2), bulk (S6), busy (S7) or shared (S8).
     scenario: String,
     /// Interleaved runs (medians over these).
     #[arg(long, default_value_t = 3)]
@@ -51,12 +58,12 @@ struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Message sizes, bytes.
-    #[arg(long, value_delimiter = ',', default_value = "64,1024")]
-    sizes: Vec<usize>,
-    /// Windows.
-    #[arg(long, value_delimiter = ',', default_value = "1,32")]
-    windows: Vec<u64>,
+    /// Message sizes, bytes (64,1024; bulk: 65536,1048576,8388608).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
+    /// Windows (1,32; bulk: 1,8).
+    #[arg(long, value_delimiter = ',')]
+    windows: Option<Vec<u64>>,
     /// Raw results (JSON).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -138,6 +145,10 @@ impl Drop for Proc {
         }
     }
 }
+
+/// What one full-size (1514 B) frame carries of a message: the Ethernet, IPv4, UDP and
+/// Machnet headers (96 B with the frame check) taken off.
+const RAW_PAYLOAD: usize = 1514 - 96;
 
 fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("an ephemeral port")
@@ -347,11 +358,36 @@ impl Env {
         self.pair_ready("msg_gen --embedded", s, c, Some(&sock))
     }
 
+    /// Raw memif moving the bytes of `window` messages of `size` in full-size frames (each
+    /// carrying what a Machnet DATA frame carries), reported as messages: round trips per
+    /// second times the payload of a frame, divided by `size`. No per-message latency.
+    fn raw_memif_bulk(&self, size: usize, window: u64) -> Result<Totals, String> {
+        let frames = size.div_ceil(RAW_PAYLOAD) as u64;
+        let t = self.raw_memif_frames(1514, (frames * window).min(1024))?;
+        let rps = t.rps * RAW_PAYLOAD as f64 / size as f64;
+        Ok(Totals {
+            msg_size: size,
+            msg_window: window,
+            rps,
+            rx_msgs: (rps * t.seconds) as u64,
+            rtt_p50_us: f64::NAN,
+            rtt_p99_us: f64::NAN,
+            rtt_p999_us: f64::NAN,
+            rtt_max_us: f64::NAN,
+            ..t
+        })
+    }
+
     /// Raw memif ping-pong of frames as long as a Machnet frame carrying `size` bytes, server
     /// on CPU 0 and client on CPU 1, both busy-polling.
     fn raw_memif(&self, size: usize, window: u64) -> Result<Totals, String> {
+        let t = self.raw_memif_frames((size + 96).clamp(60, 1514), window)?;
+        Ok(Totals { msg_size: size, ..t })
+    }
+
+    /// Raw memif ping-pong of `frame`-byte frames, `window` in flight.
+    fn raw_memif_frames(&self, frame: usize, window: u64) -> Result<Totals, String> {
         let sock = self.work.join("raw.sock");
-        let frame = (size + 96).clamp(60, 1514);
         let mut s = self.cmd("memif_pingpong");
         s.args(["--role", "server", "--cpu", "0", "--socket"]).arg(&sock);
         s.stdout(Stdio::null()).stderr(Stdio::null());
@@ -377,7 +413,7 @@ impl Env {
         let ns = |k: &str| v["rtt_ns"][k].as_f64().unwrap_or(0.0) / 1e3;
         Ok(Totals {
             role: "client".into(),
-            msg_size: size,
+            msg_size: frame,
             msg_window: window,
             seconds: v["seconds"].as_f64().unwrap_or(0.0),
             rx_msgs: v["round_trips"].as_u64().unwrap_or(0),
@@ -424,16 +460,18 @@ fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn report(records: &[Record], main: &str) -> String {
+fn report(records: &[Record], main: &str, gbps: bool) -> String {
     let mut groups: BTreeMap<(usize, u64), BTreeMap<String, Vec<&Record>>> = BTreeMap::new();
     for r in records {
         groups.entry((r.msg_size, r.window)).or_default().entry(r.system.clone()).or_default().push(r);
     }
     let mut s = String::new();
     s.push_str(
-        "| size | window | system | RTT p50 µs (min–max) | p99 | p99.9 | K RPC/s (min–max) | p50 × | RPC/s × | frames/RPC | retx per 1K RPC |\n",
+        "| size | window | system | RTT p50 µs (min–max) | p99 | p99.9 | K RPC/s (min–max) | p50 × | RPC/s × | frames/RPC | retx per 1K RPC |",
     );
-    s.push_str("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str(if gbps { " Gbit/s each way |\n" } else { "\n" });
+    s.push_str("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    s.push_str(if gbps { "---:|\n" } else { "\n" });
     for ((size, window), systems) in &groups {
         let stat = |rs: &Vec<&Record>, f: fn(&Totals) -> f64| median_min_max(rs.iter().map(|r| f(&r.totals)).collect());
         let main_p50 = systems.get(main).map(|rs| stat(rs, |t| t.rtt_p50_us).0);
@@ -470,15 +508,23 @@ fn report(records: &[Record], main: &str) -> String {
             } else {
                 ("—".to_string(), "—".to_string())
             };
+            // Baselines without a per-message latency (raw memif moving bulk bytes): a dash.
+            let lat = if p50.0.is_nan() {
+                "— | — | —".to_string()
+            } else {
+                format!("{:.1} ({:.1}–{:.1}) | {p99:.1} | {p999:.1}", p50.0, p50.1, p50.2)
+            };
+            let rl = if rl == "NaN" { "—".to_string() } else { rl };
             s.push_str(&format!(
-                "| {size} | {window} | {name} | {:.1} ({:.1}–{:.1}) | {p99:.1} | {p999:.1} | {:.1} ({:.1}–{:.1}) | {rl} | {rr} | {fpr} | {retx} |\n",
-                p50.0,
-                p50.1,
-                p50.2,
+                "| {size} | {window} | {name} | {lat} | {:.1} ({:.1}–{:.1}) | {rl} | {rr} | {fpr} | {retx} |",
                 rps.0 / 1e3,
                 rps.1 / 1e3,
                 rps.2 / 1e3
             ));
+            if gbps {
+                s.push_str(&format!(" {:.2} |", rps.0 * *size as f64 * 8.0 / 1e9));
+            }
+            s.push('\n');
         }
     }
     s.push_str(&format!(
@@ -514,12 +560,23 @@ fn run(args: &Args) -> Result<(), String> {
         "embedded" => "machnet embedded, memif",
         "busy" => "machnet udp, Swift, busy host",
         "shared" => "machnet udp, spinning app, MACHNET_POLL=adaptive",
-        other => return Err(format!("unknown scenario {other:?} (known: udp, memif, embedded, busy, shared)")),
+        "bulk" => "machnet embedded, memif",
+        other => return Err(format!("unknown scenario {other:?} (known: udp, memif, embedded, bulk, busy, shared)")),
     };
+    let bulk = args.scenario == "bulk";
+    let sizes =
+        args.sizes.clone().unwrap_or_else(|| if bulk { vec![65_536, 1 << 20, 8 << 20] } else { vec![64, 1024] });
+    let windows = args.windows.clone().unwrap_or_else(|| if bulk { vec![1, 8] } else { vec![1, 32] });
+    if let Some(s) = sizes.iter().find(|&&s| !(9..=8 << 20).contains(&s)) {
+        return Err(format!("--sizes: {s} is out of range 9..=8388608 (a Machnet message is at most 8 MiB)"));
+    }
+    if windows.contains(&0) {
+        return Err("--windows: 0 is not a window (at least 1)".into());
+    }
     let busy = args.scenario == "busy";
     let shared = args.scenario == "shared";
     let embedded = args.scenario == "embedded";
-    let memif = args.scenario == "memif" || embedded;
+    let memif = args.scenario == "memif" || embedded || bulk;
     if memif && !env.bin.join("memif_pingpong").exists() {
         return Err("memif_pingpong not found: build with --features machnet-daemon/dpdk,machnet-bench/dpdk".into());
     }
@@ -551,8 +608,8 @@ fn run(args: &Args) -> Result<(), String> {
                     [(main, ""), ("machnet udp, Fixed(32), busy host", r#"{"cc": "fixed", "fixed_window": 32}"#)]
                 {
                     let (mut daemons, socks) = env.udp_daemons(transport)?;
-                    for &size in &args.sizes {
-                        for &window in &args.windows {
+                    for &size in &sizes {
+                        for &window in &windows {
                             measure(system, size, window, env.msg_gen(&socks, size, window, Some([0, 1])))?;
                         }
                     }
@@ -564,8 +621,8 @@ fn run(args: &Args) -> Result<(), String> {
             }
             if shared {
                 let (mut daemons, socks) = env.udp_daemons("")?;
-                for &size in &args.sizes {
-                    for &window in &args.windows {
+                for &size in &sizes {
+                    for &window in &windows {
                         for (system, poll) in [
                             (main, Some("adaptive")),
                             ("machnet udp, spinning app, MACHNET_POLL=spin", Some("spin")),
@@ -585,9 +642,35 @@ fn run(args: &Args) -> Result<(), String> {
                 }
                 continue;
             }
+            if bulk {
+                for &size in &sizes {
+                    for &window in &windows {
+                        measure(main, size, window, env.embedded(size, window, false))?;
+                    }
+                }
+                let (mut daemons, socks) = env.memif_daemons()?;
+                for &size in &sizes {
+                    for &window in &windows {
+                        measure("machnet memif (DPDK)", size, window, env.msg_gen(&socks, size, window, Some([0, 1])))?;
+                    }
+                }
+                for d in &mut daemons {
+                    d.interrupt();
+                }
+                drop(daemons);
+                if !args.no_baselines {
+                    for &size in &sizes {
+                        for &window in &windows {
+                            measure("raw memif, same bytes", size, window, env.raw_memif_bulk(size, window))?;
+                            measure("kernel TCP, blocking", size, window, env.kernel("tcp", false, size, window))?;
+                        }
+                    }
+                }
+                continue;
+            }
             if embedded {
-                for &size in &args.sizes {
-                    for &window in &args.windows {
+                for &size in &sizes {
+                    for &window in &windows {
                         measure(main, size, window, env.embedded(size, window, false))?;
                         // The same stack without ACKs in DATA: what they save, in this run.
                         let pure = "machnet embedded, pure ACKs";
@@ -599,8 +682,8 @@ fn run(args: &Args) -> Result<(), String> {
                 // Each application on its daemon's CPU (on this 2-core machine: one daemon and one
                 // application per core).
                 let cpus = Some([0, 1]);
-                for &size in &args.sizes {
-                    for &window in &args.windows {
+                for &size in &sizes {
+                    for &window in &windows {
                         measure(main, size, window, env.msg_gen(&socks, size, window, cpus))?;
                     }
                 }
@@ -613,8 +696,8 @@ fn run(args: &Args) -> Result<(), String> {
             if args.no_baselines {
                 continue;
             }
-            for &size in &args.sizes {
-                for &window in &args.windows {
+            for &size in &sizes {
+                for &window in &windows {
                     if memif {
                         measure("raw memif, no protocol", size, window, env.raw_memif(size, window))?;
                     }
@@ -628,7 +711,7 @@ fn run(args: &Args) -> Result<(), String> {
     })();
     let _ = std::fs::remove_dir_all(&work);
     result?;
-    println!("{}", report(&records, main));
+    println!("{}", report(&records, main, bulk));
     if let Some(out) = &args.out {
         let doc = serde_json::json!({
             "scenario": args.scenario,

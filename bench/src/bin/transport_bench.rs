@@ -324,6 +324,9 @@ fn raw_port(frame_len: usize, frames: u64) -> f64 {
 }
 
 fn median(mut v: Vec<f64>) -> Sample {
+    if v.is_empty() {
+        return Sample { name: String::new(), median: 0.0, min: 0.0, max: 0.0 };
+    }
     v.sort_by(|a, b| a.total_cmp(b));
     Sample { name: String::new(), median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] }
 }
@@ -344,6 +347,13 @@ struct Args {
     /// Skip the request/response cases (streams only, as before they existed).
     #[arg(long)]
     no_rpc: bool,
+    /// Run only the stream cases whose name contains this (for profiling one case, e.g.
+    /// `--only '1 KiB, software' --no-rpc --no-baseline`).
+    #[arg(long)]
+    only: Option<String>,
+    /// Skip the raw port baselines (for profiling; the ratios column then reads 0).
+    #[arg(long)]
+    no_baseline: bool,
 }
 
 fn main() {
@@ -365,17 +375,25 @@ fn main() {
     let mut results: Vec<Vec<Result>> = (0..cases.len()).map(|_| Vec::new()).collect();
     let mut raw64 = Vec::new();
     let mut raw1k = Vec::new();
+    let chosen = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
     for _ in 0..runs {
-        raw64.push(raw_port(160, messages));
-        raw1k.push(raw_port(1120, messages / 2));
-        for (i, (_, size, caps, n)) in cases.iter().enumerate() {
-            results[i].push(stream(*size, *n, 256, *caps));
+        if !args.no_baseline {
+            raw64.push(raw_port(160, messages));
+            raw1k.push(raw_port(1120, messages / 2));
+        }
+        for (i, (name, size, caps, n)) in cases.iter().enumerate() {
+            if chosen(name) {
+                results[i].push(stream(*size, *n, 256, *caps));
+            }
         }
     }
     let raw64 = median(raw64);
     let raw1k = median(raw1k);
     for (i, (name, size, _, _)) in cases.iter().enumerate() {
         let r = &results[i];
+        if r.is_empty() {
+            continue;
+        }
         let pps = median(r.iter().map(|x| x.mpps).collect());
         let msgs = median(r.iter().map(|x| x.mmsgs).collect());
         let ns = median(r.iter().map(|x| x.ns_per_msg).collect());
@@ -387,17 +405,19 @@ fn main() {
             pps.max,
             msgs.median,
             ns.median,
-            pps.median / raw.median
+            if raw.median > 0.0 { pps.median / raw.median } else { f64::NAN }
         );
     }
-    println!(
-        "| baseline: raw mem port, 160 B frames | {:.2} | {:.2} | {:.2} | | | 1.00 |",
-        raw64.median, raw64.min, raw64.max
-    );
-    println!(
-        "| baseline: raw mem port, 1120 B frames | {:.2} | {:.2} | {:.2} | | | 1.00 |",
-        raw1k.median, raw1k.min, raw1k.max
-    );
+    if !args.no_baseline {
+        println!(
+            "| baseline: raw mem port, 160 B frames | {:.2} | {:.2} | {:.2} | | | 1.00 |",
+            raw64.median, raw64.min, raw64.max
+        );
+        println!(
+            "| baseline: raw mem port, 1120 B frames | {:.2} | {:.2} | {:.2} | | | 1.00 |",
+            raw1k.median, raw1k.min, raw1k.max
+        );
+    }
     println!("\nMpps counts every frame both endpoints sent (DATA and ACKs); both endpoints share one core.");
 
     if args.no_rpc {
