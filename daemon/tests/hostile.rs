@@ -131,7 +131,10 @@ fn a_syn_flood_does_not_lock_out_real_clients() {
     drop(ch);
     drop(m);
     drop(server);
-    eprintln!("20 connects under {sent} forged SYNs: slowest {slowest:?}; B: {half_open} half-open");
+    let cookies = sh["endpoint"]["syn_cookies_accepted"].as_u64().unwrap();
+    eprintln!(
+        "20 connects under {sent} forged SYNs: slowest {slowest:?}; B: {half_open} half-open, {cookies} by cookie"
+    );
 }
 
 /// One application takes every channel and flow it can: it is stopped at its limits

@@ -1,5 +1,6 @@
 //! The endpoint: the flows of one shard, their lookup tables and the work queue.
 
+use crate::cookie::{Conn, CookieOpts, Cookies};
 use crate::env::Env;
 use crate::flow::{fl, Flow, FlowCx, FlowState, Path, RxSlot, TxSlot, Verdict, NO_OWNER};
 use crate::ports::{ClientPortQuery, LocalPorts, PortAllocator};
@@ -14,7 +15,7 @@ use core::time::Duration;
 use hashbrown::HashMap;
 use machnet_net::rss::Rss;
 use machnet_net::time::Instant;
-use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetFrame, MachnetRepr, PacketType};
+use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetFrame, MachnetRepr, MsgFlags, PacketType};
 
 /// Endpoint-wide counters. Plain integers; the daemon publishes snapshots.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -109,6 +110,9 @@ pub struct EndpointStats {
     pub syn_retransmits: u64,
     /// Half-open flows evicted to make room (the oldest first): a SYN flood's footprint.
     pub syn_evicted: u64,
+    /// Server flows rebuilt from the client's final ACK whose ISN proved the handshake (a SYN
+    /// cookie) after their half-open flow had been evicted.
+    pub syn_cookies_accepted: u64,
     /// SYNs dropped because their source already had `max_half_open_per_source` half-open
     /// flows.
     pub syn_source_limited: u64,
@@ -245,6 +249,8 @@ pub struct Endpoint<P = LocalPorts> {
     owner_group: Vec<u16>,
     group_flows: Vec<u32>,
     rng: u64,
+    /// The key of server flows' ISNs (SYN cookies: [`crate::cookie`]).
+    cookies: Cookies,
     stats: EndpointStats,
 }
 
@@ -298,6 +304,7 @@ impl<P: PortAllocator> Endpoint<P> {
             owner_group: Vec::new(),
             group_flows: Vec::new(),
             rng: cfg.seed,
+            cookies: Cookies::new(cfg.seed),
             stats: EndpointStats::default(),
             cfg,
         })
@@ -858,25 +865,11 @@ impl<P: PortAllocator> Endpoint<P> {
                         self.stats.syn_source_limited += 1;
                         return;
                     }
-                    if !self.group_has_room(owner) {
-                        self.stats.group_limited += 1;
-                        return;
-                    }
-                    // Half-open flows have a budget; past it (or with the arena full) the
-                    // oldest half-open one makes room: never an established flow.
-                    if self.half_open_count >= self.cfg.max_half_open || self.free.is_empty() {
-                        self.evict_half_open(env, now);
-                    }
-                    let Some(i) = self.alloc_flow(owner, pkt.src_ip, pkt.src_mac, pkt.src_port, pkt.dst_port) else {
-                        self.stats.syn_table_full += 1;
-                        return;
-                    };
-                    self.server_refs[usize::from(pkt.dst_port)] += 1;
-                    self.enter_half_open(i);
-                    let iss = self.next_isn();
-                    let mut cx = self.cx(i, env, now);
-                    cx.start_accept(&pkt.hdr, iss);
-                    self.settle(i, Verdict::Keep, env, now);
+                    let piggy = self.cfg.piggyback_acks
+                        && pkt.hdr.timestamp != 0
+                        && pkt.hdr.msg_flags.contains(MsgFlags::ACKS_IN_DATA);
+                    let opts = CookieOpts { legacy: pkt.hdr.timestamp == 0, piggy };
+                    self.open_passive(now, env, pkt, owner, &pkt.hdr, opts, true);
                 }
                 None => {
                     self.stats.syn_no_listener += 1;
@@ -884,6 +877,16 @@ impl<P: PortAllocator> Endpoint<P> {
                 }
             },
             PacketType::Ack => {
+                // The final ACK of a handshake whose half-open flow a flood evicted: its
+                // `ackno` is our cookie. Rebuild the flow and let the ACK establish it.
+                if let Some(i) = self.open_from_cookie(now, env, pkt) {
+                    self.stats.syn_cookies_accepted += 1;
+                    let token = self.tokens[i];
+                    let mut cx = self.cx_at(i, env, now, rx_at);
+                    let v = cx.on_packet(&pkt.hdr, pkt.payload, pkt.src_mac, token);
+                    self.settle(i, v, env, now);
+                    return;
+                }
                 // A peer still talking to a flow we no longer have: tell it.
                 self.stats.rx_no_flow += 1;
                 self.reply_rst(env, pkt, pkt.hdr.ackno, pkt.hdr.seqno);
@@ -899,6 +902,69 @@ impl<P: PortAllocator> Endpoint<P> {
             }
             _ => self.stats.rx_no_flow += 1,
         }
+    }
+
+    /// Opens a server flow for `pkt`'s connection to `owner`'s listener from `syn` (received,
+    /// or rebuilt from a cookie), its ISN the cookie for `opts`; sends the SYN-ACK if
+    /// `synack`. Returns the flow's index.
+    #[allow(clippy::too_many_arguments)]
+    fn open_passive<E: Env>(
+        &mut self,
+        now: Instant,
+        env: &mut E,
+        pkt: &MachnetFrame<'_>,
+        owner: Owner,
+        syn: &MachnetRepr,
+        opts: CookieOpts,
+        synack: bool,
+    ) -> Option<usize> {
+        if !self.group_has_room(owner) {
+            self.stats.group_limited += 1;
+            return None;
+        }
+        // Half-open flows have a budget; past it (or with the arena full) the oldest
+        // half-open one makes room: never an established flow.
+        if self.half_open_count >= self.cfg.max_half_open || self.free.is_empty() {
+            self.evict_half_open(env, now);
+        }
+        let Some(i) = self.alloc_flow(owner, pkt.src_ip, pkt.src_mac, pkt.src_port, pkt.dst_port) else {
+            self.stats.syn_table_full += 1;
+            return None;
+        };
+        self.server_refs[usize::from(pkt.dst_port)] += 1;
+        self.enter_half_open(i);
+        let iss = self.cookies.isn(now.as_nanos(), self.conn(pkt, syn.seqno), opts);
+        let mut cx = self.cx(i, env, now);
+        cx.start_accept(syn, iss, synack);
+        self.settle(i, Verdict::Keep, env, now);
+        Some(i)
+    }
+
+    /// The connection a cookie for `pkt`'s 4-tuple and the client ISN `client_isn` binds.
+    fn conn(&self, pkt: &MachnetFrame<'_>, client_isn: u32) -> Conn {
+        Conn {
+            peer_ip: u32::from(pkt.src_ip),
+            peer_port: pkt.src_port,
+            local_ip: u32::from(self.local.ip),
+            local_port: pkt.dst_port,
+            client_isn,
+        }
+    }
+
+    /// A flow rebuilt (half-open, its SYN-ACK not sent again) for an ACK with no flow whose
+    /// `ackno` is a cookie of ours for its connection, to a port still listened on.
+    fn open_from_cookie<E: Env>(&mut self, now: Instant, env: &mut E, pkt: &MachnetFrame<'_>) -> Option<usize> {
+        let owner = self.listeners.get(&pkt.dst_port).copied()?;
+        // The final ACK carries the client's next sequence number and acknowledges our ISN.
+        let client_isn = pkt.hdr.seqno.wrapping_sub(1);
+        let opts = self.cookies.check(now.as_nanos(), self.conn(pkt, client_isn), pkt.hdr.ackno.wrapping_sub(1))?;
+        let syn = MachnetRepr {
+            msg_flags: if opts.piggy { MsgFlags::ACKS_IN_DATA } else { MsgFlags::empty() },
+            // Any timestamp but 0 marks a machnet-rs peer.
+            timestamp: u64::from(!opts.legacy),
+            ..MachnetRepr::control(PacketType::Syn, client_isn, 0)
+        };
+        self.open_passive(now, env, pkt, owner, &syn, opts, false)
     }
 
     fn reply_rst<E: Env>(&mut self, env: &mut E, pkt: &MachnetFrame<'_>, seqno: u32, ackno: u32) {

@@ -495,8 +495,9 @@ impl<E: Env> FlowCx<'_, E> {
         }
     }
 
-    /// Starts a passive open from a SYN.
-    pub(crate) fn start_accept(&mut self, syn: &MachnetRepr, iss: u32) {
+    /// Starts a passive open from a SYN; sends the SYN-ACK if `synack` (not for a flow rebuilt
+    /// from a cookie: the client has it).
+    pub(crate) fn start_accept(&mut self, syn: &MachnetRepr, iss: u32, synack: bool) {
         self.f.last_heard = self.now.as_nanos();
         if syn.timestamp == 0 {
             self.f.set(fl::LEGACY);
@@ -511,7 +512,12 @@ impl<E: Env> FlowCx<'_, E> {
         self.tx[(iss & self.mask()) as usize] =
             TxSlot { seg: NO_SEG, sent_at: self.now.as_nanos(), ..TxSlot::default() };
         self.f.rto_shift = 0;
-        self.send_synack();
+        if synack {
+            self.send_synack();
+        } else {
+            // When the SYN-ACK left is unknown: no round-trip sample from the handshake.
+            self.tx[(iss & self.mask()) as usize].state |= ts::EVER_RETX;
+        }
         self.f.rto_at = (self.now + self.handshake_timeout()).as_nanos();
     }
 

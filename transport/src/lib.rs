@@ -15,7 +15,8 @@
 //!
 //! # Protocol summary (docs/protocol.md has the full account)
 //!
-//! * Handshake: SYN (random ISN) → SYN-ACK (ISN, ackno = peer ISN + 1) → ACK. A lost final ACK
+//! * Handshake: SYN (random ISN) → SYN-ACK (a SYN cookie for ISN, ackno = peer ISN + 1) → ACK;
+//!   a final ACK whose half-open flow a SYN flood evicted rebuilds it from the cookie. A lost final ACK
 //!   cannot wedge the server: the client's first DATA makes it send its SYN-ACK again, which
 //!   the client answers with the ACK (DATA itself does not establish a flow: it carries none of
 //!   the server's numbers, so a forged source could send it). SYNs and SYN-ACKs are retransmitted with exponential backoff. A SYN to a port nobody
@@ -58,6 +59,7 @@ extern crate alloc;
 
 mod admission;
 pub mod cc;
+pub(crate) mod cookie;
 mod endpoint;
 mod env;
 mod flow;

@@ -281,3 +281,65 @@ fn data_after_a_forged_syn_does_not_establish() {
     let _ = sim.start_connect(888, 3);
     assert!(sim.run_until(Duration::from_millis(10), |s| connected(s, 3)));
 }
+
+/// A real client whose final ACK arrives after a budget's worth of forged SYNs (5 ms one way
+/// from A to B, a million SYNs a second) finds its half-open flow evicted; the ACK's cookie
+/// rebuilds it, B accepts, and messages go both ways. A forged ACK (a wrong cookie) is
+/// answered with RST and opens nothing.
+#[test]
+fn a_client_whose_half_open_flow_was_evicted_is_accepted_by_its_cookie() {
+    let mut cfg = SimConfig::link(Config::default());
+    cfg.ab.delay = Duration::from_millis(5);
+    let mut sim = Sim::new(cfg);
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    let fa = sim.start_connect(888, 7);
+    // Its SYN is on the way; retransmissions of it (A's handshake timer is shorter than the
+    // 5 ms path) would open a fresh half-open flow just in time for the ACK.
+    sim.drop_from(A, |f| f.hdr.packet_type == PacketType::Syn);
+    let mut rng = Rng(0xc00c1e);
+    flood(&mut sim, &mut rng, 888, Duration::from_millis(12), 10);
+    let st = *sim.sides[B].ep.stats();
+    assert!(st.syn_evicted > 5_000, "{st:?}");
+    assert!(
+        sim.run_until(Duration::from_millis(50), |s| connected(s, 7)
+            && s.event(B, |e| matches!(e, Event::Accepted { .. })).is_some()),
+        "A {:?} B {:?} {:?}",
+        sim.sides[A].env.events,
+        sim.sides[B].env.events,
+        sim.sides[B].ep.stats()
+    );
+    assert_eq!(
+        sim.sides[B].ep.stats().syn_cookies_accepted,
+        1,
+        "{:?} {:?}",
+        sim.sides[B].ep.stats(),
+        sim.sides[A].ep.stats()
+    );
+    let fb = sim
+        .event(B, |e| matches!(e, Event::Accepted { .. }))
+        .map(|e| match e {
+            Event::Accepted { flow, .. } => flow,
+            _ => unreachable!(),
+        })
+        .unwrap();
+    for k in 0..20 {
+        sim.send(A, fa, fb, 1, k, 3000).unwrap();
+        sim.send(B, fb, fa, 2, k, 100).unwrap();
+    }
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 20 && s.delivered(A, fa) == 20));
+    assert_eq!(sim.sides[B].ep.flow_info(fb).unwrap().state, FlowState::Established);
+
+    // A forged final ACK: no flow, a RST.
+    let before = *sim.sides[B].ep.stats();
+    let forged = FrameRepr {
+        hdr: MachnetRepr::control(PacketType::Ack, 1_000, 0xdead_beef),
+        ..forged_syn(Ipv4Addr::new(198, 19, 7, 7), 5555, 888, 0)
+    };
+    let flows = sim.sides[B].ep.flow_count();
+    sim.inject(B, &forged);
+    let after = *sim.sides[B].ep.stats();
+    assert_eq!(sim.sides[B].ep.flow_count(), flows, "a forged ACK opened a flow");
+    assert_eq!(after.syn_cookies_accepted, 1);
+    assert_eq!(after.rx_no_flow, before.rx_no_flow + 1);
+    assert_eq!(after.tx_rsts, before.tx_rsts + 1, "{after:?}");
+}

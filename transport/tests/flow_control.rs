@@ -105,42 +105,58 @@ fn seed_for_isn(isn: u32) -> u64 {
 
 #[test]
 fn sequence_numbers_wrap_under_loss_and_reordering() {
+    // Clients draw their ISNs from the seed (a server's ISN is a SYN cookie): A connects to
+    // B with ISN 2^32 - 16 and B to A with 2^32 - 256, so each direction's sequence numbers
+    // cross the wrap on one of the two flows.
     let mut cfg = SimConfig::link(Config::default()).faults(0.05, 0.05, 0.01, 0.0, Duration::from_micros(2));
     cfg.seeds = [seed_for_isn(0xFFFF_FFF0), seed_for_isn(0xFFFF_FF00)];
     let mut sim = Sim::new(cfg);
-    // Record (not drop) the handshake sequence numbers to prove the ISNs are where we want.
-    let isns = std::rc::Rc::new(std::cell::Cell::new((0u32, 0u32)));
+    // Record (not drop) the SYNs' sequence numbers to prove the ISNs are where we want.
+    let isns = std::rc::Rc::new(std::cell::Cell::new([0u32; 2]));
     for side in [A, B] {
         let isns = isns.clone();
         sim.drop_from(side, move |f| {
-            let (a, b) = isns.get();
-            match f.hdr.packet_type {
-                machnet_net::wire::PacketType::Syn => isns.set((f.hdr.seqno, b)),
-                machnet_net::wire::PacketType::SynAck => isns.set((a, f.hdr.seqno)),
-                _ => {}
+            if f.hdr.packet_type == machnet_net::wire::PacketType::Syn {
+                let mut v = isns.get();
+                v[side] = f.hdr.seqno;
+                isns.set(v);
             }
             false
         });
     }
     sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    sim.sides[A].ep.listen(OWNER, 999).unwrap();
     let fa = sim.start_connect(888, 1);
-    assert!(sim.run_until(Duration::from_secs(1), |s| {
-        s.event(A, |e| matches!(e, Event::Connected { .. })).is_some()
-            && s.event(B, |e| matches!(e, Event::Accepted { .. })).is_some()
-    }));
-    let fb = sim.sides[B].ep.flows().next().unwrap().id;
-    assert_eq!(isns.get(), (0xFFFF_FFF0, 0xFFFF_FF00));
-    // Both ISNs sit just below 2^32; 400 packets each way cross the wrap.
+    let now = sim.now;
+    let b = &mut sim.sides[B];
+    let gb = b.ep.connect(now, &mut b.env, OWNER, IP_A, MAC_A, 999, 2).unwrap();
+    b.env.flush_tx();
+    let accepted = |s: &Sim, side: usize, port: u16| {
+        s.sides[side].env.events.iter().find_map(|(_, e)| match e {
+            Event::Accepted { flow, tuple } if tuple.local_port == port => Some(*flow),
+            _ => None,
+        })
+    };
+    assert!(sim.run_until(Duration::from_secs(1), |s| accepted(s, B, 888).is_some() && accepted(s, A, 999).is_some()));
+    let (fb, ga) = (accepted(&sim, B, 888).unwrap(), accepted(&sim, A, 999).unwrap());
+    assert_eq!(isns.get(), [0xFFFF_FFF0, 0xFFFF_FF00]);
+    // 400 packets from each client cross its wrap; answers go the other way.
     for k in 0..100 {
         sim.send(A, fa, fb, 1, k, 5000).unwrap();
-        sim.send(B, fb, fa, 2, k, 5000).unwrap();
+        sim.send(B, gb, ga, 2, k, 5000).unwrap();
+        sim.send(B, fb, fa, 3, k, 300).unwrap();
+        sim.send(A, ga, gb, 4, k, 300).unwrap();
     }
-    assert!(sim.run_until(Duration::from_secs(5), |s| s.delivered(B, fb) == 100 && s.delivered(A, fa) == 100));
-    let info = sim.sides[A].ep.flow_info(fa).unwrap();
-    assert!(info.counters.tx_messages == 100 && info.in_flight == 0);
-    assert!(sim.sides[A].env.events.iter().all(|(_, e)| matches!(e, Event::Connected { .. })));
+    assert!(sim.run_until(Duration::from_secs(5), |s| [(B, fb), (A, ga), (A, fa), (B, gb)]
+        .iter()
+        .all(|&(side, f)| s.delivered(side, f) == 100)));
     sim.run_until(Duration::from_millis(5), |_| false);
+    for (side, f) in [(A, fa), (B, gb)] {
+        let info = sim.sides[side].ep.flow_info(f).unwrap();
+        assert!(info.counters.tx_messages == 100 && info.in_flight == 0, "{info:?}");
+    }
     assert_eq!(sim.sides[A].env.segs.tx_in_use, 0);
+    assert_eq!(sim.sides[B].env.segs.tx_in_use, 0);
 }
 
 /// Four flows into one receive pool of 256 buffers, three messages of 100 packets each per

@@ -71,8 +71,9 @@ const TICK: Duration = Duration::from_micros(20);
 const UDP_PAYLOAD_AT: usize = 14 + 20 + 8;
 
 /// Transport seeds whose first ISN lies just below 2³² (found by a search over the endpoint's
-/// ISN generator): A's first connect and B's first accept, so both directions of real flow 0
-/// wrap within the first hundred packets. The test checks that they still do.
+/// ISN generator): A's first connect (real flow 0) and B's (real flow 1; a server's ISN is a
+/// SYN cookie), so each direction's sequence numbers wrap within the first hundred packets on
+/// one of the two flows. The test checks that they still do.
 const WRAP_SEEDS: [[u64; 2]; 2] = [[101_466_007, 201_608_335], [227_241_051, 280_108_194]];
 
 /// A small deterministic generator (SplitMix64).
@@ -753,7 +754,7 @@ fn run_seed(seed: u64, totals: &mut Totals) {
     let info = |sim: &Sim, side: usize, f: FlowId| sim.sides[side].ep.flow_info(f).expect("real flow");
     let wraps = (seed as usize) < WRAP_SEEDS.len();
     if wraps {
-        for (side, f) in [(A, a0), (B, b0)] {
+        for (side, f) in [(A, a0), (B, b1)] {
             let una = info(&sim, side, f).snd_una;
             assert!(una > u32::MAX - 128, "seed {seed}: ISN {una:#x} is not near 2^32: the ISN generator changed");
         }
@@ -852,7 +853,7 @@ fn run_seed(seed: u64, totals: &mut Totals) {
         assert_eq!(s.ep.stats().flows_failed, 0, "seed {seed}: side {i}");
     }
     if wraps {
-        for (side, f) in [(A, a0), (B, b0)] {
+        for (side, f) in [(A, a0), (B, b1)] {
             let una = info(&sim, side, f).snd_una;
             assert!(una < 1 << 20, "seed {seed}: side {side}'s sequence numbers did not wrap: {una:#x}");
         }

@@ -4,14 +4,23 @@ use core::net::Ipv4Addr;
 
 /// Ones' complement sum of `data` folded to 16 bits (not complemented).
 ///
-/// Sums 32-bit words in the machine's byte order into a 64-bit accumulator (the compiler
-/// vectorises the loop) and swaps the folded result on little-endian machines: the ones'
-/// complement sum is independent of byte order up to that final swap (RFC 1071 §2(B)). An odd
-/// trailing byte is padded with a zero low byte, as the RFC requires.
+/// Sums in the machine's byte order and swaps the folded result on little-endian machines:
+/// the ones' complement sum is independent of byte order up to that final swap (RFC 1071
+/// §2(B)). An odd trailing byte is padded with a zero low byte, as the RFC requires.
+///
+/// From 256 bytes the bulk goes 64 bytes at a time into sixteen 32-bit lanes, each word's two 16-bit
+/// halves into separate lanes (`lo`, `hi`): no lane can carry out before 65,536 blocks
+/// (4 MiB), so the lanes are folded into the 64-bit total every 32,768 blocks (2 MiB). The compiler
+/// turns the block into vector and, shift and add instructions: 27 instructions per 64 bytes
+/// with SSE2, against 36 for 32-bit words widened into a 64-bit accumulator (the loop for
+/// the rest and for short data; callgrind, S4 at 1 KiB: docs/performance.md).
 #[inline]
 pub fn data(data: &[u8]) -> u16 {
-    let mut acc: u64 = 0;
-    let mut words = data.chunks_exact(4);
+    // Below this the lanes' set-up and fold-out (about 60 instructions) cost more than the
+    // blocks save.
+    const BLOCKS_FROM: usize = 256;
+    let (mut acc, rest) = if data.len() >= BLOCKS_FROM { blocks(data) } else { (0, data) };
+    let mut words = rest.chunks_exact(4);
     for w in &mut words {
         acc += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
     }
@@ -28,6 +37,30 @@ pub fn data(data: &[u8]) -> u16 {
     } else {
         sum
     }
+}
+
+/// The 64-byte blocks of `data` summed (as [`data`] explains), and what is left after them.
+#[inline]
+fn blocks(data: &[u8]) -> (u64, &[u8]) {
+    /// Blocks between folds of the lanes (65,535 at most).
+    const FOLD_EVERY: usize = 32_768;
+    let bulk = data.len() / 64 * 64;
+    let mut acc: u64 = 0;
+    for part in data[..bulk].chunks(64 * FOLD_EVERY) {
+        let mut lo = [0u32; 16];
+        let mut hi = [0u32; 16];
+        for b in part.chunks_exact(64) {
+            for i in 0..16 {
+                let w = u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+                lo[i] += w & 0xffff;
+                hi[i] += w >> 16;
+            }
+        }
+        for i in 0..16 {
+            acc += u64::from(lo[i]) + (u64::from(hi[i]) << 16);
+        }
+    }
+    (acc, &data[bulk..])
 }
 
 /// Folds a wide ones' complement accumulator into 16 bits.
@@ -64,9 +97,9 @@ mod tests {
     use super::*;
 
     fn reference(data: &[u8]) -> u16 {
-        let mut acc: u32 = 0;
+        let mut acc: u64 = 0;
         for (i, b) in data.iter().enumerate() {
-            acc += if i % 2 == 0 { u32::from(*b) << 8 } else { u32::from(*b) };
+            acc += if i % 2 == 0 { u64::from(*b) << 8 } else { u64::from(*b) };
         }
         while acc >> 16 != 0 {
             acc = (acc & 0xffff) + (acc >> 16);
@@ -89,5 +122,13 @@ mod tests {
         assert_eq!(data(&buf), reference(&buf));
         let ones = [0xffu8; 1499];
         assert_eq!(data(&ones), reference(&ones));
+        // Past the point where the 32-bit lanes are folded (every 2 MiB): all ones, the
+        // worst case for a lane's carry, and pseudo-random bytes, at lengths around it.
+        let big: Vec<u8> = (0..(4u32 << 20) + 70).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+        let all_ones = vec![0xffu8; (4 << 20) + 70];
+        for len in [(2 << 20) - 1, 2 << 20, (2 << 20) + 63, 4 << 20, (4 << 20) + 69] {
+            assert_eq!(data(&big[..len]), reference(&big[..len]), "len {len}");
+            assert_eq!(data(&all_ones[..len]), reference(&all_ones[..len]), "ones, len {len}");
+        }
     }
 }
