@@ -38,8 +38,10 @@ fn exchange_every_size_class_both_ways() {
     let flow = ch.connect(IP_A, IP_B, PORT).unwrap();
     let connect = t.elapsed();
     eprintln!("connect latency: {connect:?} ({with_arp:?} with ARP)");
-    // A functional bound, not a benchmark: no tick-driven control plane (the original's ~1 s).
-    assert!(connect < Duration::from_millis(100), "connect took {connect:?}");
+    // A functional bound, not a benchmark: no tick-driven control plane (the original's ~1 s
+    // tick and 1 s polls). Half a second leaves room for a loaded host's scheduling waits
+    // (up to ~200 ms seen beside two CPU hogs).
+    assert!(connect < Duration::from_millis(500), "connect took {connect:?}");
     assert_ne!(first.src_port, flow.src_port);
     ping_pong(&mut ch, first, 99, 10, 1, 1);
     for (i, &(size, n, window)) in classes.iter().enumerate() {
@@ -215,7 +217,8 @@ fn listen_and_connect_errors_are_prompt_and_clear() {
     assert_eq!(ch.connect(IP_A, IP_B, 999), Err(ClientError::Daemon(Status::Refused)));
     let refused = t.elapsed();
     eprintln!("refused after {refused:?}");
-    assert!(refused < Duration::from_millis(100), "refusal should take one round trip, took {refused:?}");
+    // One round trip (a RST), not the handshake's retries and timeout; room for a loaded host.
+    assert!(refused < Duration::from_millis(500), "refusal should take one round trip, took {refused:?}");
     // An address nobody answers ARP for.
     let t = Instant::now();
     assert_eq!(
