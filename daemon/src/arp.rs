@@ -275,6 +275,7 @@ impl ArpTable {
         mut learned: impl FnMut(Ipv4Addr, EthernetAddress, Learned),
     ) {
         let retries = self.cfg.retries;
+        let capacity = self.cfg.capacity;
         let entries = &mut self.entries;
         let asked = &mut self.asked;
         let mut fallbacks: arrayvec::ArrayVec<(Ipv4Addr, EthernetAddress), 16> = arrayvec::ArrayVec::new();
@@ -301,7 +302,12 @@ impl ArpTable {
             p.interval = (p.interval * 2).min(MAX_RETRY_INTERVAL).max(p.interval);
             p.next = now + p.interval;
             send(*ip);
-            asked.insert(*ip, now);
+            // Within the table's capacity, as `note_asked` (the map never grows after start).
+            if let Some(t) = asked.get_mut(ip) {
+                *t = now;
+            } else if asked.len() < capacity {
+                asked.insert(*ip, now);
+            }
             true
         });
         for (ip, mac) in fallbacks {
