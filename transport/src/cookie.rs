@@ -69,6 +69,14 @@ impl Cookies {
             | u32::from(opts.piggy)
     }
 
+    /// Where `conn` is recorded among the evicted half-open flows (a bit of an
+    /// [`Evicted`] map).
+    pub(crate) fn slot(&self, conn: Conn) -> usize {
+        let w1 = (u64::from(conn.peer_ip) << 32) | (u64::from(conn.peer_port) << 16) | u64::from(conn.local_port);
+        let w2 = (u64::from(conn.client_isn) << 32) | u64::from(conn.local_ip);
+        (siphash24(self.k1, self.k0, &[w1, w2]) % EVICTED_BITS as u64) as usize
+    }
+
     /// Whether `isn` is a cookie this endpoint issued for `conn` in this epoch or the last one;
     /// the options it carries if so.
     pub(crate) fn check(&self, now_ns: u64, conn: Conn, isn: u32) -> Option<CookieOpts> {
@@ -76,6 +84,56 @@ impl Cookies {
         let epoch = if (cur & 1) as u32 == (isn >> 2) & 1 { cur } else { cur.checked_sub(1)? };
         let opts = CookieOpts { legacy: isn & 2 != 0, piggy: isn & 1 != 0 };
         (self.mac(epoch, conn, opts) == isn >> 3).then_some(opts)
+    }
+}
+
+/// Bits of each epoch's map of evicted half-open flows.
+const EVICTED_BITS: usize = 1 << 16;
+
+/// Which half-open flows a flood evicted in this epoch and the last (a bit per connection,
+/// hashed): a cookie is accepted only for those. Without this gate any pure ACK whose
+/// connection has no flow could rebuild one within the cookie's lifetime, for example a
+/// client's ACK for a flow the server's application had just closed (its RST lost): the flow
+/// would come back and deliver what the client sent after the close. (Linux accepts cookies
+/// only after a recent SYN-queue overflow for the same reason.) 16 KiB per endpoint; under a
+/// flood of more than about 65,000 evictions an epoch the maps fill and every cookie passes,
+/// as in Linux during an overflow.
+#[derive(Debug, Clone)]
+pub(crate) struct Evicted {
+    maps: [alloc::vec::Vec<u64>; 2],
+    epochs: [u64; 2],
+}
+
+impl Evicted {
+    pub(crate) fn new() -> Self {
+        Evicted { maps: [alloc::vec![0; EVICTED_BITS / 64], alloc::vec![0; EVICTED_BITS / 64]], epochs: [u64::MAX; 2] }
+    }
+
+    /// Records the eviction of the half-open flow at `slot` at `now_ns`.
+    pub(crate) fn record(&mut self, now_ns: u64, slot: usize) {
+        let e = now_ns >> EPOCH_SHIFT;
+        let m = (e & 1) as usize;
+        if self.epochs[m] != e {
+            self.maps[m].fill(0);
+            self.epochs[m] = e;
+        }
+        self.maps[m][slot / 64] |= 1 << (slot % 64);
+    }
+
+    /// Whether a half-open flow at `slot` was evicted in this epoch or the last; forgets it
+    /// (a cookie is good for one flow).
+    pub(crate) fn take(&mut self, now_ns: u64, slot: usize) -> bool {
+        let cur = now_ns >> EPOCH_SHIFT;
+        let mut found = false;
+        for m in 0..2 {
+            let fresh = self.epochs[m] == cur || self.epochs[m].wrapping_add(1) == cur;
+            let bit = 1u64 << (slot % 64);
+            if fresh && self.maps[m][slot / 64] & bit != 0 {
+                self.maps[m][slot / 64] &= !bit;
+                found = true;
+            }
+        }
+        found
     }
 }
 
@@ -170,6 +228,16 @@ mod tests {
         assert_eq!(c.check(t, conn(), isn ^ 1), None, "an option flipped");
         assert_eq!(c.check(t, conn(), isn ^ 8), None, "a MAC bit flipped");
         assert_eq!(Cookies::new(6).check(t, conn(), isn), None, "another key");
+        // The map of evictions: found in this epoch and the next, once; not two epochs on.
+        let mut ev = Evicted::new();
+        let slot = c.slot(conn());
+        assert!(!ev.take(t, slot));
+        ev.record(t, slot);
+        assert!(ev.take(t + (1 << EPOCH_SHIFT), slot));
+        assert!(!ev.take(t + (1 << EPOCH_SHIFT), slot), "taken once");
+        ev.record(t, slot);
+        ev.record(t + (1 << EPOCH_SHIFT), c.slot(Conn { client_isn: 9, ..conn() }));
+        assert!(!ev.take(t + (2 << EPOCH_SHIFT), slot), "two epochs on");
         // Of a million guesses, about 2^20 / 2^29 pass by chance per epoch tried.
         let passed = (0..1_000_000u32).filter(|g| c.check(t, conn(), g.wrapping_mul(2_654_435_761)).is_some()).count();
         assert!(passed <= 20, "{passed} guesses passed");

@@ -1,6 +1,6 @@
 //! The endpoint: the flows of one shard, their lookup tables and the work queue.
 
-use crate::cookie::{Conn, CookieOpts, Cookies};
+use crate::cookie::{Conn, CookieOpts, Cookies, Evicted};
 use crate::env::Env;
 use crate::flow::{fl, Flow, FlowCx, FlowState, Path, RxSlot, TxSlot, Verdict, NO_OWNER};
 use crate::ports::{ClientPortQuery, LocalPorts, PortAllocator};
@@ -251,6 +251,8 @@ pub struct Endpoint<P = LocalPorts> {
     rng: u64,
     /// The key of server flows' ISNs (SYN cookies: [`crate::cookie`]).
     cookies: Cookies,
+    /// Half-open flows evicted lately: the only ones a cookie may rebuild.
+    evicted: Evicted,
     stats: EndpointStats,
 }
 
@@ -305,6 +307,7 @@ impl<P: PortAllocator> Endpoint<P> {
             group_flows: Vec::new(),
             rng: cfg.seed,
             cookies: Cookies::new(cfg.seed),
+            evicted: Evicted::new(),
             stats: EndpointStats::default(),
             cfg,
         })
@@ -548,6 +551,15 @@ impl<P: PortAllocator> Endpoint<P> {
             let f = &self.flows[j as usize];
             if f.gen == gen && f.has(fl::LIVE) && f.has(fl::HALF_OPEN) {
                 self.stats.syn_evicted += 1;
+                let conn = Conn {
+                    peer_ip: f.remote_ip,
+                    peer_port: f.remote_port,
+                    local_ip: u32::from(self.local.ip),
+                    local_port: f.local_port,
+                    client_isn: f.irs,
+                };
+                let slot = self.cookies.slot(conn);
+                self.evicted.record(now.as_nanos(), slot);
                 self.free_flow(j as usize, env, now, None);
                 return true;
             }
@@ -933,7 +945,13 @@ impl<P: PortAllocator> Endpoint<P> {
         };
         self.server_refs[usize::from(pkt.dst_port)] += 1;
         self.enter_half_open(i);
-        let iss = self.cookies.isn(now.as_nanos(), self.conn(pkt, syn.seqno), opts);
+        let conn = self.conn(pkt, syn.seqno);
+        if synack {
+            // The connection has a half-open flow again (a retransmitted SYN): an earlier
+            // eviction no longer lets a cookie rebuild it.
+            self.evicted.take(now.as_nanos(), self.cookies.slot(conn));
+        }
+        let iss = self.cookies.isn(now.as_nanos(), conn, opts);
         let mut cx = self.cx(i, env, now);
         cx.start_accept(syn, iss, synack);
         self.settle(i, Verdict::Keep, env, now);
@@ -952,12 +970,18 @@ impl<P: PortAllocator> Endpoint<P> {
     }
 
     /// A flow rebuilt (half-open, its SYN-ACK not sent again) for an ACK with no flow whose
-    /// `ackno` is a cookie of ours for its connection, to a port still listened on.
+    /// `ackno` is a cookie of ours for its connection, whose half-open flow was evicted
+    /// lately, to a port still listened on.
     fn open_from_cookie<E: Env>(&mut self, now: Instant, env: &mut E, pkt: &MachnetFrame<'_>) -> Option<usize> {
         let owner = self.listeners.get(&pkt.dst_port).copied()?;
         // The final ACK carries the client's next sequence number and acknowledges our ISN.
         let client_isn = pkt.hdr.seqno.wrapping_sub(1);
-        let opts = self.cookies.check(now.as_nanos(), self.conn(pkt, client_isn), pkt.hdr.ackno.wrapping_sub(1))?;
+        let conn = self.conn(pkt, client_isn);
+        let opts = self.cookies.check(now.as_nanos(), conn, pkt.hdr.ackno.wrapping_sub(1))?;
+        // Only a connection whose half-open flow was evicted (see `cookie::Evicted`).
+        if !self.evicted.take(now.as_nanos(), self.cookies.slot(conn)) {
+            return None;
+        }
         let syn = MachnetRepr {
             msg_flags: if opts.piggy { MsgFlags::ACKS_IN_DATA } else { MsgFlags::empty() },
             // Any timestamp but 0 marks a machnet-rs peer.
