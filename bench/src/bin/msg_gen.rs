@@ -82,6 +82,10 @@ struct Args {
     /// with an original peer); the same-run baseline of what they save.
     #[arg(long = "pure_acks")]
     pure_acks: bool,
+    /// With --embedded: a constant congestion window of this many packets (the original's
+    /// `Fixed` control) instead of Swift; for experiments such as S6's window study.
+    #[arg(long = "fixed_window", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    fixed_window: Option<u32>,
 }
 
 /// Listens (server) or connects (client) with `connect`, then runs the RPC loop; a client
@@ -317,6 +321,9 @@ mod embedded {
     ) -> Result<rpc::Totals, RpcError> {
         let mut cfg = EmbeddedConfig::new(args.local_ip);
         cfg.transport.piggyback_acks = !args.pure_acks;
+        if let Some(window) = args.fixed_window {
+            cfg.transport.cc = machnet_transport::cc::CcConfig::Fixed { window };
+        }
         let stack = Embedded::new(port, cfg).map_err(RpcError)?;
         let mut io = EmbIo { stack, accepted: false };
         if remote.is_none() {

@@ -31,7 +31,8 @@
 //!   `msg_gen --embedded` over memif and two machnetd over memif with msg_gen `--blocking`,
 //!   against raw memif moving the same bytes in full-size frames (window: the message's
 //!   frames times the window, at most 1024) and kernel TCP request/response on loopback, in
-//!   Gbit/s each way (every RPC moves its size each way) with p50/p99 per message.
+//!   Gbit/s each way (every RPC moves its size each way) with p50/p99 per message; and the
+//!   embedded pair with a constant 256-packet window in place of Swift (`--fixed_window`).
 //!
 //! Every configuration runs at window 1 (E1) and 32 (E2), 64 B and 1 KiB (`bulk`: the sizes
 //! and windows above), unless narrowed by `--windows` and `--sizes`. The raw results go to
@@ -342,6 +343,11 @@ impl Env {
 
     /// Two `msg_gen --embedded` over memif: server on CPU 1, client on CPU 0.
     fn embedded(&self, size: usize, window: u64, pure_acks: bool) -> Result<Totals, String> {
+        self.embedded_with(size, window, pure_acks, &[])
+    }
+
+    /// As [`embedded`](Self::embedded), with `extra` flags for both msg_gen.
+    fn embedded_with(&self, size: usize, window: u64, pure_acks: bool, extra: &[&str]) -> Result<Totals, String> {
         let sock = self.work.join("emb.sock");
         let _ = std::fs::remove_file(&sock);
         let dev = |role: &str| format!("net_memif0,role={role},id=0,socket={},socket-abstract=no", sock.display());
@@ -355,6 +361,8 @@ impl Env {
             s.arg("--pure_acks");
             c.arg("--pure_acks");
         }
+        s.args(extra);
+        c.args(extra);
         self.pair_ready("msg_gen --embedded", s, c, Some(&sock))
     }
 
@@ -646,6 +654,15 @@ fn run(args: &Args) -> Result<(), String> {
                 for &size in &sizes {
                     for &window in &windows {
                         measure(main, size, window, env.embedded(size, window, false))?;
+                        // The same with a constant 256-packet window (the transport's flow
+                        // window) instead of Swift: how much the congestion window limits.
+                        let fixed = "machnet embedded, Fixed(256)";
+                        measure(
+                            fixed,
+                            size,
+                            window,
+                            env.embedded_with(size, window, false, &["--fixed_window", "256"]),
+                        )?;
                     }
                 }
                 let (mut daemons, socks) = env.memif_daemons()?;
