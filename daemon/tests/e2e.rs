@@ -382,6 +382,15 @@ fn arp_and_icmp_from_an_independent_peer_are_answered() {
     assert_eq!((r.ip.src_addr, r.ip.dst_addr), (IP_A, my_ip));
 }
 
+/// A resets a detached channel's flows after 1 s without progress (`LINGER`); B's channels
+/// hold 256 KiB (four messages of 64 KiB).
+fn linger_pair() -> (Daemon, Daemon) {
+    Daemon::pair_with(r#", "channel": {"linger_ms": 1000, "gone_linger_ms": 1000}"#, r#", "channel": {"buffers": 256}"#)
+}
+
+/// A's no-progress bound in [`linger_pair`]: well above a loaded host's scheduling waits.
+const LINGER: Duration = Duration::from_secs(1);
+
 /// Queues `n` messages of 64 KiB (message `i` filled with `i`) on a new flow from A to B and
 /// detaches the channel at once; returns the receiving channel.
 fn queue_and_detach(a: &Daemon, b: &Daemon, port: u16, n: u8) -> (machnet::client::Machnet, Channel) {
@@ -400,14 +409,10 @@ fn queue_and_detach(a: &Daemon, b: &Daemon, port: u16, n: u8) -> (machnet::clien
 
 #[test]
 fn a_detached_channel_delivers_everything_while_its_flow_makes_progress() {
-    // A resets a detached channel's flows after 300 ms without progress. B's channels hold
-    // 256 KiB (four messages), and its application reads one message every 5 ms: the 160
-    // queued messages (10 MiB) take far longer than 300 ms to drain, making progress all the
-    // while, and every one arrives. (A total bound of 300 ms, as before, reset the flow.)
-    let (a, b) = Daemon::pair_with(
-        r#", "channel": {"linger_ms": 300, "gone_linger_ms": 300}"#,
-        r#", "channel": {"buffers": 256}"#,
-    );
+    // B's application reads one message every 10 ms: the 160 queued messages (10 MiB) take
+    // longer than the 1 s no-progress bound to drain, making progress all the while, and
+    // every one arrives. (A total bound of 1 s, as before, reset the flow.)
+    let (a, b) = linger_pair();
     let (_mb, mut rx) = queue_and_detach(&a, &b, PORT, 160);
     let t = Instant::now();
     let mut buf = vec![0u8; 1 << 17];
@@ -416,24 +421,21 @@ fn a_detached_channel_delivers_everything_while_its_flow_makes_progress() {
         let (len, _) = got.unwrap_or_else(|| panic!("message {i} of 160 did not arrive within 10 s: {}", a.log_text()));
         assert_eq!(len, 65_536);
         assert!(buf[..len].iter().all(|&x| x == i), "message {i} out of order or damaged");
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(10));
     }
     let took = t.elapsed();
     assert!(a.wait_log("buffers reclaimed", Duration::from_secs(10)), "{}", a.log_text());
     let log = a.log_text();
     let line = log.lines().find(|l| l.contains("buffers reclaimed")).unwrap();
     assert!(line.contains("closed: 0 flows reset"), "drained in {took:?}, not reset: {line}");
-    assert!(took > Duration::from_millis(300), "the drain outlasted the no-progress bound ({took:?})");
+    assert!(took > LINGER, "the drain outlasted the no-progress bound ({took:?})");
 }
 
 #[test]
 fn a_detached_channel_whose_flow_stalls_is_reset_after_the_linger() {
     // B's application reads two messages and then nothing: B's channel fills, the flow stops
-    // progressing, and 300 ms later A resets it; B's application learns of it.
-    let (a, b) = Daemon::pair_with(
-        r#", "channel": {"linger_ms": 300, "gone_linger_ms": 300}"#,
-        r#", "channel": {"buffers": 256}"#,
-    );
+    // progressing, and 1 s (`LINGER`) later A resets it; B's application learns of it.
+    let (a, b) = linger_pair();
     let (_mb, mut rx) = queue_and_detach(&a, &b, PORT, 40);
     let mut buf = vec![0u8; 1 << 17];
     for i in 0..2 {

@@ -53,11 +53,9 @@ impl Cookies {
     }
 
     fn mac(&self, epoch: u64, conn: Conn, opts: CookieOpts) -> u32 {
-        let w0 = epoch;
-        let w1 = (u64::from(conn.peer_ip) << 32) | (u64::from(conn.peer_port) << 16) | u64::from(conn.local_port);
-        let w2 = (u64::from(conn.client_isn) << 32) | u64::from(conn.local_ip);
+        let [w1, w2] = conn.words();
         let w3 = u64::from(opts.legacy) | (u64::from(opts.piggy) << 1);
-        (siphash24(self.k0, self.k1, &[w0, w1, w2, w3]) >> 35) as u32
+        (siphash24(self.k0, self.k1, &[epoch, w1, w2, w3]) >> 35) as u32
     }
 
     /// The ISN of a server flow for `conn` accepted at `now_ns` with `opts`.
@@ -72,9 +70,7 @@ impl Cookies {
     /// Where `conn` is recorded among the evicted half-open flows (a bit of an
     /// [`Evicted`] map).
     pub(crate) fn slot(&self, conn: Conn) -> usize {
-        let w1 = (u64::from(conn.peer_ip) << 32) | (u64::from(conn.peer_port) << 16) | u64::from(conn.local_port);
-        let w2 = (u64::from(conn.client_isn) << 32) | u64::from(conn.local_ip);
-        (siphash24(self.k1, self.k0, &[w1, w2]) % EVICTED_BITS as u64) as usize
+        (siphash24(self.k1, self.k0, &conn.words()) % EVICTED_BITS as u64) as usize
     }
 
     /// Whether `isn` is a cookie this endpoint issued for `conn` in this epoch or the last one;
@@ -146,6 +142,16 @@ pub(crate) struct Conn {
     pub local_port: u16,
     /// The client's ISN (its SYN's seqno).
     pub client_isn: u32,
+}
+
+impl Conn {
+    /// The connection as two words for the hash.
+    fn words(self) -> [u64; 2] {
+        [
+            (u64::from(self.peer_ip) << 32) | (u64::from(self.peer_port) << 16) | u64::from(self.local_port),
+            (u64::from(self.client_isn) << 32) | u64::from(self.local_ip),
+        ]
+    }
 }
 
 /// SipHash-2-4 (Aumasson and Bernstein) of whole 64-bit words, little-endian as the reference

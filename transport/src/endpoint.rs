@@ -765,11 +765,6 @@ impl<P: PortAllocator> Endpoint<P> {
         n
     }
 
-    /// Live flows of `owner` (a scan of the arena: for control paths only).
-    pub fn flows_of(&self, owner: Owner) -> usize {
-        self.flows.iter().filter(|f| f.has(fl::LIVE) && f.owner == owner).count()
-    }
-
     /// Live flows of `owner` and a mark that changes whenever one of them has something
     /// acknowledged (the sum of their `snd_una`): how a draining owner shows progress. A
     /// scan of the arena: for control paths only.
