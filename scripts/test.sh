@@ -48,6 +48,8 @@ if pkg-config --exists libdpdk 2>/dev/null; then
   say "cargo test with the dpdk feature: ports (memif, af_packet, af_xdp, tap), then machnetd on memif and af_packet"
   cargo test -p machnet-net -p machnet-dpdk-sys --features machnet-net/dpdk,machnet-dpdk-sys/bindings
   cargo test -p machnet-daemon --features dpdk --test dpdk --test cli
+  say "machnetd with 2 and 3 shards over memif, the sender steering by the receiver's RSS"
+  cargo test -p machnet-daemon --features dpdk --test shards memif_
 else
   say "DPDK tests FAILED TO RUN: libdpdk not found (install dpdk libdpdk-dev libclang-dev pkg-config)"
   exit 1

@@ -276,6 +276,34 @@ pub struct DpdkSection {
     pub checksum_offload: Option<bool>,
     /// Spread flows over the shards' queues with RSS when the device has it (true).
     pub rss: Option<bool>,
+    /// memif only: the sender does the receiver's RSS, over one queue pair per (shard, peer
+    /// shard), so that several shards on both sides get what a multi-queue RSS NIC would give
+    /// them (docs/operations.md, "Several shards over memif").
+    pub memif_steering: Option<MemifSteeringSection>,
+}
+
+/// `dpdk.memif_steering` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemifSteeringSection {
+    /// The peer daemon's shards (its `engine_threads`), 1..=64.
+    pub peer_queues: u16,
+    /// The key the peer hashes this daemon's frames with (hex, 16 to 64 bytes; default: the
+    /// 40-byte Microsoft key).
+    pub rss_key: Option<String>,
+    /// The peer's `rss_key`.
+    pub peer_rss_key: Option<String>,
+}
+
+/// `dpdk.memif_steering`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemifSteering {
+    /// The peer's shards.
+    pub peer_queues: u16,
+    /// This daemon's key.
+    pub rss_key: Vec<u8>,
+    /// The peer's key.
+    pub peer_rss_key: Vec<u8>,
 }
 
 /// Fault injection on the port's transmit side (every shard), for testing applications on
@@ -531,6 +559,8 @@ pub struct Config {
     pub udp_peers: Vec<UdpPeerConfig>,
     /// The RSS key of this daemon's tunnel queues.
     pub udp_rss_key: Vec<u8>,
+    /// `dpdk.memif_steering`, validated.
+    pub memif_steering: Option<MemifSteering>,
     /// Static ARP entries, parsed.
     pub static_arp: Vec<(Ipv4Addr, EthernetAddress)>,
     /// `machnet_rs.metrics_addr`, parsed.
@@ -751,6 +781,33 @@ impl Config {
             let m: EthernetAddress = mac_s.parse().map_err(|e| err(&k, format!("bad MAC {mac_s:?}: {e}")))?;
             static_arp.push((ip, m));
         }
+        let memif_steering = match ext.dpdk.as_ref().and_then(|d| d.memif_steering.as_ref()) {
+            None => None,
+            Some(m) => {
+                let at = "machnet_rs.dpdk.memif_steering";
+                if !dpdk_device.as_deref().is_some_and(|d| d.trim_start().starts_with("net_memif")) {
+                    return Err(err(
+                        at,
+                        "only for a net_memif device (memif carries the sender's queue index to the peer)".into(),
+                    ));
+                }
+                if !(1..=64).contains(&m.peer_queues) {
+                    return Err(err(
+                        &format!("{at}.peer_queues"),
+                        format!("{} is out of range: expected in 1..=64 (the peer's engine_threads)", m.peer_queues),
+                    ));
+                }
+                let key = |k: &Option<String>, name: &str| match k {
+                    Some(k) => parse_rss_key(k).map_err(|e| err(&format!("{at}.{name}"), e)),
+                    None => Ok(machnet_net::rss::MICROSOFT_KEY.to_vec()),
+                };
+                Some(MemifSteering {
+                    peer_queues: m.peer_queues,
+                    rss_key: key(&m.rss_key, "rss_key")?,
+                    peer_rss_key: key(&m.peer_rss_key, "peer_rss_key")?,
+                })
+            }
+        };
         let metrics_addr = match &ext.metrics_addr {
             Some(a) => Some(parse_metrics_addr(a).map_err(|why| err("machnet_rs.metrics_addr", why))?),
             None => None,
@@ -767,6 +824,7 @@ impl Config {
             udp_bind,
             udp_peers,
             udp_rss_key,
+            memif_steering,
             static_arp,
             metrics_addr,
         };
@@ -853,6 +911,43 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/machnet/test.json"), text)
+    }
+
+    #[test]
+    fn memif_steering_is_validated() {
+        let dpdk = |device: &str, steering: &str| {
+            parse(&format!(
+                r#"{{"machnet_config": {{"02:00:00:00:00:01": {{"ip": "198.18.0.1", "engine_threads": 2}}}},
+                   "machnet_rs": {{"backend": "dpdk", "dpdk": {{"device": "{device}", "memif_steering": {steering}}}}}}}"#
+            ))
+        };
+        let memif = "net_memif0,role=server,socket=/tmp/m.sock";
+        let c = dpdk(memif, r#"{"peer_queues": 3, "peer_rss_key": "ffffffffffffffffffffffffffffffff"}"#).unwrap();
+        assert_eq!(
+            c.memif_steering,
+            Some(MemifSteering {
+                peer_queues: 3,
+                rss_key: machnet_net::rss::MICROSOFT_KEY.to_vec(),
+                peer_rss_key: vec![0xff; 16]
+            })
+        );
+        for (device, steering, key, reason) in [
+            ("0000:00:04.0", r#"{"peer_queues": 2}"#, "machnet_rs.dpdk.memif_steering", "only for a net_memif device"),
+            (memif, r#"{"peer_queues": 0}"#, "machnet_rs.dpdk.memif_steering.peer_queues", "out of range"),
+            (memif, r#"{"peer_queues": 65}"#, "machnet_rs.dpdk.memif_steering.peer_queues", "out of range"),
+            (memif, r#"{"peer_queues": 2, "rss_key": "00"}"#, "machnet_rs.dpdk.memif_steering.rss_key", "1 bytes"),
+            (
+                memif,
+                r#"{"peer_queues": 2, "peer_rss_key": "xy"}"#,
+                "machnet_rs.dpdk.memif_steering.peer_rss_key",
+                "hexadecimal",
+            ),
+            (memif, r#"{"rss_key": "00"}"#, "", "peer_queues"),
+        ] {
+            let e = dpdk(device, steering).unwrap_err();
+            assert_eq!(e.key, key, "{steering}: {e}");
+            assert!(e.reason.contains(reason), "{steering}: {e}");
+        }
     }
 
     #[test]

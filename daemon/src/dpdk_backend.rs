@@ -2,7 +2,9 @@
 //! shutdown (built with the `dpdk` feature).
 
 use crate::config::{Config, DpdkSection};
-use machnet_net::port::dpdk::{unique_file_prefix, DeviceConfig, DeviceSpec, DpdkDevice, DpdkPort, Eal, EalArgs};
+use machnet_net::port::dpdk::{
+    unique_file_prefix, DeviceConfig, DeviceSpec, DpdkDevice, DpdkPort, Eal, EalArgs, PeerSteering,
+};
 use machnet_net::wire::EthernetAddress;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -73,16 +75,23 @@ impl DpdkBackend {
         let d = cfg.ext.dpdk.clone().unwrap_or_default();
         let device = cfg.dpdk_device.as_deref().ok_or("the dpdk backend has no device configured")?;
         let queues = u16::try_from(cfg.engine_threads).unwrap_or(u16::MAX);
-        Self::open_device(device, &d, queues, cfg.mac)
+        let steering = cfg.memif_steering.as_ref().map(|m| PeerSteering {
+            key: m.rss_key.clone(),
+            peer_queues: m.peer_queues,
+            peer_key: m.peer_rss_key.clone(),
+        });
+        Self::open_device(device, &d, queues, cfg.mac, steering)
     }
 
     /// Starts the EAL and opens `device` (PCI address or vdev string) with `queues` queue pairs
-    /// and MAC `mac`, set up as `d` says.
+    /// (ports), MAC `mac` and, on memif, the sender-side steering `steering`, set up as `d`
+    /// says.
     pub fn open_device(
         device: &str,
         d: &DpdkSection,
         queues: u16,
         mac: EthernetAddress,
+        steering: Option<PeerSteering>,
     ) -> Result<(DpdkBackend, Vec<DpdkPort>), String> {
         let mut device = device.to_string();
         if device.starts_with("net_memif") && !device.contains("mac=") {
@@ -140,6 +149,7 @@ impl DpdkBackend {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
             },
+            peer_steering: steering,
             ..DeviceConfig::default()
         };
         let opened = DpdkDevice::open(&eal, &spec, &dc);
@@ -162,7 +172,15 @@ impl DpdkBackend {
             caps.mac,
             caps.mtu,
             caps.queues,
-            if caps.rss.is_some() { "on (client ports steered to their shard)" } else { "off (software hand-off)" },
+            match (&dc.peer_steering, &caps.rss) {
+                (Some(st), _) => format!(
+                    "by the sender (memif steering: {} queue pair(s), peer with {} queue(s))",
+                    queues * st.peer_queues,
+                    st.peer_queues
+                ),
+                (None, Some(_)) => "on (client ports steered to their shard)".to_string(),
+                (None, None) => "off (software hand-off)".to_string(),
+            },
             caps.checksum,
             match dev.link() {
                 Ok(l) if l.up => format!("up {} Mb/s", l.speed_mbps),

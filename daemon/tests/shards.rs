@@ -13,6 +13,10 @@
 //!   application is told of each. A daemon with client and server flows on every shard shuts
 //!   down: the peer's applications are told of each flow, its own see their channels close.
 //!
+//! * With the `dpdk` feature, the flow tests again over DPDK memif with sender-side steering
+//!   (`dpdk.memif_steering`): one queue pair per (shard, peer shard), the sender choosing the
+//!   one that meets the receiver's RSS queue.
+//!
 //! Every wait is bounded; the daemons and the child application are killed by their guards.
 
 mod common;
@@ -339,6 +343,65 @@ fn flows_from_every_shard_of_b_to_a_steer_home_and_are_handed_to_the_listener() 
     flows_on_every_shard(&b, (SHARDS_B, &key_b()), &a, (SHARDS_A, &key_a()));
     a.stop_log();
     b.stop_log();
+}
+
+/// Two daemons joined by DPDK memif (A the memif server with 2 shards, B the client with 3),
+/// each told the other's shards and key (`dpdk.memif_steering`): the sender puts each frame on
+/// the queue pair that meets the receiver's queue its RSS would pick.
+#[cfg(feature = "dpdk")]
+fn memif_pair(dir: &TempDir) -> (Daemon, Daemon) {
+    let sock = dir.0.join("memif.sock");
+    let ext = |role: &str, key: &[u8], peer_queues: u32, peer_key: &[u8]| {
+        format!(
+            r#""backend": "dpdk", "idle": "adaptive",
+               "dpdk": {{"device": "net_memif0,role={role},id=0,socket={},socket-abstract=no",
+                        "memif_steering": {{"peer_queues": {peer_queues}, "rss_key": "{}", "peer_rss_key": "{}"}}}}"#,
+            sock.display(),
+            hex(key),
+            hex(peer_key)
+        )
+    };
+    let mut a = Daemon::spawn("memif-a", IP_A, MAC_A, SHARDS_A, &ext("server", &key_a(), SHARDS_B, &key_b()), None);
+    // The server creates the socket; the client needs it.
+    a.wait_until("its memif socket", |_| sock.exists());
+    let mut b = Daemon::spawn("memif-b", IP_B, MAC_B, SHARDS_B, &ext("client", &key_b(), SHARDS_A, &key_a()), None);
+    a.wait_ready();
+    b.wait_ready();
+    (a, b)
+}
+
+/// Stops a memif pair together (a memif peer must not poll while the other unmaps its rings);
+/// returns their logs.
+#[cfg(feature = "dpdk")]
+fn stop_memif_pair(mut a: Daemon, mut b: Daemon) -> (String, String) {
+    a.terminate();
+    b.terminate();
+    for d in [&mut a, &mut b] {
+        let st = d.wait_exit(LIMIT);
+        assert!(st.success(), "machnetd {} exited with {st}: {}", d.ip, d.log_text());
+    }
+    (a.log_text(), b.log_text())
+}
+
+#[cfg(feature = "dpdk")]
+#[test]
+fn memif_flows_from_every_shard_of_a_to_b_steer_home_and_are_handed_to_the_listener() {
+    let dir = TempDir::new("memif-shards-ab");
+    let (a, b) = memif_pair(&dir);
+    flows_on_every_shard(&a, (SHARDS_A, &key_a()), &b, (SHARDS_B, &key_b()));
+    let (la, lb) = stop_memif_pair(a, b);
+    for (log, pairs) in [(&la, SHARDS_A * SHARDS_B), (&lb, SHARDS_A * SHARDS_B)] {
+        assert!(log.contains(&format!("memif steering: {pairs} queue pair(s)")), "{log}");
+    }
+}
+
+#[cfg(feature = "dpdk")]
+#[test]
+fn memif_flows_from_every_shard_of_b_to_a_steer_home_and_are_handed_to_the_listener() {
+    let dir = TempDir::new("memif-shards-ba");
+    let (a, b) = memif_pair(&dir);
+    flows_on_every_shard(&b, (SHARDS_B, &key_b()), &a, (SHARDS_A, &key_a()));
+    stop_memif_pair(a, b);
 }
 
 /// The child application of the death test (this binary run again): `MACHNET_TEST_CHANNELS`

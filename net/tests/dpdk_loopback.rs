@@ -211,6 +211,11 @@ fn child_ring_and_null() {
     let null2 = DeviceSpec::parse("net_null2");
     let e = DpdkDevice::open(&eal, &null2, &too_many).unwrap_err();
     assert!(matches!(e, DpdkError::Unsupported { what: "queue pairs", .. }), "{e}");
+    // Sender-side steering needs memif (a device that carries the sender's queue index).
+    let steer = machnet_net::port::dpdk::PeerSteering { key: vec![1; 40], peer_queues: 2, peer_key: vec![2; 40] };
+    let steered = DeviceConfig { queues: 2, peer_steering: Some(steer), ..DeviceConfig::default() };
+    let e = DpdkDevice::open(&eal, &null2, &steered).unwrap_err();
+    assert!(e.to_string().contains("net_memif"), "{e}");
     let big = DeviceConfig { mtu: 9000, ..DeviceConfig::default() };
     let e = DpdkDevice::open(&eal, &null2, &big).unwrap_err();
     assert!(e.to_string().contains("data room"), "{e}");

@@ -381,7 +381,8 @@ mod embedded {
         stop: &AtomicBool,
     ) -> Result<rpc::Totals, RpcError> {
         use machnet_daemon::dpdk_backend::DpdkBackend;
-        let (backend, mut ports) = DpdkBackend::open_device(device, &Default::default(), 1, mac).map_err(RpcError)?;
+        let (backend, mut ports) =
+            DpdkBackend::open_device(device, &Default::default(), 1, mac, None).map_err(RpcError)?;
         let port = ports.pop().expect("one queue");
         let r = go(args, port, remote, opts, stop);
         backend.close();

@@ -58,7 +58,11 @@ mod device;
 #[path = "dpdk_eal.rs"]
 mod eal;
 
-pub use device::{DeviceConfig, DeviceSpec, DpdkBuf, DpdkDevice, DpdkPort, DpdkPortStats, EthStats, LinkStatus};
+pub use device::{
+    DeviceConfig, DeviceSpec, DpdkBuf, DpdkDevice, DpdkPort, DpdkPortStats, EthStats, LinkStatus, PeerSteering,
+    MAX_PEER_QUEUES,
+};
+
 pub use eal::{
     af_packet_vdev, af_xdp_vdev, memif_vdev, register_thread, tsc_hz, tsc_now, unique_file_prefix, unregister_thread,
     Eal, EalArgs,

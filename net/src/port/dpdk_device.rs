@@ -2,8 +2,11 @@
 
 use super::eal::{Eal, PoolPtr, OUTSTANDING};
 use super::DpdkError;
+use crate::port::udp::{rss_queue, RETA_SIZE};
 use crate::port::{Burst, Capabilities, PacketBuf, Port, PortStats, RssInfo, BURST};
+use crate::rss::Rss;
 use crate::wire::{Checksum, ChecksumCaps, EthernetAddress};
+use arrayvec::ArrayVec;
 use machnet_dpdk_sys as sys;
 use std::ffi::{CStr, CString};
 use std::mem::{ManuallyDrop, MaybeUninit};
@@ -158,6 +161,46 @@ pub struct DeviceConfig {
     /// Wait this long for the link to come up; `None` returns at once (see
     /// [`DpdkDevice::wait_link`]).
     pub link_timeout: Option<Duration>,
+    /// Steer transmitted frames to the peer's queue its RSS would pick, on a device that
+    /// carries the sender's queue index to the peer (memif only; see [`PeerSteering`]).
+    pub peer_steering: Option<PeerSteering>,
+}
+
+/// Most queues a peer may have under [`PeerSteering`].
+pub const MAX_PEER_QUEUES: u16 = 64;
+
+/// RSS done by the sender, for a device that has no hash of its own but carries each frame
+/// from the sender's transmit queue `i` to the receiver's receive queue `i` (DPDK's memif).
+///
+/// With `queues` = L shards here and `peer_queues` = P there, the device gets L x P queue
+/// pairs. Shard `s` transmits a frame on queue `s * P + r`, where `r` is the queue the peer's
+/// NIC would pick (the Toeplitz hash of the IPv4/UDP 4-tuple under `peer_key`, through a
+/// round-robin table of [`RETA_SIZE`] entries over P queues; queue 0 for ARP and other
+/// non-IPv4 frames, as a NIC gives them), and polls queues `t * L + s` for every peer shard
+/// `t`. The peer does the same with L and P swapped, so each side receives exactly what an RSS
+/// NIC with its key would give each of its queues, and [`Capabilities::rss`] reports `key`
+/// with the round-robin table over L queues for steering client flows (RSS--). Both sides must
+/// be configured with each other's queues and keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSteering {
+    /// The key the peer hashes this side's frames with (this side's "NIC key").
+    pub key: Vec<u8>,
+    /// The peer's queues (its shards), 1..=[`MAX_PEER_QUEUES`].
+    pub peer_queues: u16,
+    /// The peer's key.
+    pub peer_key: Vec<u8>,
+}
+
+/// A port's queues under [`PeerSteering`].
+struct Steered {
+    /// Receive queues, one per peer shard.
+    rx: ArrayVec<u16, { MAX_PEER_QUEUES as usize }>,
+    /// Transmit queues, one per peer queue (index = the peer's queue).
+    tx: ArrayVec<u16, { MAX_PEER_QUEUES as usize }>,
+    /// The peer's RSS (`None` for one peer queue).
+    peer: Option<Rss>,
+    /// The receive queue polled first next time (fairness when bursts fill up).
+    next_rx: usize,
 }
 
 impl Default for DeviceConfig {
@@ -178,6 +221,7 @@ impl Default for DeviceConfig {
             checksum_offload: true,
             rss: true,
             link_timeout: Some(Duration::from_secs(10)),
+            peer_steering: None,
         }
     }
 }
@@ -405,14 +449,30 @@ impl DpdkDevice {
             unsafe { CStr::from_ptr(info.driver_name) }.to_string_lossy().into_owned()
         };
 
-        let max_queues = info.max_rx_queues.min(info.max_tx_queues);
-        if cfg.queues > max_queues {
-            return Err(DpdkError::Unsupported {
-                what: "queue pairs",
-                requested: u32::from(cfg.queues),
-                limit: u32::from(max_queues),
-            });
+        let steer = cfg.peer_steering.as_ref();
+        if let Some(st) = steer {
+            if driver != "net_memif" {
+                return Err(DpdkError::BadConfig(
+                    "peer steering needs a device that carries the sender's queue index to the peer (net_memif)",
+                ));
+            }
+            if !(1..=MAX_PEER_QUEUES).contains(&st.peer_queues) {
+                return Err(DpdkError::BadConfig("peer steering: the peer's queues must be in 1..=64"));
+            }
+            if Rss::new(&st.key, &[0]).is_err() || Rss::new(&st.peer_key, &[0]).is_err() {
+                return Err(DpdkError::BadConfig("peer steering: an RSS key must have 16 to 64 bytes"));
+            }
         }
+        // Queue pairs of the device: one per shard, or one per (shard, peer queue) when steered.
+        let pairs = match steer {
+            Some(st) => u32::from(cfg.queues) * u32::from(st.peer_queues),
+            None => u32::from(cfg.queues),
+        };
+        let max_queues = info.max_rx_queues.min(info.max_tx_queues);
+        if pairs > u32::from(max_queues) {
+            return Err(DpdkError::Unsupported { what: "queue pairs", requested: pairs, limit: u32::from(max_queues) });
+        }
+        let pairs = pairs as u16;
         if cfg.mtu > info.max_mtu || cfg.mtu < info.min_mtu {
             let limit = if cfg.mtu > info.max_mtu { info.max_mtu } else { info.min_mtu };
             return Err(DpdkError::Unsupported {
@@ -453,7 +513,7 @@ impl DpdkDevice {
             conf.txmode.offloads |= u64::from(sys::RTE_ETH_TX_OFFLOAD_UDP_CKSUM);
         }
         // RSS over IPv4/UDP 4-tuples, only with several queues and a device that hashes them.
-        let rss_on = cfg.queues > 1 && cfg.rss && info.flow_type_rss_offloads & RSS_IPV4_UDP != 0;
+        let rss_on = cfg.queues > 1 && cfg.rss && steer.is_none() && info.flow_type_rss_offloads & RSS_IPV4_UDP != 0;
         if rss_on {
             conf.rxmode.mq_mode = sys::rte_eth_rx_mq_mode_RTE_ETH_MQ_RX_RSS;
             conf.rx_adv_conf.rss_conf.rss_key = core::ptr::null_mut(); // the device's key
@@ -461,7 +521,7 @@ impl DpdkDevice {
         }
         // SAFETY: `conf` is a valid configuration that lives across the call; the port is not
         // started.
-        check("rte_eth_dev_configure", unsafe { sys::rte_eth_dev_configure(port_id, cfg.queues, cfg.queues, &conf) })?;
+        check("rte_eth_dev_configure", unsafe { sys::rte_eth_dev_configure(port_id, pairs, pairs, &conf) })?;
 
         let (mut rxd, mut txd) = (cfg.rx_descriptors, cfg.tx_descriptors);
         // SAFETY: valid out-pointers; the port is configured.
@@ -472,6 +532,7 @@ impl DpdkDevice {
         let socket = unsafe { sys::rte_eth_dev_socket_id(port_id) }.max(-1);
         let cache = cfg.mbuf_cache.min(512).min(cfg.mbufs_per_queue * 2 / 3);
         let serial = POOL_SERIAL.fetch_add(1, Ordering::Relaxed);
+        // One mempool per shard (its port allocates from it and its receive queues fill from it).
         for q in 0..cfg.queues {
             let pool_name = CString::new(format!("mn{port_id}q{q}s{serial}")).expect("no NUL");
             // SAFETY: the name is NUL-terminated; sizes were validated above.
@@ -489,6 +550,10 @@ impl DpdkDevice {
                 return Err(DpdkError::Mempool { queue: q, errno: errno() });
             }
             shared.pools.push(PoolPtr(pool));
+        }
+        for q in 0..pairs {
+            // Receive queue q belongs to shard q % L (steered: peer shard q / L's ring to it).
+            let pool = shared.pools[usize::from(q % cfg.queues)].0;
             // SAFETY: the port is configured and stopped; a null queue configuration selects
             // the device defaults with the port's offloads; `pool` is a valid mbuf pool.
             check("rte_eth_rx_queue_setup", unsafe {
@@ -538,7 +603,15 @@ impl DpdkDevice {
         let mut mtu = cfg.mtu;
         // SAFETY: valid out-pointer.
         check("rte_eth_dev_get_mtu", unsafe { sys::rte_eth_dev_get_mtu(port_id, &mut mtu) })?;
-        let rss = if rss_on { read_back_rss(port_id, &info, cfg.queues, &driver) } else { None };
+        let rss = match steer {
+            // What the peer hashes with: this side's key over a round-robin table of its shards.
+            Some(st) if cfg.queues > 1 => {
+                Some(RssInfo { key: st.key.clone(), reta: Rss::round_robin_reta(RETA_SIZE, cfg.queues) })
+            }
+            Some(_) => None,
+            None if rss_on => read_back_rss(port_id, &info, cfg.queues, &driver),
+            None => None,
+        };
         let checksum = ChecksumCaps {
             // Software always verifies on receive unless the device flags the frame GOOD
             // (`rx_checksum_good`); transmit checksums go to the device when it offloads them.
@@ -555,11 +628,23 @@ impl DpdkDevice {
         };
 
         let shared = Arc::new(shared);
+        let peer_rss = steer.filter(|st| st.peer_queues > 1).map(|st| {
+            Rss::new(&st.peer_key, &Rss::round_robin_reta(RETA_SIZE, st.peer_queues)).expect("key checked above")
+        });
+        let (l, p) = (cfg.queues, steer.map_or(1, |st| st.peer_queues));
         let ports = (0..cfg.queues)
             .map(|q| DpdkPort {
                 _device: Arc::clone(&shared),
                 port_id,
                 queue: q,
+                steered: steer.map(|_| {
+                    Box::new(Steered {
+                        rx: (0..p).map(|t| t * l + q).collect(),
+                        tx: (0..p).map(|r| q * p + r).collect(),
+                        peer: peer_rss.clone(),
+                        next_rx: 0,
+                    })
+                }),
                 pool: shared.pools[usize::from(q)].0,
                 caps: caps.clone(),
                 tx,
@@ -754,6 +839,8 @@ pub struct DpdkPort {
     _device: Arc<DeviceShared>,
     port_id: u16,
     queue: u16,
+    /// The queues of this shard under [`PeerSteering`]; `None`: the queue pair `queue`.
+    steered: Option<Box<Steered>>,
     pool: *mut sys::rte_mempool,
     caps: Capabilities,
     tx: TxOffload,
@@ -838,14 +925,122 @@ impl Port for DpdkPort {
     }
 
     fn rx_burst(&mut self, out: &mut Burst<DpdkBuf>) -> usize {
+        let Some(st) = self.steered.as_mut() else {
+            return self.rx_queue(self.queue, out);
+        };
+        // Every peer shard's ring to this shard, starting where the last call stopped.
+        let (n, first) = (st.rx.len(), st.next_rx);
+        st.next_rx = (first + 1) % n;
+        let mut got = 0;
+        for i in 0..n {
+            if out.is_full() {
+                break;
+            }
+            let q = self.steered.as_ref().map_or(self.queue, |st| st.rx[(first + i) % n]);
+            got += self.rx_queue(q, out);
+        }
+        got
+    }
+
+    fn tx_burst(&mut self, pkts: &mut Burst<DpdkBuf>) -> usize {
+        let n = pkts.len();
+        if n == 0 {
+            return 0;
+        }
+        let mut mbufs = [core::ptr::null_mut::<sys::rte_mbuf>(); BURST];
+        for (slot, b) in mbufs.iter_mut().zip(pkts.iter()) {
+            let (flags, l2, l3) = tx_offload(b.frame(), self.tx);
+            // SAFETY: `b` owns its single-segment mbuf exclusively; `len <= room` fits u16
+            // because an mbuf's buffer length is a u16.
+            unsafe { sys::machnet_mbuf_prepare_tx(b.m.as_ptr(), b.len as u16, flags, l2, l3) };
+            *slot = b.m.as_ptr();
+        }
+        let Some(st) = self.steered.as_ref() else {
+            let sent = self.tx_queue(self.queue, &mut mbufs[..n]);
+            for b in pkts.drain(..sent) {
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += u64::from(b.len);
+                // The device owns it now.
+                let _ = b.into_raw();
+            }
+            self.stats.tx_busy += (n - sent) as u64;
+            return sent;
+        };
+        // Each frame to the transmit queue that meets the peer's queue its RSS would pick, in
+        // order within each queue (a flow always hashes to one queue, so its frames keep
+        // their order; frames a full queue refused stay, in order, for the caller's retry).
+        let mut target = [st.tx[0]; BURST];
+        if let Some(rss) = &st.peer {
+            for (t, b) in target.iter_mut().zip(pkts.iter()) {
+                *t = st.tx[usize::from(rss_queue(rss, b.frame())).min(st.tx.len() - 1)];
+            }
+        }
+        let mut sent_mask = [false; BURST];
+        let mut done = [false; BURST];
+        let mut sent = 0;
+        for i in 0..n {
+            if done[i] {
+                continue;
+            }
+            let mut group = [core::ptr::null_mut::<sys::rte_mbuf>(); BURST];
+            let mut index = [0usize; BURST];
+            let mut k = 0;
+            for j in i..n {
+                if !done[j] && target[j] == target[i] {
+                    done[j] = true;
+                    group[k] = mbufs[j];
+                    index[k] = j;
+                    k += 1;
+                }
+            }
+            let ok = self.tx_queue(target[i], &mut group[..k]);
+            for &j in &index[..ok] {
+                sent_mask[j] = true;
+            }
+            sent += ok;
+        }
+        let all = core::mem::take(pkts);
+        for (j, b) in all.into_iter().enumerate() {
+            if sent_mask[j] {
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += u64::from(b.len);
+                // The device owns it now.
+                let _ = b.into_raw();
+            } else {
+                pkts.push(b);
+            }
+        }
+        self.stats.tx_busy += (n - sent) as u64;
+        sent
+    }
+
+    fn stats(&self) -> PortStats {
+        self.stats
+    }
+}
+
+impl DpdkPort {
+    /// Transmits `mbufs` (prepared) on queue `q`; the device owns the first `sent` returned.
+    #[inline]
+    fn tx_queue(&mut self, q: u16, mbufs: &mut [*mut sys::rte_mbuf]) -> usize {
+        // SAFETY: the port is started, queue `q` is this port's alone, `mbufs` are valid
+        // mbufs owned by the caller; the device takes ownership of the first `sent`.
+        let sent =
+            usize::from(unsafe { sys::machnet_eth_tx_burst(self.port_id, q, mbufs.as_mut_ptr(), mbufs.len() as u16) });
+        self.returned += sent as u64;
+        sent
+    }
+
+    /// Receives from queue `q` into `out`'s remaining room.
+    fn rx_queue(&mut self, q: u16, out: &mut Burst<DpdkBuf>) -> usize {
         let want = out.remaining_capacity().min(BURST);
         if want == 0 {
             return 0;
         }
         let mut mbufs = [core::ptr::null_mut::<sys::rte_mbuf>(); BURST];
-        // SAFETY: the port is started (it cannot be stopped while this DpdkPort lives), this
-        // queue is ours alone, and `mbufs` has room for `want` pointers.
-        let n = unsafe { sys::machnet_eth_rx_burst(self.port_id, self.queue, mbufs.as_mut_ptr(), want as u16) };
+        // SAFETY: the port is started (it cannot be stopped while this DpdkPort lives), queue
+        // `q` is ours alone, and `mbufs` has room for `want` pointers.
+        let n = unsafe { sys::machnet_eth_rx_burst(self.port_id, q, mbufs.as_mut_ptr(), want as u16) };
         let mut delivered = 0;
         for &m in &mbufs[..usize::from(n)] {
             let mut v = MaybeUninit::<sys::machnet_mbuf_view>::uninit();
@@ -883,38 +1078,6 @@ impl Port for DpdkPort {
             delivered += 1;
         }
         delivered
-    }
-
-    fn tx_burst(&mut self, pkts: &mut Burst<DpdkBuf>) -> usize {
-        let n = pkts.len();
-        if n == 0 {
-            return 0;
-        }
-        let mut mbufs = [core::ptr::null_mut::<sys::rte_mbuf>(); BURST];
-        for (slot, b) in mbufs.iter_mut().zip(pkts.iter()) {
-            let (flags, l2, l3) = tx_offload(b.frame(), self.tx);
-            // SAFETY: `b` owns its single-segment mbuf exclusively; `len <= room` fits u16
-            // because an mbuf's buffer length is a u16.
-            unsafe { sys::machnet_mbuf_prepare_tx(b.m.as_ptr(), b.len as u16, flags, l2, l3) };
-            *slot = b.m.as_ptr();
-        }
-        // SAFETY: the port is started, the queue is ours alone, `mbufs[..n]` are valid mbufs;
-        // the device takes ownership of the first `sent`.
-        let sent =
-            usize::from(unsafe { sys::machnet_eth_tx_burst(self.port_id, self.queue, mbufs.as_mut_ptr(), n as u16) });
-        for b in pkts.drain(..sent) {
-            self.stats.tx_packets += 1;
-            self.stats.tx_bytes += u64::from(b.len);
-            // The device owns it now.
-            let _ = b.into_raw();
-        }
-        self.returned += sent as u64;
-        self.stats.tx_busy += (n - sent) as u64;
-        sent
-    }
-
-    fn stats(&self) -> PortStats {
-        self.stats
     }
 }
 
