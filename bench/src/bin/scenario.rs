@@ -17,7 +17,8 @@
 //!   kernel baselines.
 //! * `embedded` (S2, `dpdk` build): two `msg_gen --embedded` joined by memif, no daemon, the
 //!   client busy-polling on CPU 0 and the server on CPU 1; against raw memif and the kernel
-//!   baselines.
+//!   baselines. `--compare-bin-dir DIR --compare-label NAME` adds the same pair built
+//!   elsewhere (before/after a change), interleaved with it in every run.
 //! * `shared` (S8): the `udp` topology (each application on its daemon's CPU, as in the demo)
 //!   with msg_gen busy-polling `machnet_recv` (no `--blocking`, as the original's msg_gen does)
 //!   under `MACHNET_POLL=adaptive` (the default) and `MACHNET_POLL=spin`, against msg_gen
@@ -74,6 +75,14 @@ struct Args {
     /// Skip the baselines (quick checks only; the report then has no ratios).
     #[arg(long)]
     no_baselines: bool,
+    /// `embedded` only: also measure the system under test with the msg_gen of this
+    /// directory (another build: before/after a change), interleaved with it in every run and
+    /// reported as a baseline named by `--compare-label`.
+    #[arg(long)]
+    compare_bin_dir: Option<PathBuf>,
+    /// The name of the `--compare-bin-dir` build in the report.
+    #[arg(long, default_value = "other build")]
+    compare_label: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -564,6 +573,18 @@ fn run(args: &Args) -> Result<(), String> {
     let work = std::env::temp_dir().join(format!("machnet-scenario-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let env = Env { bin, work: work.clone(), seconds: args.seconds };
+    let other = match &args.compare_bin_dir {
+        None => None,
+        Some(_) if args.scenario != "embedded" => {
+            return Err("--compare-bin-dir is for the embedded scenario (S2)".into());
+        }
+        Some(d) if !d.join("msg_gen").exists() => {
+            return Err(format!("--compare-bin-dir: no msg_gen in {}", d.display()));
+        }
+        Some(d) => {
+            Some((Env { bin: d.clone(), work: work.clone(), seconds: args.seconds }, args.compare_label.clone()))
+        }
+    };
     let main = match args.scenario.as_str() {
         "udp" => "machnet udp backend",
         "memif" => "machnet memif (DPDK)",
@@ -699,6 +720,10 @@ fn run(args: &Args) -> Result<(), String> {
                 for &size in &sizes {
                     for &window in &windows {
                         measure(main, size, window, env.embedded(size, window, false))?;
+                        if let Some((o, label)) = &other {
+                            let name = format!("machnet embedded, memif, {label}");
+                            measure(&name, size, window, o.embedded(size, window, false))?;
+                        }
                         // The same stack without ACKs in DATA: what they save, in this run.
                         let pure = "machnet embedded, pure ACKs";
                         measure(pure, size, window, env.embedded(size, window, true))?;
