@@ -1152,6 +1152,7 @@ mod tests {
             "dpdk.promiscuous",
             "dpdk.checksum_offload",
             "dpdk.rss",
+            "dpdk.memif_steering",
             "idle",
             "ctrl_sock",
             "metrics_addr",

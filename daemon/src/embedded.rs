@@ -417,16 +417,21 @@ impl<P: Port> Embedded<P> {
         }
         self.rx = Some(rx);
         let mut work = n;
-        let fired = self.env.timers.expire(now);
-        work += fired.len();
-        for &f in &fired {
-            self.ep.on_timer(now, &mut self.env, f);
+        if self.env.timers.may_expire(now) {
+            let fired = self.env.timers.expire(now);
+            work += fired.len();
+            for &f in &fired {
+                self.ep.on_timer(now, &mut self.env, f);
+            }
+            self.env.timers.done(fired);
         }
-        self.env.timers.done(fired);
-        let unanswered: arrayvec::ArrayVec<Ipv4Addr, 64> = self.ep.take_unanswered().collect();
-        for ip in unanswered {
-            if self.arp.revalidate(ip, now) {
-                self.env.nic.send_arp_request(self.local, ip);
+        if self.ep.has_unanswered() {
+            // (Collected first: the endpoint is borrowed while draining.)
+            let unanswered: arrayvec::ArrayVec<Ipv4Addr, 64> = self.ep.take_unanswered().collect();
+            for ip in unanswered {
+                if self.arp.revalidate(ip, now) {
+                    self.env.nic.send_arp_request(self.local, ip);
+                }
             }
         }
         if self.arp.next_deadline().is_some_and(|d| d <= now) {

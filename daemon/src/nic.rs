@@ -213,6 +213,13 @@ impl FlowTimers {
         }
     }
 
+    /// True when [`expire`](Self::expire) at `now` may fire something (one comparison; poll
+    /// loops ask this every turn).
+    #[inline]
+    pub fn may_expire(&self, now: Instant) -> bool {
+        self.wheel.may_expire(now)
+    }
+
     /// The flows whose timers are due at `now`, disarmed, for the caller to fire (the list is
     /// reused: give it back with [`done`](Self::done)).
     pub fn expire(&mut self, now: Instant) -> Vec<FlowId> {

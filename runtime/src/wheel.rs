@@ -59,6 +59,12 @@ pub struct TimerWheel<T: Copy> {
     entries: Vec<Entry<T>>,
     free: Vec<u32>,
     len: usize,
+    /// No pending timer's tick is below this (`u64::MAX`: none pending): an [`expire`] before
+    /// it has nothing to do and returns after one comparison, the common case of a poll loop
+    /// calling it every turn.
+    ///
+    /// [`expire`]: Self::expire
+    due: u64,
 }
 
 impl<T: Copy> TimerWheel<T> {
@@ -71,6 +77,7 @@ impl<T: Copy> TimerWheel<T> {
             entries: vec![Entry { tick: 0, value: None, prev: NIL, next: NIL, level: 0, slot: 0, gen: 0 }; capacity],
             free: (0..capacity as u32).rev().collect(),
             len: 0,
+            due: u64::MAX,
         }
     }
 
@@ -94,6 +101,7 @@ impl<T: Copy> TimerWheel<T> {
         let gen = e.gen;
         self.link(index);
         self.len += 1;
+        self.due = self.due.min(tick);
         Ok(TimerId { index, gen })
     }
 
@@ -113,6 +121,13 @@ impl<T: Copy> TimerWheel<T> {
         v
     }
 
+    /// True when [`expire`](Self::expire) at `now` may have something to do (false: it
+    /// certainly has not). One comparison.
+    #[inline]
+    pub fn may_expire(&self, now: Instant) -> bool {
+        now.as_nanos() / TICK_NS >= self.due
+    }
+
     /// A lower bound of the earliest pending deadline (exact within the next 64 µs).
     pub fn next_deadline(&self) -> Option<Instant> {
         self.next_slot().map(|(_, _, start)| Instant(start * TICK_NS))
@@ -122,6 +137,11 @@ impl<T: Copy> TimerWheel<T> {
     /// with each value. Returns how many fired.
     pub fn expire(&mut self, now: Instant, mut f: impl FnMut(T)) -> usize {
         let target = now.as_nanos() / TICK_NS;
+        if !self.may_expire(now) {
+            // Nothing is due. `current` stays where it is: the slots are laid out relative to
+            // it, so `next_deadline` stays as exact as the last full pass left it.
+            return 0;
+        }
         let mut fired = 0;
         while let Some((level, slot, start)) = self.next_slot() {
             if start > target {
@@ -148,6 +168,8 @@ impl<T: Copy> TimerWheel<T> {
             }
         }
         self.current = self.current.max(target);
+        // Every pending tick is at or after the start of its slot.
+        self.due = self.next_slot().map_or(u64::MAX, |(_, _, start)| start);
         fired
     }
 
@@ -289,6 +311,17 @@ mod tests {
         w.expire(us(40), |_| {});
         let nd = w.next_deadline().unwrap();
         assert!(nd <= us(1_000_000) && nd > us(40), "{nd:?}");
+        // Turns with nothing due (the one-comparison path) leave it as exact as it was.
+        for t in 41..200 {
+            assert!(!w.may_expire(us(t)));
+            assert_eq!(w.expire(us(t), |_| {}), 0);
+            assert_eq!(w.next_deadline(), Some(nd));
+        }
+        let mut got = Vec::new();
+        assert!(w.may_expire(us(1_000_000)));
+        w.expire(us(1_000_000), |v| got.push(v));
+        assert_eq!(got, vec![2]);
+        assert_eq!(w.next_deadline(), None);
     }
 
     /// Randomised against a model: every timer fires exactly once, in the first `expire` whose
@@ -326,7 +359,9 @@ mod tests {
                 _ => {
                     now += next() % [3u64, 100, 5000, 1_000_000][(next() % 4) as usize];
                     let mut fired = Vec::new();
+                    let may = w.may_expire(us(now));
                     w.expire(us(now), |v| fired.push(v));
+                    assert!(may || fired.is_empty(), "may_expire said no at {now}, then {fired:?} fired");
                     let mut due: Vec<u64> = model.iter().filter(|(_, &(at, _))| at <= now).map(|(&k, _)| k).collect();
                     fired.sort();
                     due.sort();
@@ -337,6 +372,9 @@ mod tests {
                 }
             }
             assert_eq!(w.len(), model.len());
+            let first = model.values().map(|&(at, _)| at).min();
+            assert!(w.next_deadline() <= first.map(us), "{:?} is past the first deadline {first:?}", w.next_deadline());
+            assert_eq!(w.next_deadline().is_none(), first.is_none());
         }
     }
 }

@@ -1134,6 +1134,13 @@ impl<P: PortAllocator> Endpoint<P> {
         self.settle(i, v, env, now);
     }
 
+    /// True when a SYN went unanswered since the last [`take_unanswered`](Self::take_unanswered)
+    /// (one load: poll loops ask this every turn).
+    #[inline]
+    pub fn has_unanswered(&self) -> bool {
+        !self.unanswered.is_empty()
+    }
+
     /// Remote IPs whose SYNs went unanswered since the last call (a connect timed out once):
     /// re-resolve their MACs, and report a change with
     /// [`update_peer_mac`](Self::update_peer_mac).

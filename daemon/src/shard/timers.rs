@@ -19,17 +19,23 @@ pub(super) struct TimersStage {
 
 impl<P: Port> Stage<ShardCtx<P>> for TimersStage {
     fn poll(&mut self, now: Instant, ctx: &mut ShardCtx<P>) -> Work {
-        let fired = ctx.env.timers.expire(now);
-        let mut n = fired.len() as u32;
-        for &f in &fired {
-            ctx.ep.on_timer(now, &mut ctx.env, f);
+        let mut n = 0;
+        if ctx.env.timers.may_expire(now) {
+            let fired = ctx.env.timers.expire(now);
+            n = fired.len() as u32;
+            for &f in &fired {
+                ctx.ep.on_timer(now, &mut ctx.env, f);
+            }
+            ctx.env.timers.done(fired);
         }
-        ctx.env.timers.done(fired);
-        let unanswered: ArrayVec<Ipv4Addr, 64> = ctx.ep.take_unanswered().collect();
-        for ip in unanswered {
-            if ctx.arp.revalidate(ip, now) {
-                ctx.env.counters.arp_revalidations += 1;
-                ctx.send_arp_request(ip);
+        if ctx.ep.has_unanswered() {
+            // (Collected first: the endpoint is borrowed while draining.)
+            let unanswered: ArrayVec<Ipv4Addr, 64> = ctx.ep.take_unanswered().collect();
+            for ip in unanswered {
+                if ctx.arp.revalidate(ip, now) {
+                    ctx.env.counters.arp_revalidations += 1;
+                    ctx.send_arp_request(ip);
+                }
             }
         }
         if ctx.arp.next_deadline().is_some_and(|d| d <= now) {
