@@ -86,6 +86,10 @@ struct Args {
     /// `Fixed` control) instead of Swift; for experiments such as S6's window study.
     #[arg(long = "fixed_window", value_parser = clap::value_parser!(u32).range(1..=4096))]
     fixed_window: Option<u32>,
+    /// With --embedded: print the stack's counters (transport, port, ARP) to stderr at exit,
+    /// on both sides: where frames were dropped or retransmitted
+    #[arg(long = "stack_stats")]
+    stack_stats: bool,
 }
 
 /// Listens (server) or connects (client) with `connect`, then runs the RPC loop; a client
@@ -342,6 +346,10 @@ mod embedded {
         let until = std::time::Instant::now() + Duration::from_millis(20);
         while std::time::Instant::now() < until {
             io.stack.poll();
+        }
+        if args.stack_stats {
+            eprintln!("Stack counters: {:?}", io.stack.endpoint_stats());
+            eprintln!("Stack port and ARP: {:?}", io.stack.stats());
         }
         Ok(t)
     }
