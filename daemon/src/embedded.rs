@@ -67,6 +67,9 @@ use std::time::Duration;
 /// The one owner of every flow in an embedded stack.
 const APP: Owner = 0;
 const NIL: u32 = u32::MAX;
+/// `send` and `recv` run a poll turn every this many segments they copy (about 360 KB), so
+/// that a long message's copy does not stop the stack from acknowledging.
+const POLL_EVERY: usize = 256;
 /// Largest message.
 pub const MAX_MSG: usize = 8 << 20;
 
@@ -599,7 +602,15 @@ impl<P: Port> Embedded<P> {
             return Err(Error::NoBuffers);
         }
         let (mut head, mut prev) = (NIL, NIL);
+        let mut polled = false;
         for (i, chunk) in data.chunks(size).enumerate() {
+            if i % POLL_EVERY == POLL_EVERY - 1 {
+                // A long copy (an 8 MiB message takes about a millisecond) must not keep the
+                // stack from acknowledging: the peer's RTO would fire spuriously. The slots
+                // taken so far belong to no flow yet, so a poll cannot touch them.
+                self.poll();
+                polled = true;
+            }
             let s = self.env.tx.take().expect("counted above");
             self.env.tx.slot_mut(s)[..chunk.len()].copy_from_slice(chunk);
             self.env.tx.len[s as usize] = chunk.len() as u32;
@@ -612,8 +623,14 @@ impl<P: Port> Embedded<P> {
             prev = s;
         }
         let msg = OutMsg { head, tail: prev, count: count as u32, len: data.len() as u32 };
+        // The flow may have ended during a poll (and its id gone to another flow).
+        let id = if polled { self.ep.lookup(&tuple_of(&flow)) } else { Some(id) };
         let now = self.clock.now();
-        match self.ep.send(now, &mut self.env, id, &msg) {
+        let sent = match id {
+            Some(id) => self.ep.send(now, &mut self.env, id, &msg),
+            None => Err(machnet_transport::Error::NoSuchFlow),
+        };
+        match sent {
             Ok(()) => {
                 // With received messages still waiting, the application will be back at once
                 // (answering them): its sends are batched and leave together when it next
@@ -656,7 +673,12 @@ impl<P: Port> Embedded<P> {
         let fits = len <= buf.len();
         let mut s = m.msg.head;
         let mut off = 0;
-        for _ in 0..m.msg.count {
+        for i in 0..m.msg.count as usize {
+            if i % POLL_EVERY == POLL_EVERY - 1 {
+                // As in `send`: keep acknowledging through a long copy. The message is off the
+                // inbox and its slots are ours, so a poll cannot touch them.
+                self.poll();
+            }
             if fits {
                 let b = self.env.rx.bytes(s);
                 buf[off..off + b.len()].copy_from_slice(b);
