@@ -302,7 +302,7 @@ static SHARD: &[Family] = &[
     fam("machnet_shard_channels", G, "Channels the shard serves.", &[(&[], at("/channels"))]),
     fam("machnet_shard_flows", G, "Flows on the shard.", &[(&[], at("/flows"))]),
     fam("machnet_shard_half_open_flows", G, "Half-open flows (handshake not finished) on the shard.", &[(&[], at("/half_open"))]),
-    fam("machnet_shard_syn_cookies_accepted_total", C, "Server flows rebuilt from the client's final ACK (a SYN cookie) after a flood had evicted their half-open flow.", &[(&[], at("/endpoint/syn_cookies_accepted"))]),
+    fam("machnet_shard_syn_cookies_accepted_total", C, "Server flows rebuilt from the client's final ACK or first DATA (a SYN cookie) after a flood had evicted their half-open flow.", &[(&[], at("/endpoint/syn_cookies_accepted"))]),
     fam("machnet_shard_flow_events_total", C, "Flow life-cycle events (opened: both directions).", &[
         (&[("event", "opened")], at("/endpoint/flows_opened")),
         (&[("event", "failed")], at("/endpoint/flows_failed")),

@@ -110,8 +110,9 @@ pub struct EndpointStats {
     pub syn_retransmits: u64,
     /// Half-open flows evicted to make room (the oldest first): a SYN flood's footprint.
     pub syn_evicted: u64,
-    /// Server flows rebuilt from the client's final ACK whose ISN proved the handshake (a SYN
-    /// cookie) after their half-open flow had been evicted.
+    /// Server flows rebuilt from the client's final ACK (or its first DATA, with ACKs in DATA)
+    /// whose `ackno` proved the handshake (a SYN cookie) after their half-open flow had been
+    /// evicted.
     pub syn_cookies_accepted: u64,
     /// SYNs dropped because their source already had `max_half_open_per_source` half-open
     /// flows.
@@ -886,12 +887,7 @@ impl<P: PortAllocator> Endpoint<P> {
             PacketType::Ack => {
                 // The final ACK of a handshake whose half-open flow a flood evicted: its
                 // `ackno` is our cookie. Rebuild the flow and let the ACK establish it.
-                if let Some(i) = self.open_from_cookie(now, env, pkt) {
-                    self.stats.syn_cookies_accepted += 1;
-                    let token = self.tokens[i];
-                    let mut cx = self.cx_at(i, env, now, rx_at);
-                    let v = cx.on_packet(&pkt.hdr, pkt.payload, pkt.src_mac, token);
-                    self.settle(i, v, env, now);
+                if self.accept_by_cookie(now, rx_at, env, pkt, false) {
                     return;
                 }
                 // A peer still talking to a flow we no longer have: tell it.
@@ -899,6 +895,14 @@ impl<P: PortAllocator> Endpoint<P> {
                 self.reply_rst(env, pkt, pkt.hdr.ackno, pkt.hdr.seqno);
             }
             PacketType::Data => {
+                // A machnet-rs client's first DATA (ACKs in DATA negotiated) acknowledges our
+                // ISN as its final ACK does: when that ACK was lost and a flood evicted the
+                // half-open flow, the cookie rebuilds it, and the rebuilt flow answers the DATA
+                // with its SYN-ACK again (DATA alone establishes nothing: `FlowCx::on_data`);
+                // the client's ACK of it then establishes the flow and its DATA comes again.
+                if self.accept_by_cookie(now, rx_at, env, pkt, true) {
+                    return;
+                }
                 // Data for a flow we no longer have (its application died and the RST we sent
                 // was lost, or this end restarted): without an answer the sender would retry
                 // until its peer timeout. DATA carries no ackno to echo, so the RST
@@ -964,15 +968,46 @@ impl<P: PortAllocator> Endpoint<P> {
         }
     }
 
+    /// Rebuilds the flow of `pkt` (a final ACK, or a first DATA if `data`) from its cookie, if
+    /// it proves one (see [`open_from_cookie`](Self::open_from_cookie)), and hands it the
+    /// packet. False if it proves nothing.
+    fn accept_by_cookie<E: Env>(
+        &mut self,
+        now: Instant,
+        rx_at: Instant,
+        env: &mut E,
+        pkt: &MachnetFrame<'_>,
+        data: bool,
+    ) -> bool {
+        let Some(i) = self.open_from_cookie(now, env, pkt, data) else { return false };
+        self.stats.syn_cookies_accepted += 1;
+        let token = self.tokens[i];
+        let mut cx = self.cx_at(i, env, now, rx_at);
+        let v = cx.on_packet(&pkt.hdr, pkt.payload, pkt.src_mac, token);
+        self.settle(i, v, env, now);
+        true
+    }
+
     /// A flow rebuilt (half-open, its SYN-ACK not sent again) for an ACK with no flow whose
     /// `ackno` is a cookie of ours for its connection, whose half-open flow was evicted
-    /// lately, to a port still listened on.
-    fn open_from_cookie<E: Env>(&mut self, now: Instant, env: &mut E, pkt: &MachnetFrame<'_>) -> Option<usize> {
+    /// lately, to a port still listened on; or for the client's first DATA (`data`), whose
+    /// `ackno` means something only when the handshake negotiated ACKs in DATA.
+    fn open_from_cookie<E: Env>(
+        &mut self,
+        now: Instant,
+        env: &mut E,
+        pkt: &MachnetFrame<'_>,
+        data: bool,
+    ) -> Option<usize> {
         let owner = self.listeners.get(&pkt.dst_port).copied()?;
-        // The final ACK carries the client's next sequence number and acknowledges our ISN.
+        // The final ACK (and the first DATA) carries the client's next sequence number and
+        // acknowledges our ISN.
         let client_isn = pkt.hdr.seqno.wrapping_sub(1);
         let conn = self.conn(pkt, client_isn);
         let opts = self.cookies.check(now.as_nanos(), conn, pkt.hdr.ackno.wrapping_sub(1))?;
+        if data && !opts.piggy {
+            return None;
+        }
         // Only a connection whose half-open flow was evicted (see `cookie::Evicted`).
         if !self.evicted.take(now.as_nanos(), self.cookies.slot(conn)) {
             return None;

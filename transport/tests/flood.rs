@@ -7,7 +7,7 @@ mod sim;
 use machnet_net::wire::{
     ChecksumCaps, EthernetAddress, FrameRepr, MachnetRepr, MsgFlags, PacketType, FRAME_HEADER_LEN,
 };
-use machnet_transport::{Config, Endpoint, Error, Event, FlowState, LocalPorts};
+use machnet_transport::{Config, Endpoint, Error, Event, FlowId, FlowState, LocalPorts};
 use sim::*;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -52,6 +52,14 @@ fn flood(sim: &mut Sim, rng: &mut Rng, port: u16, span: Duration, per_10us: usiz
             sim.inject(B, &forged_syn(ip, sport, port, isn));
         }
         sim.run_for(Duration::from_micros(10));
+    }
+}
+
+/// The flow of B's first `Accepted` event.
+fn accepted(sim: &Sim) -> FlowId {
+    match sim.event(B, |e| matches!(e, Event::Accepted { .. })) {
+        Some(Event::Accepted { flow, .. }) => flow,
+        _ => panic!("B accepted nothing"),
     }
 }
 
@@ -282,22 +290,29 @@ fn data_after_a_forged_syn_does_not_establish() {
     assert!(sim.run_until(Duration::from_millis(10), |s| connected(s, 3)));
 }
 
+/// A client 5 ms from B (connect token 7 to B:888) whose frames `drop` drops, while B takes
+/// 12 ms of a million forged SYNs a second (its half-open flow is evicted).
+fn flooded_slow_client(drop: impl FnMut(&FrameRepr) -> bool + 'static) -> (Sim, FlowId) {
+    let mut cfg = SimConfig::link(Config::default());
+    cfg.ab.delay = Duration::from_millis(5);
+    let mut sim = Sim::new(cfg);
+    sim.sides[B].ep.listen(OWNER, 888).unwrap();
+    let fa = sim.start_connect(888, 7);
+    sim.drop_from(A, drop);
+    let mut rng = Rng(0xc00c1e);
+    flood(&mut sim, &mut rng, 888, Duration::from_millis(12), 10);
+    (sim, fa)
+}
+
 /// A real client whose final ACK arrives after a budget's worth of forged SYNs (5 ms one way
 /// from A to B, a million SYNs a second) finds its half-open flow evicted; the ACK's cookie
 /// rebuilds it, B accepts, and messages go both ways. A forged ACK (a wrong cookie) is
 /// answered with RST and opens nothing.
 #[test]
 fn a_client_whose_half_open_flow_was_evicted_is_accepted_by_its_cookie() {
-    let mut cfg = SimConfig::link(Config::default());
-    cfg.ab.delay = Duration::from_millis(5);
-    let mut sim = Sim::new(cfg);
-    sim.sides[B].ep.listen(OWNER, 888).unwrap();
-    let fa = sim.start_connect(888, 7);
     // Its SYN is on the way; retransmissions of it (A's handshake timer is shorter than the
     // 5 ms path) would open a fresh half-open flow just in time for the ACK.
-    sim.drop_from(A, |f| f.hdr.packet_type == PacketType::Syn);
-    let mut rng = Rng(0xc00c1e);
-    flood(&mut sim, &mut rng, 888, Duration::from_millis(12), 10);
+    let (mut sim, fa) = flooded_slow_client(|f| f.hdr.packet_type == PacketType::Syn);
     let st = *sim.sides[B].ep.stats();
     assert!(st.syn_evicted > 5_000, "{st:?}");
     assert!(
@@ -315,13 +330,7 @@ fn a_client_whose_half_open_flow_was_evicted_is_accepted_by_its_cookie() {
         sim.sides[B].ep.stats(),
         sim.sides[A].ep.stats()
     );
-    let fb = sim
-        .event(B, |e| matches!(e, Event::Accepted { .. }))
-        .map(|e| match e {
-            Event::Accepted { flow, .. } => flow,
-            _ => unreachable!(),
-        })
-        .unwrap();
+    let fb = accepted(&sim);
     for k in 0..20 {
         sim.send(A, fa, fb, 1, k, 3000).unwrap();
         sim.send(B, fb, fa, 2, k, 100).unwrap();
@@ -342,4 +351,47 @@ fn a_client_whose_half_open_flow_was_evicted_is_accepted_by_its_cookie() {
     assert_eq!(after.syn_cookies_accepted, 1);
     assert_eq!(after.rx_no_flow, before.rx_no_flow + 1);
     assert_eq!(after.tx_rsts, before.tx_rsts + 1, "{after:?}");
+}
+
+/// As above, and the client's final ACK is lost too: its first DATA (ACKs in DATA, so it
+/// carries the cookie as its `ackno`) rebuilds the flow instead of meeting a RST, the rebuilt
+/// flow sends its SYN-ACK again, the client's ACK of it establishes the flow and the data
+/// arrives. The same DATA with a wrong `ackno` still gets a RST.
+#[test]
+fn a_client_whose_final_ack_was_lost_too_is_accepted_by_the_cookie_in_its_data() {
+    let mut acks = 0;
+    let (mut sim, fa) = flooded_slow_client(move |f| {
+        let first_ack = f.hdr.packet_type == PacketType::Ack && acks == 0;
+        acks += usize::from(f.hdr.packet_type == PacketType::Ack);
+        f.hdr.packet_type == PacketType::Syn || first_ack
+    });
+    assert!(sim.run_until(Duration::from_millis(50), |s| connected(s, 7)), "A did not connect");
+    assert!(sim.sides[B].ep.stats().syn_evicted > 5_000);
+    let before = *sim.sides[B].ep.stats();
+    assert_eq!(before.syn_cookies_accepted, 0, "the final ACK was dropped: {before:?}");
+    // A's first message: B has no flow for it (nor does the test know B's flow yet).
+    sim.sides[B].allow_strangers = true;
+    sim.send_unchecked(A, fa, 3, 0, 3000).unwrap();
+    assert!(
+        sim.run_until(Duration::from_secs(1), |s| s.event(B, |e| matches!(e, Event::Accepted { .. })).is_some()),
+        "B never accepted: {:?} {:?}",
+        sim.sides[B].ep.stats(),
+        sim.sides[A].ep.stats()
+    );
+    let st = *sim.sides[B].ep.stats();
+    assert_eq!(st.syn_cookies_accepted, 1, "{st:?}");
+    assert_eq!(st.tx_rsts, before.tx_rsts, "no RST for the first DATA: {st:?}");
+    let fb = accepted(&sim);
+    // The first message is still on its way again (B dropped it, unacknowledged, when it
+    // answered with the SYN-ACK): it is message 0 of B's flow.
+    sim.sides[B].checker(fb, 3).expect.push_back(3000);
+    for k in 1..20 {
+        sim.send(A, fa, fb, 3, k, 3000).unwrap();
+    }
+    for k in 0..20 {
+        sim.send(B, fb, fa, 2, k, 100).unwrap();
+    }
+    assert!(sim.run_until(Duration::from_secs(1), |s| s.delivered(B, fb) == 20 && s.delivered(A, fa) == 20));
+    assert_eq!(sim.sides[B].strangers, 0, "the first message arrives on the accepted flow");
+    assert_eq!(sim.sides[B].ep.flow_info(fb).unwrap().state, FlowState::Established);
 }

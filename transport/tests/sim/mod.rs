@@ -587,6 +587,22 @@ impl Sim {
         k: u64,
         len: usize,
     ) -> Result<(), machnet_transport::Error> {
+        self.send_unchecked(side, flow, stream, k, len)?;
+        let other = &mut self.sides[1 - side];
+        other.checker(peer_flow, stream).expect.push_back(len);
+        Ok(())
+    }
+
+    /// As [`send`](Self::send), with no checker told (for a peer flow not known yet: the other
+    /// side counts the message as a stranger if it allows them).
+    pub fn send_unchecked(
+        &mut self,
+        side: usize,
+        flow: FlowId,
+        stream: u64,
+        k: u64,
+        len: usize,
+    ) -> Result<(), machnet_transport::Error> {
         let now = self.now;
         let s = &mut self.sides[side];
         let count = len.div_ceil(SEG_SIZE);
@@ -611,11 +627,7 @@ impl Sim {
         }
         let msg = OutMsg { head, tail: prev, count: count as u32, len: len as u32 };
         match s.ep.send(now, &mut s.env, flow, &msg) {
-            Ok(()) => {
-                let other = &mut self.sides[1 - side];
-                other.checker(peer_flow, stream).expect.push_back(len);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) => {
                 let mut x = head;
                 for _ in 0..count {
