@@ -278,7 +278,7 @@ pub struct DpdkSection {
     pub rss: Option<bool>,
     /// memif only: the sender does the receiver's RSS, over one queue pair per (shard, peer
     /// shard), so that several shards on both sides get what a multi-queue RSS NIC would give
-    /// them (docs/operations.md, "Several shards over memif").
+    /// them (docs/operations.md, "Shards, queues and steering": over memif).
     pub memif_steering: Option<MemifSteeringSection>,
 }
 

@@ -87,7 +87,7 @@ struct Args {
     #[arg(long = "fixed_window", value_parser = clap::value_parser!(u32).range(1..=4096))]
     fixed_window: Option<u32>,
     /// With --embedded: print the stack's counters (transport, port, ARP) to stderr at exit,
-    /// on both sides: where frames were dropped or retransmitted
+    /// on both sides: where frames were dropped or retransmitted.
     #[arg(long = "stack_stats")]
     stack_stats: bool,
 }

@@ -936,7 +936,7 @@ impl Port for DpdkPort {
             if out.is_full() {
                 break;
             }
-            let q = self.steered.as_ref().map_or(self.queue, |st| st.rx[(first + i) % n]);
+            let Some(q) = self.steered.as_ref().map(|st| st.rx[(first + i) % n]) else { break };
             got += self.rx_queue(q, out);
         }
         got
