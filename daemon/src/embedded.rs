@@ -5,8 +5,9 @@
 //! whenever the application calls it. There is no daemon, no shared memory and no other thread:
 //! `send` copies the message into the stack's transmit buffers and puts its first packets on
 //! the wire before it returns — unless received messages are still waiting for `recv`, in
-//! which case sends are batched until the application next finds nothing to receive (answers
-//! to a burst of requests leave in one burst; [`Embedded::flush`] sends at once); `recv` polls
+//! which case sends are batched until the application next finds nothing to receive or
+//! [`EmbeddedConfig::send_batch`] of them are queued (answers to a burst of requests leave in
+//! bursts; [`Embedded::flush`] sends at once); `recv` polls
 //! the port and hands back a complete message. The stack runs only inside these calls: an
 //! application that stops calling them stops acknowledging too. For appliances that own a
 //! NIC, and for the lowest latency.
@@ -70,6 +71,7 @@ const NIL: u32 = u32::MAX;
 /// `send` and `recv` run a poll turn every this many segments they copy (about 360 KB), so
 /// that a long message's copy does not stop the stack from acknowledging.
 const POLL_EVERY: usize = 256;
+
 /// Largest message.
 pub const MAX_MSG: usize = 8 << 20;
 
@@ -90,6 +92,12 @@ pub struct EmbeddedConfig {
     pub rx_segments: usize,
     /// Complete messages held for `recv` before the stack stops acknowledging (default 4096).
     pub inbox: usize,
+    /// Sends batched while received messages wait, at most (default 8; 0: no bound, they
+    /// leave when the application next finds nothing to receive). The bound lets the peer
+    /// start on the first answers while this side still works through the burst: at window
+    /// 32 over memif the two sides otherwise take turns, each idle while the other works
+    /// (S2 64 B window 32: 1.1M RPC/s unbounded, 2.0-3.0M with 8; docs/performance.md).
+    pub send_batch: usize,
 }
 
 impl EmbeddedConfig {
@@ -103,6 +111,7 @@ impl EmbeddedConfig {
             tx_segments: 12288,
             rx_segments: 12288,
             inbox: 4096,
+            send_batch: 8,
         }
     }
 }
@@ -320,6 +329,10 @@ pub struct Embedded<P: Port> {
     next_token: u64,
     stats: EmbeddedStats,
     scratch: (Vec<Ipv4Addr>, Vec<Ipv4Addr>),
+    /// Messages `send` queued since the last flush.
+    unflushed: usize,
+    /// [`EmbeddedConfig::send_batch`] (`usize::MAX` for 0).
+    send_batch: usize,
 }
 
 impl<P: Port> Embedded<P> {
@@ -362,6 +375,8 @@ impl<P: Port> Embedded<P> {
             next_token: 1,
             stats: EmbeddedStats::default(),
             scratch: (Vec::with_capacity(cfg.arp.capacity), Vec::with_capacity(cfg.arp.capacity)),
+            unflushed: 0,
+            send_batch: if cfg.send_batch == 0 { usize::MAX } else { cfg.send_batch },
         })
     }
 
@@ -396,6 +411,7 @@ impl<P: Port> Embedded<P> {
         let now = self.clock.now();
         self.env.nic.port.set_time(now);
         // What `send` left queued goes first.
+        self.unflushed = 0;
         if self.ep.has_work() {
             self.ep.flush(now, &mut self.env);
         }
@@ -635,7 +651,8 @@ impl<P: Port> Embedded<P> {
                 // With received messages still waiting, the application will be back at once
                 // (answering them): its sends are batched and leave together when it next
                 // finds nothing to receive (or calls `flush`). Otherwise they leave now.
-                if self.env.inbox.is_empty() {
+                self.unflushed += 1;
+                if self.env.inbox.is_empty() || self.unflushed >= self.send_batch {
                     self.flush();
                 }
                 Ok(())
@@ -657,6 +674,7 @@ impl<P: Port> Embedded<P> {
 
     /// Sends everything queued now.
     pub fn flush(&mut self) {
+        self.unflushed = 0;
         let now = self.clock.now();
         self.ep.flush(now, &mut self.env);
         self.env.nic.flush();

@@ -216,3 +216,48 @@ fn steady_state_allocates_nothing() {
     });
     assert_eq!(allocs, 0, "{allocs} allocations in 20000 embedded round trips");
 }
+
+/// Answers to a burst of requests leave every `send_batch` sends (the peer starts on them while
+/// this side works through the rest), and with 0 only when nothing is left to receive.
+#[test]
+fn answers_to_a_burst_leave_every_send_batch_sends() {
+    for batch in [3usize, 0] {
+        let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
+        let a = Embedded::new(pa, EmbeddedConfig::new(IP_A)).unwrap();
+        let b = Embedded::new(pb, EmbeddedConfig { send_batch: batch, ..EmbeddedConfig::new(IP_B) }).unwrap();
+        let (mut a, mut b) = (a, b);
+        b.listen(IP_B, 888).unwrap();
+        let flow = connect(&mut a, &mut b, 888).unwrap();
+        let mut buf = [0u8; 64];
+        // Let the handshake's last packets settle on both sides.
+        for _ in 0..10 {
+            a.poll();
+            b.poll();
+        }
+        for k in 0..6u8 {
+            a.send(flow, &[k; 64]).unwrap();
+        }
+        let t = Instant::now();
+        let mut got = Vec::new();
+        while got.is_empty() {
+            if let Some((n, f)) = b.recv(&mut buf).unwrap() {
+                got.push((buf[0], n, f));
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "B received nothing");
+        }
+        // Whatever B sent while receiving (acknowledgements) is taken off A's link.
+        a.poll();
+        assert_eq!(a.port().pending_rx(), 0);
+        let from = got[0].2;
+        for k in 0..6u8 {
+            if k > 0 {
+                let (n, f) = b.recv(&mut buf).unwrap().expect("the rest of the burst waits in the inbox");
+                assert_eq!((buf[0], n, f), (k, 64, from));
+            }
+            b.send(reverse(from), &[k; 64]).unwrap();
+            let sent = usize::from(k) + 1;
+            let expect_out = if batch == 0 { sent == 6 } else { sent >= batch };
+            assert_eq!(a.port().pending_rx() > 0, expect_out, "send_batch {batch}: after {sent} answers");
+        }
+    }
+}

@@ -90,6 +90,10 @@ struct Args {
     /// on both sides: where frames were dropped or retransmitted.
     #[arg(long = "stack_stats")]
     stack_stats: bool,
+    /// With --embedded: answers batched while received messages wait, at most (0: all of
+    /// them, until nothing is left to receive); for the same-run comparison of the bound.
+    #[arg(long = "send_batch", default_value_t = 8)]
+    send_batch: usize,
 }
 
 /// Listens (server) or connects (client) with `connect`, then runs the RPC loop; a client
@@ -325,6 +329,7 @@ mod embedded {
     ) -> Result<rpc::Totals, RpcError> {
         let mut cfg = EmbeddedConfig::new(args.local_ip);
         cfg.transport.piggyback_acks = !args.pure_acks;
+        cfg.send_batch = args.send_batch;
         if let Some(window) = args.fixed_window {
             cfg.transport.cc = machnet_transport::cc::CcConfig::Fixed { window };
         }
