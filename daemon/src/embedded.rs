@@ -71,7 +71,6 @@ const NIL: u32 = u32::MAX;
 /// `send` and `recv` run a poll turn every this many segments they copy (about 360 KB), so
 /// that a long message's copy does not stop the stack from acknowledging.
 const POLL_EVERY: usize = 256;
-
 /// Largest message.
 pub const MAX_MSG: usize = 8 << 20;
 
@@ -649,8 +648,9 @@ impl<P: Port> Embedded<P> {
         match sent {
             Ok(()) => {
                 // With received messages still waiting, the application will be back at once
-                // (answering them): its sends are batched and leave together when it next
-                // finds nothing to receive (or calls `flush`). Otherwise they leave now.
+                // (answering them): its sends are batched and leave when it next finds
+                // nothing to receive, calls `flush`, or `send_batch` are queued. Otherwise
+                // they leave now.
                 self.unflushed += 1;
                 if self.env.inbox.is_empty() || self.unflushed >= self.send_batch {
                     self.flush();
