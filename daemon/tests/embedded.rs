@@ -261,3 +261,89 @@ fn answers_to_a_burst_leave_every_send_batch_sends() {
         }
     }
 }
+
+/// A port whose transmissions take `delay` while `slow` is set: a device, or a hypervisor,
+/// slow to take frames.
+struct SlowTx<P> {
+    inner: P,
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    delay: Duration,
+}
+
+impl<P: Port> Port for SlowTx<P> {
+    type Buf = P::Buf;
+    fn capabilities(&self) -> &machnet_net::port::Capabilities {
+        self.inner.capabilities()
+    }
+    fn alloc(&mut self) -> Option<Self::Buf> {
+        self.inner.alloc()
+    }
+    fn free(&mut self, buf: Self::Buf) {
+        self.inner.free(buf)
+    }
+    fn rx_burst(&mut self, out: &mut machnet_net::port::Burst<Self::Buf>) -> usize {
+        self.inner.rx_burst(out)
+    }
+    fn tx_burst(&mut self, pkts: &mut machnet_net::port::Burst<Self::Buf>) -> usize {
+        if self.slow.load(std::sync::atomic::Ordering::Relaxed) && !pkts.is_empty() {
+            std::thread::sleep(self.delay);
+        }
+        self.inner.tx_burst(pkts)
+    }
+    fn stats(&self) -> machnet_net::port::PortStats {
+        self.inner.stats()
+    }
+}
+
+/// An acknowledgement that waited in the receive ring while the stack's turn began with a long
+/// transmission is timed from when the stack read it, not from when the turn began: the round
+/// trip it gives is at least that transmission's length. (Timed from the turn's start, the
+/// samples came out short by the flush, down to 1 ns; the path's base RTT then read 1 ns and
+/// Swift held a bulk flow at its delay floor: S6, 1 MiB messages.)
+#[test]
+fn frames_received_after_a_long_flush_are_timed_after_it() {
+    const DELAY: Duration = Duration::from_millis(5);
+    let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
+    let pa = SlowTx { inner: pa, slow: slow.clone(), delay: DELAY };
+    let (mut a, mut b) = stacks(pa, pb);
+    b.listen(IP_B, 888).unwrap();
+    let flow = connect(&mut a, &mut b, 888).unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..10 {
+        a.poll();
+        b.poll();
+    }
+    a.send(flow, &[1; 64]).unwrap();
+    let t = Instant::now();
+    let from = loop {
+        a.poll();
+        if let Some((_, f)) = b.recv(&mut buf).unwrap() {
+            break f;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "B never heard from A");
+    };
+    // A message from B waits unread in A's inbox, so A's sends wait for its next turn.
+    b.send(reverse(from), &[2; 64]).unwrap();
+    for _ in 0..10 {
+        b.poll();
+        a.poll();
+    }
+    // m1 leaves in A's turn, B acknowledges it.
+    a.send(flow, &[3; 64]).unwrap();
+    a.poll();
+    let t = Instant::now();
+    while a.port().inner.pending_rx() == 0 {
+        b.poll();
+        assert!(t.elapsed() < Duration::from_secs(10), "B never acknowledged m1");
+    }
+    let before = a.flows().next().expect("one flow").srtt;
+    // m2 waits for A's turn; the turn's flush takes DELAY, and then A reads the ACK of m1.
+    a.send(flow, &[4; 64]).unwrap();
+    slow.store(true, std::sync::atomic::Ordering::Relaxed);
+    a.poll();
+    slow.store(false, std::sync::atomic::Ordering::Relaxed);
+    let after = a.flows().next().expect("one flow").srtt;
+    // The sample is at least DELAY; the smoothed RTT moves an eighth of the way to it.
+    assert!(after >= DELAY / 8, "srtt {before:?} -> {after:?}: the ACK read after a {DELAY:?} flush timed short");
+}

@@ -353,6 +353,12 @@ mod embedded {
             io.stack.poll();
         }
         if args.stack_stats {
+            for f in io.stack.flows() {
+                eprintln!(
+                    "Stack flow {}: cwnd {:.1} packets, srtt {:?}, min RTT {:?}, {} in flight",
+                    f.tuple, f.cwnd, f.srtt, f.min_rtt, f.in_flight
+                );
+            }
             eprintln!("Stack counters: {:?}", io.stack.endpoint_stats());
             eprintln!("Stack port and ARP: {:?}", io.stack.stats());
         }
