@@ -92,7 +92,18 @@ pub enum Frame<'a> {
 /// Ethernet padding after the IPv4 total length is accepted. Errors: anything truncated or
 /// inconsistent, bad checksums (per `caps`), IPv4 fragments, and everything that is neither ARP,
 /// ICMP echo, nor UDP carrying the Machnet magic (`Unsupported` / `BadMagic`).
+#[inline]
 pub fn classify(buf: &[u8], caps: ChecksumCaps) -> Result<Frame<'_>> {
+    match machnet_fast(buf, caps) {
+        Some(m) => Ok(Frame::Machnet(m)),
+        None => classify_layered(buf, caps),
+    }
+}
+
+/// [`classify`] layer by layer, without its fast path for Machnet frames: what `classify`
+/// runs for everything but the common case, public so that tests and the fuzzer can check that
+/// the two agree.
+pub fn classify_layered(buf: &[u8], caps: ChecksumCaps) -> Result<Frame<'_>> {
     let eth = EthernetFrame::new_checked(buf)?;
     match eth.ethertype() {
         EtherType::Ipv4 => {}
@@ -128,6 +139,51 @@ pub fn classify(buf: &[u8], caps: ChecksumCaps) -> Result<Frame<'_>> {
         }
         _ => Err(Error::Unsupported),
     }
+}
+
+/// [`classify`]'s common case: a Machnet packet behind a 20-byte IPv4 header, checked in one
+/// straight pass over fixed offsets instead of layer by layer. `None` for anything else, and for
+/// anything the layered parse rejects; the caller then runs the layered parse, which also names
+/// the error. Where it returns a frame, it is the frame the layered parse returns, and it
+/// returns one for every Machnet frame the layered parse accepts with a 20-byte IPv4 header
+/// (the unit tests and the `frame_classify` fuzzer check both on valid and damaged frames).
+#[inline]
+fn machnet_fast(buf: &[u8], caps: ChecksumCaps) -> Option<MachnetFrame<'_>> {
+    const IP: usize = ETH_LEN;
+    const UDP: usize = ETH_LEN + IP_LEN;
+    let h: &[u8; FRAME_HEADER_LEN] = buf.get(..FRAME_HEADER_LEN)?.try_into().ok()?;
+    let be16 = |at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
+    // IPv4 (EtherType 0x0800), version 4 with no options, UDP (17), not a fragment (neither
+    // more-fragments nor an offset; don't-fragment is fine).
+    if be16(12) != 0x0800 || h[IP] != 0x45 || h[IP + 9] != 17 || be16(IP + 6) & 0x3fff != 0 {
+        return None;
+    }
+    let total = usize::from(be16(IP + 2));
+    let udp_len = usize::from(be16(UDP + 4));
+    if IP + total > buf.len() || udp_len < UDP_LEN + MN_LEN || udp_len > total.checked_sub(IP_LEN)? {
+        return None;
+    }
+    if caps.ipv4.rx() && super::checksum::data(&h[IP..UDP]) != 0xffff {
+        return None;
+    }
+    let src_ip = Ipv4Addr::new(h[IP + 12], h[IP + 13], h[IP + 14], h[IP + 15]);
+    let dst_ip = Ipv4Addr::new(h[IP + 16], h[IP + 17], h[IP + 18], h[IP + 19]);
+    let udp = UdpPacket::new_unchecked(&buf[UDP..UDP + udp_len]);
+    if caps.udp.rx() && !udp.verify_checksum(src_ip, dst_ip) {
+        return None;
+    }
+    let mh = MachnetHeader::new_unchecked(udp.payload());
+    let hdr = MachnetRepr::parse(&mh).ok()?;
+    Some(MachnetFrame {
+        src_mac: EthernetAddress([h[6], h[7], h[8], h[9], h[10], h[11]]),
+        dst_mac: EthernetAddress([h[0], h[1], h[2], h[3], h[4], h[5]]),
+        src_ip,
+        dst_ip,
+        src_port: be16(UDP),
+        dst_port: be16(UDP + 2),
+        hdr,
+        payload: mh.payload(),
+    })
 }
 
 /// Writes an Ethernet + ARP frame (42 bytes, unpadded) and returns its length.
@@ -200,5 +256,96 @@ impl FrameRepr {
         }
         buf[FRAME_HEADER_LEN..end].copy_from_slice(payload);
         self.emit(buf, payload.len(), caps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{MsgFlags, PacketType, SackBitmap};
+
+    /// Valid Machnet frames of several kinds and sizes (software checksums, and one with a zero
+    /// UDP checksum).
+    fn frames() -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let base = FrameRepr {
+            src_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            dst_mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
+            src_ip: Ipv4Addr::new(198, 18, 0, 1),
+            dst_ip: Ipv4Addr::new(198, 18, 0, 2),
+            src_port: 1024,
+            dst_port: 888,
+            hdr: MachnetRepr::data(7, MsgFlags::FIRST | MsgFlags::LAST, 12345),
+        };
+        let mut ack = base;
+        ack.hdr = MachnetRepr {
+            sack: SackBitmap([1, 2, 3, 0x8000_0000_0000_0000]),
+            sack_count: 4,
+            ..MachnetRepr::control(PacketType::Ack, 9, 10)
+        };
+        for (repr, len) in [(base, 1usize), (base, 64), (base, 1000), (ack, 0)] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let mut buf = vec![0u8; FRAME_HEADER_LEN + len];
+            let n = repr.emit_with_payload(&mut buf, &payload, ChecksumCaps::software()).unwrap();
+            buf.truncate(n);
+            out.push(buf);
+        }
+        let mut zero = out[1].clone();
+        zero[ETH_LEN + IP_LEN + 6] = 0;
+        zero[ETH_LEN + IP_LEN + 7] = 0;
+        out.push(zero);
+        // Ethernet padding after the IPv4 total length.
+        let mut padded = out[0].clone();
+        padded.extend_from_slice(&[0; 20]);
+        out.push(padded);
+        out
+    }
+
+    /// The fast path returns a frame only where the layered parse returns the same one, and for
+    /// every Machnet frame with a 20-byte IPv4 header the layered parse accepts.
+    fn agree(buf: &[u8]) {
+        for caps in [ChecksumCaps::software(), ChecksumCaps::tx_only()] {
+            let fast = machnet_fast(buf, caps);
+            let layered = classify_layered(buf, caps);
+            match (fast, layered) {
+                (Some(f), Ok(Frame::Machnet(l))) => assert_eq!(f, l),
+                (Some(f), other) => panic!("fast path accepted {f:?}, layered parse: {other:?}"),
+                (None, Ok(Frame::Machnet(l))) if buf.get(ETH_LEN) == Some(&0x45) => {
+                    panic!("fast path refused what the layered parse accepts: {l:?}")
+                }
+                (None, _) => {}
+            }
+            assert_eq!(classify(buf, caps), classify_layered(buf, caps));
+        }
+    }
+
+    #[test]
+    fn the_fast_path_and_the_layered_parse_agree() {
+        for f in frames() {
+            assert!(machnet_fast(&f, ChecksumCaps::software()).is_some(), "valid frame refused");
+            agree(&f);
+            for len in 0..f.len() {
+                agree(&f[..len]);
+            }
+            // Every header byte damaged in several ways (checksums then fail, or lengths,
+            // types, versions, fragments, magic change meaning).
+            for at in 0..FRAME_HEADER_LEN.min(f.len()) {
+                for v in [0x00, 0xff, 0x01, 0x45, 0x40, 0x11, 0x20, f[at] ^ 0x01, f[at] ^ 0x80] {
+                    let mut g = f.clone();
+                    g[at] = v;
+                    agree(&g);
+                }
+            }
+            // Length fields: every IPv4 total length and UDP length near the real ones.
+            for field in [ETH_LEN + 2, ETH_LEN + IP_LEN + 4] {
+                let real = u16::from_be_bytes([f[field], f[field + 1]]);
+                for d in -70i32..=30 {
+                    let mut g = f.clone();
+                    let v = (i32::from(real) + d).clamp(0, 0xffff) as u16;
+                    g[field..field + 2].copy_from_slice(&v.to_be_bytes());
+                    agree(&g);
+                }
+            }
+        }
     }
 }

@@ -28,7 +28,9 @@ mod udp;
 
 pub use arp::{ArpOperation, ArpPacket, ArpRepr};
 pub use ethernet::{EtherType, EthernetAddress, EthernetFrame, EthernetRepr};
-pub use frame::{classify, emit_arp, Frame, FrameRepr, IcmpFrame, MachnetFrame, FRAME_HEADER_LEN, TTL};
+pub use frame::{
+    classify, classify_layered, emit_arp, Frame, FrameRepr, IcmpFrame, MachnetFrame, FRAME_HEADER_LEN, TTL,
+};
 pub use icmp::{IcmpEchoKind, IcmpEchoRepr, IcmpPacket};
 pub use ipv4::{IpProtocol, Ipv4Packet, Ipv4Repr};
 pub use machnet::{MachnetHeader, MachnetRepr, MsgFlags, PacketType, SackBitmap};
