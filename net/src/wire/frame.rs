@@ -222,29 +222,40 @@ impl FrameRepr {
     #[inline]
     pub fn emit(&self, buf: &mut [u8], payload_len: usize, caps: ChecksumCaps) -> Result<usize> {
         let len = FRAME_HEADER_LEN + payload_len;
-        if buf.len() < len {
-            return Err(Error::BufferTooSmall);
+        let udp_len = u16::try_from(UDP_LEN + MN_LEN + payload_len).map_err(|_| Error::BufferTooSmall)?;
+        let ip_len = udp_len.checked_add(IP_LEN as u16).ok_or(Error::BufferTooSmall)?;
+        let buf = buf.get_mut(..len).ok_or(Error::BufferTooSmall)?;
+        // The fixed 96 bytes in one straight pass, then the checksums: the bytes the layers' own
+        // `emit`s write (unit test), a third fewer instructions than going through them.
+        let (h, _) = buf.split_first_chunk_mut::<FRAME_HEADER_LEN>().ok_or(Error::BufferTooSmall)?;
+        const IP: usize = ETH_LEN;
+        const UDP: usize = ETH_LEN + IP_LEN;
+        h[..6].copy_from_slice(&self.dst_mac.0);
+        h[6..12].copy_from_slice(&self.src_mac.0);
+        h[12..14].copy_from_slice(&u16::from(EtherType::Ipv4).to_be_bytes());
+        h[IP..IP + 2].copy_from_slice(&[0x45, 0]);
+        h[IP + 2..IP + 4].copy_from_slice(&ip_len.to_be_bytes());
+        h[IP + 4..IP + 6].copy_from_slice(&super::ipv4::IDENT.to_be_bytes());
+        h[IP + 6..IP + 8].copy_from_slice(&super::ipv4::FLAG_DF.to_be_bytes());
+        h[IP + 8] = TTL;
+        h[IP + 9] = IpProtocol::Udp.into();
+        h[IP + 10..IP + 12].copy_from_slice(&[0, 0]);
+        h[IP + 12..IP + 16].copy_from_slice(&self.src_ip.octets());
+        h[IP + 16..IP + 20].copy_from_slice(&self.dst_ip.octets());
+        if caps.ipv4.tx() {
+            let c = !super::checksum::data(&h[IP..UDP]);
+            h[IP + 10..IP + 12].copy_from_slice(&c.to_be_bytes());
         }
-        let buf = &mut buf[..len];
-        EthernetRepr { src_addr: self.src_mac, dst_addr: self.dst_mac, ethertype: EtherType::Ipv4 }.emit(buf)?;
-        let udp_len = UDP_LEN + MN_LEN + payload_len;
-        Ipv4Repr {
-            src_addr: self.src_ip,
-            dst_addr: self.dst_ip,
-            protocol: IpProtocol::Udp,
-            payload_len: udp_len,
-            ttl: TTL,
+        h[UDP..UDP + 2].copy_from_slice(&self.src_port.to_be_bytes());
+        h[UDP + 2..UDP + 4].copy_from_slice(&self.dst_port.to_be_bytes());
+        h[UDP + 4..UDP + 6].copy_from_slice(&udp_len.to_be_bytes());
+        self.hdr.emit(&mut h[UDP + UDP_LEN..])?;
+        let mut udp = UdpPacket::new_unchecked(&mut buf[UDP..]);
+        if caps.udp.tx() {
+            udp.fill_checksum(self.src_ip, self.dst_ip);
+        } else {
+            udp.fill_pseudo_checksum(self.src_ip, self.dst_ip);
         }
-        .emit(&mut buf[ETH_LEN..], caps)?;
-        let l4 = &mut buf[ETH_LEN + IP_LEN..];
-        self.hdr.emit(&mut l4[UDP_LEN..])?;
-        UdpRepr { src_port: self.src_port, dst_port: self.dst_port }.emit(
-            l4,
-            self.src_ip,
-            self.dst_ip,
-            MN_LEN + payload_len,
-            caps,
-        )?;
         Ok(len)
     }
 
@@ -262,7 +273,7 @@ impl FrameRepr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{MsgFlags, PacketType, SackBitmap};
+    use crate::wire::{Checksum, MsgFlags, PacketType, SackBitmap};
 
     /// Valid Machnet frames of several kinds and sizes (software checksums, and one with a zero
     /// UDP checksum).
@@ -316,6 +327,58 @@ mod tests {
                 (None, _) => {}
             }
             assert_eq!(classify(buf, caps), classify_layered(buf, caps));
+        }
+    }
+
+    /// The frame as each layer's own `emit` writes it.
+    fn emit_layered(r: &FrameRepr, buf: &mut [u8], payload_len: usize, caps: ChecksumCaps) -> usize {
+        let len = FRAME_HEADER_LEN + payload_len;
+        let buf = &mut buf[..len];
+        EthernetRepr { src_addr: r.src_mac, dst_addr: r.dst_mac, ethertype: EtherType::Ipv4 }.emit(buf).unwrap();
+        let udp_len = UDP_LEN + MN_LEN + payload_len;
+        let ip = Ipv4Repr {
+            src_addr: r.src_ip,
+            dst_addr: r.dst_ip,
+            protocol: IpProtocol::Udp,
+            payload_len: udp_len,
+            ttl: TTL,
+        };
+        ip.emit(&mut buf[ETH_LEN..], caps).unwrap();
+        let l4 = &mut buf[ETH_LEN + IP_LEN..];
+        r.hdr.emit(&mut l4[UDP_LEN..]).unwrap();
+        let udp = UdpRepr { src_port: r.src_port, dst_port: r.dst_port };
+        udp.emit(l4, r.src_ip, r.dst_ip, MN_LEN + payload_len, caps).unwrap();
+        len
+    }
+
+    #[test]
+    fn the_frame_emit_writes_what_the_layers_write() {
+        let offload = ChecksumCaps { ipv4: Checksum::None, udp: Checksum::None, icmp: Checksum::None };
+        for f in frames() {
+            let Frame::Machnet(m) = classify(&f, ChecksumCaps::software()).unwrap() else { panic!("not Machnet") };
+            let r = FrameRepr {
+                src_mac: m.src_mac,
+                dst_mac: m.dst_mac,
+                src_ip: m.src_ip,
+                dst_ip: m.dst_ip,
+                src_port: m.src_port,
+                dst_port: m.dst_port,
+                hdr: m.hdr,
+            };
+            for caps in [ChecksumCaps::software(), ChecksumCaps::tx_only(), offload] {
+                for len in [0, 1, 63, m.payload.len()] {
+                    let mut a: Vec<u8> = (0..FRAME_HEADER_LEN + len + 8).map(|i| (i * 13 + 5) as u8).collect();
+                    let mut b = a.clone();
+                    assert_eq!(r.emit(&mut a, len, caps), Ok(FRAME_HEADER_LEN + len));
+                    emit_layered(&r, &mut b, len, caps);
+                    assert_eq!(a, b, "caps {caps:?}, payload {len}");
+                }
+            }
+            let mut small = vec![0u8; FRAME_HEADER_LEN + 9];
+            assert_eq!(r.emit(&mut small, 10, ChecksumCaps::software()), Err(Error::BufferTooSmall));
+            let mut big = vec![0u8; 70_000];
+            assert_eq!(r.emit(&mut big, 65_536 - 82, ChecksumCaps::software()), Err(Error::BufferTooSmall));
+            assert!(r.emit(&mut big, 65_535 - 82, ChecksumCaps::software()).is_ok());
         }
     }
 

@@ -59,7 +59,7 @@ pub const HEADER_LEN: usize = 20;
 /// Identification written on every emitted packet (the original's constant; with DF set the
 /// field carries no meaning).
 pub const IDENT: u16 = 0x1513;
-const FLAG_DF: u16 = 0x4000;
+pub(crate) const FLAG_DF: u16 = 0x4000;
 const FLAG_MF: u16 = 0x2000;
 const OFFSET_MASK: u16 = 0x1fff;
 
