@@ -850,10 +850,21 @@ impl<E: Env> FlowCx<'_, E> {
             self.f.echo_ts = hdr.timestamp;
             self.f.echo_rx = self.rx_at.as_nanos();
         }
-        let idx = (hdr.seqno & self.mask()) as usize;
-        self.rx[idx] = RxSlot { seg, len: payload.len() as u16, flags: flags.bits() };
-        self.f.held.set(d);
+        let slot = RxSlot { seg, len: payload.len() as u16, flags: flags.bits() };
         self.stats.rx_data += 1;
+        if d == 0 && self.f.held.is_empty() && !self.f.has(fl::HAS_PENDING) {
+            // The next packet expected, nothing held behind it and no message waiting for the
+            // application: consumed at once, as `advance` would, without holding it in the
+            // ring and the bitmap first.
+            self.f.rcv_nxt = self.f.rcv_nxt.wrapping_add(1);
+            self.append(slot);
+            if self.f.has(fl::HAS_PENDING) {
+                self.try_deliver();
+            }
+            return Verdict::Keep;
+        }
+        self.rx[(hdr.seqno & self.mask()) as usize] = slot;
+        self.f.held.set(d);
         if d == 0 {
             self.advance();
         }
