@@ -370,6 +370,7 @@ impl<P: PortAllocator> Endpoint<P> {
         self.cx_at(i, env, now, now)
     }
 
+    #[inline(always)]
     fn cx_at<'a, E: Env>(&'a mut self, i: usize, env: &'a mut E, now: Instant, rx_at: Instant) -> FlowCx<'a, E> {
         let w = self.cfg.window;
         let id = FlowId { index: i as u32, gen: self.flows[i].gen };
@@ -591,6 +592,7 @@ impl<P: PortAllocator> Endpoint<P> {
     }
 
     /// Applies a verdict: frees the flow, or syncs its timer and queues pending work.
+    #[inline(always)]
     fn settle<E: Env>(&mut self, i: usize, v: Verdict, env: &mut E, now: Instant) {
         match v {
             Verdict::Free(ev) => self.free_flow(i, env, now, ev),
