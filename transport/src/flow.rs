@@ -654,16 +654,15 @@ impl<E: Env> FlowCx<'_, E> {
                     && echo == 0
                     && hdr.sack_count == 0
                     && self.f.state != FlowState::SynReceived;
-                if !acceptable || idle {
-                    return self.on_data(&MachnetRepr { timestamp: u64::from(sent), ..*hdr }, payload);
+                if acceptable && !idle {
+                    let ack = MachnetRepr { packet_type: PacketType::Ack, timestamp: u64::from(echo), ..*hdr };
+                    if let Verdict::Free(ev) = self.on_ack(&ack, false) {
+                        return Verdict::Free(ev);
+                    }
                 }
-                let ack = MachnetRepr { packet_type: PacketType::Ack, timestamp: u64::from(echo), ..*hdr };
-                if let Verdict::Free(ev) = self.on_ack(&ack, false) {
-                    return Verdict::Free(ev);
-                }
-                self.on_data(&MachnetRepr { timestamp: u64::from(sent), ..*hdr }, payload)
+                self.on_data(hdr, u64::from(sent), payload)
             }
-            PacketType::Data => self.on_data(hdr, payload),
+            PacketType::Data => self.on_data(hdr, hdr.timestamp, payload),
             PacketType::Ack => self.on_ack(hdr, true),
             PacketType::Syn => {
                 self.on_syn(hdr, src_mac);
@@ -776,7 +775,9 @@ impl<E: Env> FlowCx<'_, E> {
         }
     }
 
-    fn on_data(&mut self, hdr: &MachnetRepr, payload: &[u8]) -> Verdict {
+    /// DATA `hdr` carrying `payload`; `timestamp` is the sender's (the high half of a split
+    /// one).
+    fn on_data(&mut self, hdr: &MachnetRepr, timestamp: u64, payload: &[u8]) -> Verdict {
         match self.f.state {
             FlowState::Established | FlowState::Closing => {}
             FlowState::SynReceived if hdr.seqno == self.f.rcv_nxt => {
@@ -846,8 +847,8 @@ impl<E: Env> FlowCx<'_, E> {
         };
         // Echo the timestamp of new packets only: a duplicate carries the time of an earlier
         // transmission, and echoing it would inflate the sender's RTT estimate (RFC 7323 §4.3).
-        if hdr.timestamp != 0 {
-            self.f.echo_ts = hdr.timestamp;
+        if timestamp != 0 {
+            self.f.echo_ts = timestamp;
             self.f.echo_rx = self.rx_at.as_nanos();
         }
         let slot = RxSlot { seg, len: payload.len() as u16, flags: flags.bits() };
@@ -917,6 +918,7 @@ impl<E: Env> FlowCx<'_, E> {
         }
     }
 
+    #[inline(always)]
     fn append(&mut self, slot: RxSlot) {
         let flags = MsgFlags::from_bits_retain(slot.flags);
         let owner = self.f.owner;
