@@ -86,8 +86,8 @@ struct Args {
     /// `Fixed` control) instead of Swift; for experiments such as S6's window study.
     #[arg(long = "fixed_window", value_parser = clap::value_parser!(u32).range(1..=4096))]
     fixed_window: Option<u32>,
-    /// With --embedded: print the stack's counters (transport, port, ARP) to stderr at exit,
-    /// on both sides: where frames were dropped or retransmitted.
+    /// With --embedded: print each flow's window and RTTs and the stack's counters (transport,
+    /// port, ARP) to stderr at exit, on both sides: where frames were dropped or retransmitted.
     #[arg(long = "stack_stats")]
     stack_stats: bool,
     /// With --embedded: answers batched while received messages wait, at most (0: all of
