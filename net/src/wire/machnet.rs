@@ -170,6 +170,11 @@ impl SackBitmap {
     /// Number of marked distances.
     #[inline]
     pub fn count(&self) -> u32 {
+        // Empty in the common case; `count_ones` is a table-free bit-twiddling sequence of about
+        // ten instructions per word on x86-64 builds without POPCNT.
+        if self.is_empty() {
+            return 0;
+        }
         self.0.iter().map(|w| w.count_ones()).sum()
     }
     /// True if nothing is marked.
