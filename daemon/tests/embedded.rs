@@ -44,6 +44,17 @@ fn connect<P: Port, Q: Port>(a: &mut Embedded<P>, b: &mut Embedded<Q>, port: u16
     }
 }
 
+/// B listens on 888, A connects, and the handshake's last packets settle on both sides.
+fn settled_flow<P: Port, Q: Port>(a: &mut Embedded<P>, b: &mut Embedded<Q>) -> MachnetFlow {
+    b.listen(IP_B, 888).unwrap();
+    let flow = connect(a, b, 888).unwrap();
+    for _ in 0..10 {
+        a.poll();
+        b.poll();
+    }
+    flow
+}
+
 fn pattern(k: u64, j: usize) -> u8 {
     (k.wrapping_mul(131) as usize + j * 7) as u8
 }
@@ -226,14 +237,8 @@ fn answers_to_a_burst_leave_every_send_batch_sends() {
         let a = Embedded::new(pa, EmbeddedConfig::new(IP_A)).unwrap();
         let b = Embedded::new(pb, EmbeddedConfig { send_batch: batch, ..EmbeddedConfig::new(IP_B) }).unwrap();
         let (mut a, mut b) = (a, b);
-        b.listen(IP_B, 888).unwrap();
-        let flow = connect(&mut a, &mut b, 888).unwrap();
+        let flow = settled_flow(&mut a, &mut b);
         let mut buf = [0u8; 64];
-        // Let the handshake's last packets settle on both sides.
-        for _ in 0..10 {
-            a.poll();
-            b.poll();
-        }
         for k in 0..6u8 {
             a.send(flow, &[k; 64]).unwrap();
         }
@@ -307,13 +312,8 @@ fn frames_received_after_a_long_flush_are_timed_after_it() {
     let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
     let pa = SlowTx { inner: pa, slow: slow.clone(), delay: DELAY };
     let (mut a, mut b) = stacks(pa, pb);
-    b.listen(IP_B, 888).unwrap();
-    let flow = connect(&mut a, &mut b, 888).unwrap();
+    let flow = settled_flow(&mut a, &mut b);
     let mut buf = [0u8; 64];
-    for _ in 0..10 {
-        a.poll();
-        b.poll();
-    }
     a.send(flow, &[1; 64]).unwrap();
     let t = Instant::now();
     let from = loop {

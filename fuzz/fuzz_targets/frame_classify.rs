@@ -16,15 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let mut out = [0u8; 4096];
     match frame {
         Frame::Machnet(m) => {
-            let repr = FrameRepr {
-                src_mac: m.src_mac,
-                dst_mac: m.dst_mac,
-                src_ip: m.src_ip,
-                dst_ip: m.dst_ip,
-                src_port: m.src_port,
-                dst_port: m.dst_port,
-                hdr: m.hdr,
-            };
+            let repr = m.repr();
             if FRAME_HEADER_LEN + m.payload.len() <= out.len() {
                 let n = repr.emit_with_payload(&mut out, m.payload, ChecksumCaps::software()).unwrap();
                 match classify(&out[..n], ChecksumCaps::software()).unwrap() {

@@ -37,6 +37,22 @@ pub struct MachnetFrame<'a> {
     pub payload: &'a [u8],
 }
 
+impl MachnetFrame<'_> {
+    /// The headers that emit this frame again (with [`FrameRepr::emit_with_payload`] and the
+    /// payload).
+    pub fn repr(&self) -> FrameRepr {
+        FrameRepr {
+            src_mac: self.src_mac,
+            dst_mac: self.dst_mac,
+            src_ip: self.src_ip,
+            dst_ip: self.dst_ip,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            hdr: self.hdr,
+        }
+    }
+}
+
 /// A received ICMP echo message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IcmpFrame<'a> {
@@ -356,15 +372,7 @@ mod tests {
         let offload = ChecksumCaps { ipv4: Checksum::None, udp: Checksum::None, icmp: Checksum::None };
         for f in frames() {
             let Frame::Machnet(m) = classify(&f, ChecksumCaps::software()).unwrap() else { panic!("not Machnet") };
-            let r = FrameRepr {
-                src_mac: m.src_mac,
-                dst_mac: m.dst_mac,
-                src_ip: m.src_ip,
-                dst_ip: m.dst_ip,
-                src_port: m.src_port,
-                dst_port: m.dst_port,
-                hdr: m.hdr,
-            };
+            let r = m.repr();
             for caps in [ChecksumCaps::software(), ChecksumCaps::tx_only(), offload] {
                 for len in [0, 1, 63, m.payload.len()] {
                     let mut a: Vec<u8> = (0..FRAME_HEADER_LEN + len + 8).map(|i| (i * 13 + 5) as u8).collect();
