@@ -227,14 +227,17 @@ impl EthernetRepr {
     }
     /// Writes the header into the first 14 bytes of `buf`.
     pub fn emit(&self, buf: &mut [u8]) -> Result<()> {
-        if buf.len() < HEADER_LEN {
-            return Err(Error::BufferTooSmall);
-        }
-        let mut f = EthernetFrame::new_unchecked(buf);
+        self.emit_header(buf.first_chunk_mut().ok_or(Error::BufferTooSmall)?);
+        Ok(())
+    }
+    /// Writes the header into exactly its 14 bytes (a fixed-size target: no length checks
+    /// left once inlined, which is what `FrameRepr::emit` relies on).
+    #[inline]
+    pub fn emit_header(&self, h: &mut [u8; HEADER_LEN]) {
+        let mut f = EthernetFrame::new_unchecked(&mut h[..]);
         f.set_dst_addr(self.dst_addr);
         f.set_src_addr(self.src_addr);
         f.set_ethertype(self.ethertype);
-        Ok(())
     }
 }
 

@@ -171,7 +171,12 @@ fn machnet_fast(buf: &[u8], caps: ChecksumCaps) -> Option<MachnetFrame<'_>> {
     let be16 = |at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
     // IPv4 (EtherType 0x0800), version 4 with no options, UDP (17), not a fragment (neither
     // more-fragments nor an offset; don't-fragment is fine).
-    if be16(12) != 0x0800 || h[IP] != 0x45 || h[IP + 9] != 17 || be16(IP + 6) & 0x3fff != 0 {
+    let fragment = super::ipv4::FLAG_MF | super::ipv4::OFFSET_MASK;
+    if be16(12) != u16::from(EtherType::Ipv4)
+        || h[IP] != 0x45
+        || h[IP + 9] != u8::from(IpProtocol::Udp)
+        || be16(IP + 6) & fragment != 0
+    {
         return None;
     }
     let total = usize::from(be16(IP + 2));
@@ -239,34 +244,26 @@ impl FrameRepr {
     pub fn emit(&self, buf: &mut [u8], payload_len: usize, caps: ChecksumCaps) -> Result<usize> {
         let len = FRAME_HEADER_LEN + payload_len;
         let udp_len = u16::try_from(UDP_LEN + MN_LEN + payload_len).map_err(|_| Error::BufferTooSmall)?;
-        let ip_len = udp_len.checked_add(IP_LEN as u16).ok_or(Error::BufferTooSmall)?;
         let buf = buf.get_mut(..len).ok_or(Error::BufferTooSmall)?;
-        // The fixed 96 bytes in one straight pass, then the checksums: the bytes the layers' own
-        // `emit`s write (unit test), a third fewer instructions than going through them.
+        // Each layer writes into its fixed-size part of the 96 header bytes (no length checks
+        // left once inlined; through the layers' slice-taking `emit`s this cost about a third
+        // more), then the UDP checksum over the whole datagram.
         let (h, _) = buf.split_first_chunk_mut::<FRAME_HEADER_LEN>().ok_or(Error::BufferTooSmall)?;
-        const IP: usize = ETH_LEN;
-        const UDP: usize = ETH_LEN + IP_LEN;
-        h[..6].copy_from_slice(&self.dst_mac.0);
-        h[6..12].copy_from_slice(&self.src_mac.0);
-        h[12..14].copy_from_slice(&u16::from(EtherType::Ipv4).to_be_bytes());
-        h[IP..IP + 2].copy_from_slice(&[0x45, 0]);
-        h[IP + 2..IP + 4].copy_from_slice(&ip_len.to_be_bytes());
-        h[IP + 4..IP + 6].copy_from_slice(&super::ipv4::IDENT.to_be_bytes());
-        h[IP + 6..IP + 8].copy_from_slice(&super::ipv4::FLAG_DF.to_be_bytes());
-        h[IP + 8] = TTL;
-        h[IP + 9] = IpProtocol::Udp.into();
-        h[IP + 10..IP + 12].copy_from_slice(&[0, 0]);
-        h[IP + 12..IP + 16].copy_from_slice(&self.src_ip.octets());
-        h[IP + 16..IP + 20].copy_from_slice(&self.dst_ip.octets());
-        if caps.ipv4.tx() {
-            let c = !super::checksum::data(&h[IP..UDP]);
-            h[IP + 10..IP + 12].copy_from_slice(&c.to_be_bytes());
-        }
-        h[UDP..UDP + 2].copy_from_slice(&self.src_port.to_be_bytes());
-        h[UDP + 2..UDP + 4].copy_from_slice(&self.dst_port.to_be_bytes());
-        h[UDP + 4..UDP + 6].copy_from_slice(&udp_len.to_be_bytes());
-        self.hdr.emit(&mut h[UDP + UDP_LEN..])?;
-        let mut udp = UdpPacket::new_unchecked(&mut buf[UDP..]);
+        let (eth, h) = h.split_first_chunk_mut::<ETH_LEN>().ok_or(Error::BufferTooSmall)?;
+        let (ip, h) = h.split_first_chunk_mut::<IP_LEN>().ok_or(Error::BufferTooSmall)?;
+        let (udp_h, mn) = h.split_first_chunk_mut::<UDP_LEN>().ok_or(Error::BufferTooSmall)?;
+        EthernetRepr { src_addr: self.src_mac, dst_addr: self.dst_mac, ethertype: EtherType::Ipv4 }.emit_header(eth);
+        let ip_repr = Ipv4Repr {
+            src_addr: self.src_ip,
+            dst_addr: self.dst_ip,
+            protocol: IpProtocol::Udp,
+            payload_len: usize::from(udp_len),
+            ttl: TTL,
+        };
+        ip_repr.emit_header(ip, caps)?;
+        UdpRepr { src_port: self.src_port, dst_port: self.dst_port }.emit_header(udp_h, udp_len);
+        self.hdr.emit(mn)?;
+        let mut udp = UdpPacket::new_unchecked(&mut buf[ETH_LEN + IP_LEN..]);
         if caps.udp.tx() {
             udp.fill_checksum(self.src_ip, self.dst_ip);
         } else {

@@ -59,9 +59,9 @@ pub const HEADER_LEN: usize = 20;
 /// Identification written on every emitted packet (the original's constant; with DF set the
 /// field carries no meaning).
 pub const IDENT: u16 = 0x1513;
-pub(crate) const FLAG_DF: u16 = 0x4000;
-const FLAG_MF: u16 = 0x2000;
-const OFFSET_MASK: u16 = 0x1fff;
+const FLAG_DF: u16 = 0x4000;
+pub(crate) const FLAG_MF: u16 = 0x2000;
+pub(crate) const OFFSET_MASK: u16 = 0x1fff;
 
 /// A view of an IPv4 packet. After `new_checked`, the header length and total length fields
 /// are consistent with the buffer, so [`payload`](Ipv4Packet::payload) cannot panic.
@@ -244,11 +244,15 @@ impl Ipv4Repr {
     /// Writes a 20-byte header (IHL 5, DSCP 0, ident 0x1513, DF, this TTL) into `buf`; the
     /// checksum is computed if `caps.ipv4.tx()`, else left zero for the device.
     pub fn emit(&self, buf: &mut [u8], caps: ChecksumCaps) -> Result<()> {
-        let total = HEADER_LEN + self.payload_len;
-        if buf.len() < HEADER_LEN {
-            return Err(Error::BufferTooSmall);
-        }
-        let total = u16::try_from(total).map_err(|_| Error::BufferTooSmall)?;
+        self.emit_header(buf.first_chunk_mut().ok_or(Error::BufferTooSmall)?, caps)
+    }
+
+    /// [`emit`](Self::emit) into exactly the header's 20 bytes (a fixed-size target: no length
+    /// checks left once inlined, which is what `FrameRepr::emit` relies on).
+    #[inline]
+    pub fn emit_header(&self, h: &mut [u8; HEADER_LEN], caps: ChecksumCaps) -> Result<()> {
+        let total = u16::try_from(HEADER_LEN + self.payload_len).map_err(|_| Error::BufferTooSmall)?;
+        let buf = &mut h[..];
         buf[field::VER_IHL] = 0x45;
         buf[field::DSCP_ECN] = 0;
         set_u16(buf, field::LENGTH, total);
@@ -260,7 +264,7 @@ impl Ipv4Repr {
         buf[field::SRC_ADDR].copy_from_slice(&self.src_addr.octets());
         buf[field::DST_ADDR].copy_from_slice(&self.dst_addr.octets());
         if caps.ipv4.tx() {
-            let c = !checksum::data(&buf[..HEADER_LEN]);
+            let c = !checksum::data(buf);
             set_u16(buf, field::CHECKSUM, c);
         }
         Ok(())

@@ -136,6 +136,16 @@ impl UdpRepr {
         HEADER_LEN
     }
 
+    /// Writes the ports and the length field `len` (header + payload) into exactly the header's
+    /// 8 bytes, leaving the checksum field to [`UdpPacket::fill_checksum`] or
+    /// [`UdpPacket::fill_pseudo_checksum`].
+    #[inline]
+    pub fn emit_header(&self, h: &mut [u8; HEADER_LEN], len: u16) {
+        set_u16(h, field::SRC_PORT, self.src_port);
+        set_u16(h, field::DST_PORT, self.dst_port);
+        set_u16(h, field::LENGTH, len);
+    }
+
     /// Writes the header for a payload of `payload_len` bytes that is **already in place**
     /// at `buf[8..]`. The checksum is computed in software if `caps.udp.tx()`, else seeded
     /// with the pseudo-header sum for the device.
@@ -152,9 +162,7 @@ impl UdpRepr {
             return Err(Error::BufferTooSmall);
         }
         let len16 = u16::try_from(len).map_err(|_| Error::BufferTooSmall)?;
-        set_u16(buf, field::SRC_PORT, self.src_port);
-        set_u16(buf, field::DST_PORT, self.dst_port);
-        set_u16(buf, field::LENGTH, len16);
+        self.emit_header(buf.first_chunk_mut().ok_or(Error::BufferTooSmall)?, len16);
         let mut p = UdpPacket::new_unchecked(&mut buf[..len]);
         if caps.udp.tx() {
             p.fill_checksum(src, dst);
