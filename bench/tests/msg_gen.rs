@@ -187,6 +187,41 @@ fn kernel_baselines_run_the_same_loop() {
     }
 }
 
+/// A window of large messages over TCP holds far more than the socket buffers (8 x 4 MiB
+/// against a few MB): both ends keep what the socket does not take and write it while they
+/// read, so neither blocks writing while the other does the same (the baseline used to
+/// deadlock there, and S6 had to leave its 8 MiB x 8 row out). Blocking and busy-polling.
+#[test]
+fn kernel_tcp_with_a_window_beyond_the_socket_buffers_keeps_moving() {
+    const SIZE: &str = "4194304";
+    for busy in [false, true] {
+        let poll: &[&str] = if busy { &["--busy_poll"] } else { &[] };
+        let mut srv = ChildGuard::spawn(
+            Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
+                .args(["--proto", "tcp", "--listen", "127.0.0.1:0", "--msg_size", SIZE, "--timeout", "60"])
+                .args(poll)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+            "kernel_rpc tcp server",
+        );
+        let mut err = Lines::new(srv.child().stderr.take().unwrap());
+        let line = err.expect(&mut srv, Duration::from_secs(20), "a listening line", |l| l.contains("listening on"));
+        let addr = line.rsplit(' ').next().unwrap().to_string();
+        let out = output_within(
+            Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
+                .args(["--proto", "tcp", "--connect", &addr, "--msg_size", SIZE, "--timeout", NO_RESPONSE])
+                .args(["--msg_window", "8", "--msg_nr", "40", "--verify", "--json"])
+                .args(poll),
+            LIMIT,
+            "kernel_rpc client, 4 MiB messages, window 8",
+        );
+        assert!(out.status.success(), "busy_poll {busy}: {}", text(&out));
+        let json: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+        assert_eq!(json["rx_msgs"], 40, "busy_poll {busy}");
+    }
+}
+
 #[test]
 fn a_client_whose_server_never_answers_gives_up_with_timeout() {
     // Nobody listens: the request goes nowhere and no answer can come.

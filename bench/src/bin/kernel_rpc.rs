@@ -9,8 +9,10 @@
 
 use clap::{Parser, ValueEnum};
 use machnet_bench::rpc::{self, RpcError, RpcIo, RpcOptions};
-use std::io::{ErrorKind, Read, Write};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,32 +88,118 @@ impl RpcIo for Udp {
     }
 }
 
-/// Fixed-size messages over a byte stream: partial reads are kept until a message is whole.
+/// Fixed-size messages over a byte stream: partial reads are kept until a message is whole,
+/// and what the socket has no room for is kept and written as room opens, while reading, so
+/// neither end ever blocks in a write: with a window of large messages (8 MiB x 8) both ends
+/// would otherwise block writing more than the socket buffers hold, each waiting for the other
+/// to read (the deadlock the earlier version had).
 struct Tcp {
     stream: TcpStream,
     msg_size: usize,
     have: usize,
+    /// Accepted bytes the socket had no room for yet, written before anything newer: a ring,
+    /// so its size stays what is pending (at most a window of messages: each request gets one
+    /// response) however long the socket stays full.
+    out: VecDeque<u8>,
+    /// How long a receive waits for data (`None`: busy-polling, never waits).
+    wait: Option<Duration>,
+}
+
+impl Tcp {
+    fn pending(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Writes as much of `bytes` as the socket takes now, without blocking; returns how much.
+    fn write_some(&self, bytes: &[u8]) -> Result<usize, RpcError> {
+        let mut off = 0;
+        while off < bytes.len() {
+            let rest = &bytes[off..];
+            // SAFETY: send(2) reads `rest.len()` bytes from `rest`, a live borrowed slice, on
+            // the stream's own descriptor; MSG_DONTWAIT makes it return instead of blocking
+            // whatever the socket's mode, MSG_NOSIGNAL turns a closed peer into EPIPE.
+            let n = unsafe {
+                libc::send(
+                    self.stream.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                off += n as usize;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                ErrorKind::WouldBlock => break,
+                ErrorKind::Interrupted => {}
+                _ => return Err(e.into()),
+            }
+        }
+        Ok(off)
+    }
+
+    /// Writes what is pending as far as the socket takes it now.
+    fn flush(&mut self) -> Result<(), RpcError> {
+        while self.pending() {
+            let front = self.out.as_slices().0;
+            let (len, n) = (front.len(), self.write_some(front)?);
+            self.out.drain(..n);
+            if n < len {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (up to `limit`) until the socket is readable or has room for pending bytes:
+    /// `true` if it is readable.
+    fn wait_readable_or_writable(&self, limit: Duration) -> Result<bool, RpcError> {
+        let mut fd = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN | libc::POLLOUT, revents: 0 };
+        let ms = limit.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: poll(2) on one pollfd we own, for the duration of the call.
+        let n = unsafe { libc::poll(&mut fd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == ErrorKind::Interrupted { Ok(false) } else { Err(e.into()) };
+        }
+        Ok(fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+    }
 }
 
 impl RpcIo for Tcp {
     type Peer = ();
 
     fn send(&mut self, _to: (), msg: &[u8]) -> Result<bool, RpcError> {
-        // The whole message goes out before the call returns (a window of messages fits the
-        // socket buffer, so this spins only in pathological cases).
-        let mut off = 0;
-        while off < msg.len() {
-            match self.stream.write(&msg[off..]) {
-                Ok(n) => off += n,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => std::hint::spin_loop(),
-                Err(e) => return Err(e.into()),
-            }
+        // Behind pending bytes, or what the socket does not take now: kept for later.
+        let written = if self.pending() { 0 } else { self.write_some(msg)? };
+        if written < msg.len() {
+            self.out.extend(&msg[written..]);
+            self.flush()?;
         }
         Ok(true)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(usize, ())>, RpcError> {
+        let start = std::time::Instant::now();
         while self.have < self.msg_size {
+            self.flush()?;
+            if self.pending() {
+                if let Some(wait) = self.wait {
+                    // Room for the pending bytes or data to read, whichever comes first: a
+                    // read that blocked here could wait for a peer that is waiting for them.
+                    let left = wait.saturating_sub(start.elapsed());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    if !self.wait_readable_or_writable(left)? {
+                        continue;
+                    }
+                }
+            }
+            // Blocking (with the read timeout) only when nothing is pending, or when poll said
+            // there is data; busy-polling, the socket is non-blocking.
             match self.stream.read(&mut buf[self.have..self.msg_size]) {
                 Ok(0) => return Err(RpcError("connection closed by the peer".into())),
                 Ok(n) => self.have += n,
@@ -184,7 +272,7 @@ fn run(args: &Args, stop: &AtomicBool) -> Result<rpc::Totals, RpcError> {
             stream.set_nodelay(true)?;
             stream.set_nonblocking(args.busy_poll)?;
             stream.set_read_timeout(timeout)?;
-            let mut io = Tcp { stream, msg_size: args.msg_size, have: 0 };
+            let mut io = Tcp { stream, msg_size: args.msg_size, have: 0, out: VecDeque::new(), wait: timeout };
             match args.connect {
                 Some(_) => rpc::run_client(&mut io, (), &opts, stop),
                 None => rpc::serve(&mut io, &opts, stop),

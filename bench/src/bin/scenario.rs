@@ -702,15 +702,7 @@ fn run(args: &Args) -> Result<(), String> {
                     for &size in &sizes {
                         for &window in &windows {
                             measure("raw memif, same bytes", size, window, env.raw_memif_bulk(size, window))?;
-                            // kernel_rpc's blocking sockets deadlock once the window's bytes
-                            // pass the socket buffers (both ends blocked writing): that row is
-                            // left out, the rest of the run goes on.
-                            match env.kernel("tcp", false, size, window) {
-                                Ok(t) => measure("kernel TCP, blocking", size, window, Ok(t))?,
-                                Err(e) => eprintln!(
-                                    "run {run} {size:>5} B w{window:<3} kernel TCP, blocking: left out ({e}; blocking sockets deadlock when both ends write more than the socket buffers hold)"
-                                ),
-                            }
+                            measure("kernel TCP, blocking", size, window, env.kernel("tcp", false, size, window))?;
                         }
                     }
                 }
