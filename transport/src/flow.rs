@@ -7,7 +7,7 @@ use crate::cc::CongestionControl;
 use crate::endpoint::{EndpointStats, FlowCounters};
 use crate::env::Env;
 use crate::seq;
-use crate::timer::{backoff, RttEstimator};
+use crate::timer::{backoff, backoff_ns, nanos, RttEstimator};
 use crate::{Config, ConnectError, Event, FlowId, FlowTuple, InMsg, LocalAddr, Owner, Seg, MIN_UNANSWERED_PROBES};
 use core::net::Ipv4Addr;
 use core::time::Duration;
@@ -305,8 +305,7 @@ impl Path {
         Path { ip, flows: 0, half_open: 0, min_cur: u64::MAX, min_prev: u64::MAX, epoch_start: 0 }
     }
 
-    fn sample(&mut self, now: Instant, rtt: Duration) {
-        let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
+    fn sample(&mut self, now: Instant, ns: u64) {
         if now.as_nanos().saturating_sub(self.epoch_start) > PATH_EPOCH_NS {
             self.min_prev = self.min_cur;
             self.min_cur = u64::MAX;
@@ -315,9 +314,10 @@ impl Path {
         self.min_cur = self.min_cur.min(ns);
     }
 
-    fn base(&self) -> Option<Duration> {
+    /// The path's base RTT in nanoseconds.
+    fn base(&self) -> Option<u64> {
         let m = self.min_cur.min(self.min_prev);
-        (m != u64::MAX).then(|| Duration::from_nanos(m))
+        (m != u64::MAX).then_some(m)
     }
 }
 
@@ -383,9 +383,12 @@ impl<E: Env> FlowCx<'_, E> {
         ok
     }
 
-    fn rto(&self) -> Duration {
-        let base = self.f.rtt.rto(self.cfg.rto_initial, self.cfg.rto_min, self.cfg.rto_max);
-        backoff(base, u32::from(self.f.rto_shift), self.cfg.rto_max)
+    /// The retransmission timeout now (backed off), in nanoseconds.
+    #[inline]
+    fn rto_ns(&self) -> u64 {
+        let max = nanos(self.cfg.rto_max);
+        let base = self.f.rtt.rto_ns(nanos(self.cfg.rto_initial), nanos(self.cfg.rto_min), max);
+        backoff_ns(base, u32::from(self.f.rto_shift), max)
     }
 
     fn arm_rto(&mut self) {
@@ -398,14 +401,14 @@ impl<E: Env> FlowCx<'_, E> {
         if !can_send_more && self.f.rtt.has_sample() && !self.f.has(fl::PROBED | fl::RECOVERY) {
             // Not earlier than the longest round trip seen lately either: a probe is for a lost
             // tail, not for an ACK that is merely as late as others were.
-            let pto = (2 * self.f.rtt.srtt()).max(self.f.rtt.recent_max()).max(Duration::from_micros(2));
-            if pto < self.rto() {
+            let pto = (2 * self.f.rtt.srtt_ns()).max(self.f.rtt.recent_max_ns()).max(2_000);
+            if pto < self.rto_ns() {
                 self.f.set(fl::PROBE_ARMED);
-                self.f.rto_at = (self.now + pto).as_nanos();
+                self.f.rto_at = self.now.as_nanos().saturating_add(pto);
                 return;
             }
         }
-        self.f.rto_at = (self.now + self.rto()).as_nanos();
+        self.f.rto_at = self.now.as_nanos().saturating_add(self.rto_ns());
     }
 
     /// Retransmits the newest unacknowledged packet to elicit an ACK with SACK information.
@@ -595,8 +598,9 @@ impl<E: Env> FlowCx<'_, E> {
         let slot = self.tx[(iss & self.mask()) as usize];
         if self.f.rto_shift == 0 && slot.state & ts::EVER_RETX == 0 {
             let sent = slot.sent_at;
-            let sample = self.now.saturating_since(Instant(sent));
-            self.f.rtt.sample(self.now, sample);
+            let sample = self.now.as_nanos().saturating_sub(sent);
+            self.f.rtt.sample_full_ns(self.now, sample);
+            self.f.rtt.sample_fabric_ns(self.now, sample);
             self.path.sample(self.now, sample);
         }
         self.f.rto_shift = 0;
@@ -1072,8 +1076,8 @@ impl<E: Env> FlowCx<'_, E> {
             // retransmitted packet (a hole filled by a retransmission makes the cumulative ACK
             // jump over packets sent long ago, and timing those would measure the recovery).
             if !any_retx && last.seg != NO_SEG {
-                let full = self.now.saturating_since(Instant(last.sent_at));
-                self.f.rtt.sample_full(self.now, full);
+                let full = self.now.as_nanos().saturating_sub(last.sent_at);
+                self.f.rtt.sample_full_ns(self.now, full);
                 if legacy {
                     sample = Some(full);
                 }
@@ -1098,12 +1102,12 @@ impl<E: Env> FlowCx<'_, E> {
                 self.f.clear(fl::RECOVERY);
             }
             if let Some(s) = sample {
-                self.f.rtt.sample_fabric(self.now, s);
+                self.f.rtt.sample_fabric_ns(self.now, s);
                 self.path.sample(self.now, s);
                 self.f.last_echo = hdr.timestamp as u32;
             }
             let base = self.path.base();
-            self.f.cc.on_ack(&self.cfg.cc, self.now, newly, sample, base, &self.f.rtt);
+            self.f.cc.on_ack_ns(&self.cfg.cc, self.now, newly, sample, base, &self.f.rtt);
             if self.f.snd_una == self.f.snd_nxt {
                 self.f.rto_at = 0;
                 self.f.clear(fl::PROBED);
@@ -1148,7 +1152,7 @@ impl<E: Env> FlowCx<'_, E> {
             if advanced {
                 if newly == 0 {
                     if let Some(s) = echo.and_then(|e| self.echo_sample(e)) {
-                        self.f.rtt.sample_fabric(self.now, s);
+                        self.f.rtt.sample_fabric_ns(self.now, s);
                         self.path.sample(self.now, s);
                         self.f.last_echo = hdr.timestamp as u32;
                     }
@@ -1178,9 +1182,9 @@ impl<E: Env> FlowCx<'_, E> {
         self.close_if_drained()
     }
 
-    fn echo_sample(&self, echo: u64) -> Option<Duration> {
+    fn echo_sample(&self, echo: u64) -> Option<u64> {
         let rtt = self.rx_at.as_nanos().checked_sub(echo)?;
-        (rtt < 10_000_000_000).then(|| Duration::from_nanos(rtt))
+        (rtt < 10_000_000_000).then_some(rtt)
     }
 
     /// Marks one outstanding, unsacked, not yet retransmitted packet as lost.

@@ -34,8 +34,10 @@ impl Default for RttEstimator {
     }
 }
 
-fn ns(d: Duration) -> u32 {
-    u32::try_from(d.as_nanos()).unwrap_or(u32::MAX)
+/// A sample as stored: nanoseconds in 32 bits (4.29 s at most), at least 1.
+#[inline]
+fn clamp_ns(rtt: u64) -> u32 {
+    u32::try_from(rtt).unwrap_or(u32::MAX).max(1)
 }
 
 impl RttEstimator {
@@ -63,7 +65,13 @@ impl RttEstimator {
     /// Feeds a full round trip (send to acknowledgement, endpoint delays included): the smoothed
     /// RTT and variance behind the RTO and the tail-loss probe.
     pub fn sample_full(&mut self, now: Instant, rtt: Duration) {
-        let r = ns(rtt).max(1);
+        self.sample_full_ns(now, nanos(rtt));
+    }
+
+    /// [`sample_full`](Self::sample_full) of `rtt` nanoseconds (the per-ACK path's form).
+    #[inline]
+    pub fn sample_full_ns(&mut self, now: Instant, rtt: u64) {
+        let r = clamp_ns(rtt);
         let now_ms = (now.as_nanos() / 1_000_000) as u32;
         if now_ms.wrapping_sub(self.max_epoch) >= MAX_EPOCH_MS {
             self.max_prev = self.max_cur;
@@ -84,7 +92,13 @@ impl RttEstimator {
     /// Feeds a network-delay sample (the time endpoints held packets removed): the minimum and
     /// the standing RTT that congestion control compares.
     pub fn sample_fabric(&mut self, now: Instant, rtt: Duration) {
-        let r = ns(rtt).max(1);
+        self.sample_fabric_ns(now, nanos(rtt));
+    }
+
+    /// [`sample_fabric`](Self::sample_fabric) of `rtt` nanoseconds.
+    #[inline]
+    pub fn sample_fabric_ns(&mut self, now: Instant, rtt: u64) {
+        let r = clamp_ns(rtt);
         self.min = self.min.min(r);
         // Standing RTT (after Copa): the smallest sample within the last round trip (at least
         // 20 µs). Delay added by endpoints (a peer scheduled late, a sleeping core) is one-sided
@@ -135,24 +149,92 @@ impl RttEstimator {
     /// the next late ACK (a process not scheduled for a few milliseconds) fires the timer; a
     /// floor at the delays the path showed lately keeps such timeouts rare.
     pub fn rto(&self, initial: Duration, min: Duration, max: Duration) -> Duration {
-        if self.srtt == 0 {
-            return initial.clamp(min, max);
-        }
-        let base = u64::from(self.srtt) + 4 * u64::from(self.rttvar);
-        let recent = u64::from(self.max_cur.max(self.max_prev));
-        Duration::from_nanos(base.max(recent + recent / 4)).clamp(min, max)
+        Duration::from_nanos(self.rto_ns(nanos(initial), nanos(min), nanos(max)))
     }
+
+    /// [`rto`](Self::rto) in nanoseconds, as the per-packet path uses it (`Duration`'s
+    /// conversions and comparisons cost several times the arithmetic here: callgrind, S2 at
+    /// window 1, where every DATA packet arms the timer).
+    #[inline]
+    pub fn rto_ns(&self, initial: u64, min: u64, max: u64) -> u64 {
+        let rto = if self.srtt == 0 {
+            initial
+        } else {
+            let base = u64::from(self.srtt) + 4 * u64::from(self.rttvar);
+            let recent = u64::from(self.max_cur.max(self.max_prev));
+            base.max(recent + recent / 4)
+        };
+        rto.max(min).min(max)
+    }
+
+    /// [`srtt`](Self::srtt) in nanoseconds.
+    #[inline]
+    pub fn srtt_ns(&self) -> u64 {
+        u64::from(self.srtt)
+    }
+
+    /// [`recent_max`](Self::recent_max) in nanoseconds.
+    #[inline]
+    pub fn recent_max_ns(&self) -> u64 {
+        u64::from(self.max_cur.max(self.max_prev))
+    }
+
+    /// [`standing`](Self::standing) in nanoseconds (0 before a sample).
+    #[inline]
+    pub fn standing_ns(&self) -> u64 {
+        u64::from(self.standing)
+    }
+
+    /// [`min`](Self::min) in nanoseconds.
+    #[inline]
+    pub fn min_ns(&self) -> Option<u64> {
+        (self.min != u32::MAX).then_some(u64::from(self.min))
+    }
+}
+
+/// A duration in nanoseconds, saturating.
+#[inline]
+pub fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Backs off `rto` by `2^shift`, capped at `max`.
 pub fn backoff(rto: Duration, shift: u32, max: Duration) -> Duration {
-    let factor = 1u32 << shift.min(16);
-    rto.saturating_mul(factor).min(max)
+    Duration::from_nanos(backoff_ns(nanos(rto), shift, nanos(max)))
+}
+
+/// [`backoff`] in nanoseconds.
+#[inline]
+pub fn backoff_ns(rto: u64, shift: u32, max: u64) -> u64 {
+    rto.saturating_mul(1u64 << shift.min(16)).min(max)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nanosecond forms the per-packet path uses agree with the `Duration` ones.
+    #[test]
+    fn nanosecond_forms_agree() {
+        let (init, min, max) = (Duration::from_millis(5), Duration::from_millis(1), Duration::from_millis(100));
+        let n = |d: Duration| d.as_nanos() as u64;
+        let mut e = RttEstimator::new();
+        assert_eq!(e.rto_ns(n(init), n(min), n(max)), n(e.rto(init, min, max)));
+        assert_eq!(e.min_ns(), None);
+        for (i, us) in [100u64, 10_000, 3, 250_000, 40, 40, 900].into_iter().enumerate() {
+            e.sample(Instant::from_micros(i as u64 * 50), Duration::from_micros(us));
+            assert_eq!(e.rto_ns(n(init), n(min), n(max)), n(e.rto(init, min, max)));
+            assert_eq!(e.srtt_ns(), n(e.srtt()));
+            assert_eq!(e.recent_max_ns(), n(e.recent_max()));
+            assert_eq!(e.standing_ns(), n(e.standing()));
+            assert_eq!(e.min_ns(), e.min().map(n));
+        }
+        for shift in [0, 1, 3, 16, 40] {
+            let r = Duration::from_micros(1500);
+            assert_eq!(backoff_ns(n(r), shift, n(max)), n(backoff(r, shift, max)));
+        }
+        assert_eq!(backoff_ns(u64::MAX / 2, 3, u64::MAX), u64::MAX, "saturates");
+    }
 
     #[test]
     fn rfc6298_first_and_later_samples() {
