@@ -118,7 +118,11 @@ fn run_pair(
     steer: bool,
     during: impl FnOnce(&mut ChildProc, &mut ChildProc),
 ) -> (usize, usize) {
-    // One directory per test: the two tests run at once in one process.
+    // One pair at a time: two pairs at once (four busy-polling processes on this machine's two
+    // cores) stretched memif's disconnect race below (1 run in 8 logged "Invalid memory").
+    static ONE_PAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
+    // One directory per test all the same (both tests are in one process).
     let dir = TempDir::new(if steer { "memif-steered" } else { "memif" });
     let sock = dir.path().join("memif.sock");
     // A stale socket file, as a SIGKILLed server leaves it: the server must remove it.
@@ -211,7 +215,15 @@ fn finish(side: Side, quiesced: usize, server: bool) {
     say(&format!("quiesced {quiesced}"));
     wait_for(&stdin, "stop");
     drop(ports);
-    dev.stop().expect("stop");
+    // With four queue pairs (steered), stopping both devices before either closes made DPDK
+    // 22.11's memif free memory twice in 3 runs of 10 ("EAL: Error: Invalid memory", in the
+    // client's EAL cleanup or the server's close); machnetd's order, each side stopping and
+    // closing in one go (the client first, the server once its link went down), did not in
+    // 15. The two-queue test keeps the stop-first order it has always passed with.
+    let steered = std::env::var("MN_STEER").as_deref() == Ok("1");
+    if !steered {
+        dev.stop().expect("stop");
+    }
     say("stopped");
     wait_for(&stdin, "exit");
     if server {
@@ -223,6 +235,9 @@ fn finish(side: Side, quiesced: usize, server: bool) {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+    if steered {
+        dev.stop().expect("stop");
     }
     dev.close().expect("close");
     eal.shutdown().expect("EAL shutdown");

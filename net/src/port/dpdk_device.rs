@@ -806,6 +806,10 @@ fn read_back_rss(port_id: u16, info: &sys::rte_eth_dev_info, queues: u16, driver
 /// them. Other frames get none.
 #[inline]
 fn tx_offload(frame: &[u8], off: TxOffload) -> (u64, u8, u16) {
+    // A device without transmit offloads (memif, af_packet) needs no look at the frame.
+    if !off.ipv4 && !off.udp {
+        return (0, 0, 0);
+    }
     if frame.len() < ETH_HEADER_LEN + 20 || frame[12] != 0x08 || frame[13] != 0x00 || frame[14] >> 4 != 4 {
         return (0, 0, 0);
     }
@@ -947,16 +951,21 @@ impl Port for DpdkPort {
         if n == 0 {
             return 0;
         }
-        let mut mbufs = [core::ptr::null_mut::<sys::rte_mbuf>(); BURST];
-        for (slot, b) in mbufs.iter_mut().zip(pkts.iter()) {
+        // Only the first `n` pointers are written and read: not zeroing all 32 on every call
+        // (a one-frame burst at window 1 is the common case).
+        let mut raw = [MaybeUninit::<*mut sys::rte_mbuf>::uninit(); BURST];
+        for (slot, b) in raw.iter_mut().zip(pkts.iter()) {
             let (flags, l2, l3) = tx_offload(b.frame(), self.tx);
             // SAFETY: `b` owns its single-segment mbuf exclusively; `len <= room` fits u16
             // because an mbuf's buffer length is a u16.
             unsafe { sys::machnet_mbuf_prepare_tx(b.m.as_ptr(), b.len as u16, flags, l2, l3) };
-            *slot = b.m.as_ptr();
+            slot.write(b.m.as_ptr());
         }
+        // SAFETY: the loop above wrote the first `n` elements (`pkts` holds `n <= BURST`
+        // buffers), and `MaybeUninit<T>` has `T`'s layout.
+        let mbufs: &mut [*mut sys::rte_mbuf] = unsafe { core::slice::from_raw_parts_mut(raw.as_mut_ptr().cast(), n) };
         let Some(st) = self.steered.as_ref() else {
-            let sent = self.tx_queue(self.queue, &mut mbufs[..n]);
+            let sent = self.tx_queue(self.queue, mbufs);
             for b in pkts.drain(..sent) {
                 self.stats.tx_packets += 1;
                 self.stats.tx_bytes += u64::from(b.len);
@@ -1037,12 +1046,16 @@ impl DpdkPort {
         if want == 0 {
             return 0;
         }
-        let mut mbufs = [core::ptr::null_mut::<sys::rte_mbuf>(); BURST];
+        // Not zeroed: the device writes the first `n` (this runs on every poll, empty or not).
+        let mut raw = [MaybeUninit::<*mut sys::rte_mbuf>::uninit(); BURST];
         // SAFETY: the port is started (it cannot be stopped while this DpdkPort lives), queue
-        // `q` is ours alone, and `mbufs` has room for `want` pointers.
-        let n = unsafe { sys::machnet_eth_rx_burst(self.port_id, q, mbufs.as_mut_ptr(), want as u16) };
+        // `q` is ours alone, and `raw` has room for `want <= BURST` pointers (`MaybeUninit<T>`
+        // has `T`'s layout).
+        let n = unsafe { sys::machnet_eth_rx_burst(self.port_id, q, raw.as_mut_ptr().cast(), want as u16) };
+        // SAFETY: rx_burst initialised the first `n <= want` pointers.
+        let mbufs: &[*mut sys::rte_mbuf] = unsafe { core::slice::from_raw_parts(raw.as_ptr().cast(), usize::from(n)) };
         let mut delivered = 0;
-        for &m in &mbufs[..usize::from(n)] {
+        for &m in mbufs {
             let mut v = MaybeUninit::<sys::machnet_mbuf_view>::uninit();
             // SAFETY: `m` is a received mbuf; the shim fills every field of `v`.
             let v = unsafe {
