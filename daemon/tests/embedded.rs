@@ -347,3 +347,85 @@ fn frames_received_after_a_long_flush_are_timed_after_it() {
     // The sample is at least DELAY; the smoothed RTT moves an eighth of the way to it.
     assert!(after >= DELAY / 8, "srtt {before:?} -> {after:?}: the ACK read after a {DELAY:?} flush timed short");
 }
+
+/// A port whose first `free` after `slow` is set takes `delay` (once): a receive stage that
+/// takes that long to work through its burst.
+struct SlowFree<P> {
+    inner: P,
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    delay: Duration,
+}
+
+impl<P: Port> Port for SlowFree<P> {
+    type Buf = P::Buf;
+    fn capabilities(&self) -> &machnet_net::port::Capabilities {
+        self.inner.capabilities()
+    }
+    fn alloc(&mut self) -> Option<Self::Buf> {
+        self.inner.alloc()
+    }
+    fn free(&mut self, buf: Self::Buf) {
+        if self.slow.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(self.delay);
+        }
+        self.inner.free(buf)
+    }
+    fn rx_burst(&mut self, out: &mut machnet_net::port::Burst<Self::Buf>) -> usize {
+        self.inner.rx_burst(out)
+    }
+    fn tx_burst(&mut self, pkts: &mut machnet_net::port::Burst<Self::Buf>) -> usize {
+        self.inner.tx_burst(pkts)
+    }
+    fn stats(&self) -> machnet_net::port::PortStats {
+        self.inner.stats()
+    }
+}
+
+/// What a turn sends after a long receive stage (here: ACKs that open the window for the rest
+/// of a large message) is stamped with when it leaves, not with the turn's start: stamped
+/// early, each round trip it gives is long by the whole receive stage (the sender's smoothed
+/// RTT then jumps by an eighth of it per sample).
+#[test]
+fn frames_sent_after_a_long_receive_stage_are_stamped_after_it() {
+    const DELAY: Duration = Duration::from_millis(200);
+    let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
+    let pa = SlowFree { inner: pa, slow: slow.clone(), delay: DELAY };
+    let (mut a, mut b) = stacks(pa, pb);
+    let flow = settled_flow(&mut a, &mut b);
+    // More than a window: the first flight leaves in `send`, the rest as ACKs come back.
+    let msg = vec![7u8; 256 << 10];
+    a.send(flow, &msg).unwrap();
+    let t = Instant::now();
+    while a.port().inner.pending_rx() == 0 {
+        b.poll();
+        assert!(t.elapsed() < Duration::from_secs(10), "B never acknowledged the first flight");
+    }
+    let before = a.flows().next().expect("one flow").srtt;
+    // A's next turn: the receive stage takes DELAY (its first free), then the ACKs it read let
+    // more of the message go.
+    slow.store(true, std::sync::atomic::Ordering::Relaxed);
+    a.poll();
+    assert!(!slow.load(std::sync::atomic::Ordering::Relaxed), "the slow receive stage ran");
+    // The largest smoothed RTT while the rest of the message goes (the later, fast samples
+    // would smooth a long one away again).
+    let mut buf = vec![0u8; msg.len()];
+    let mut after = before;
+    let t = Instant::now();
+    loop {
+        b.poll();
+        a.poll();
+        after = after.max(a.flows().next().expect("one flow").srtt);
+        if b.recv(&mut buf).unwrap().is_some() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the message never arrived");
+    }
+    // Stamped at the turn's start, a sample of those packets is at least DELAY (srtt then at
+    // least DELAY / 8); stamped when they leave, it is the ring's round trip (microseconds; a
+    // busy machine's scheduling gaps stay far below DELAY / 2).
+    assert!(
+        after < DELAY / 16,
+        "srtt {before:?} -> {after:?}: packets sent after a {DELAY:?} receive stage were stamped before it"
+    );
+}
