@@ -159,20 +159,27 @@ fn bad_flags_are_refused_clearly() {
     }
 }
 
+/// A kernel_rpc server serving once it printed its listening line, and its address. It binds
+/// a port of its own choice and says which: no port changes hands.
+fn kernel_server(proto: &str, size: &str, extra: &[&str]) -> (ChildGuard, String) {
+    let mut srv = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
+            .args(["--proto", proto, "--listen", "127.0.0.1:0", "--msg_size", size, "--timeout", "60"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+        &format!("kernel_rpc {proto} server"),
+    );
+    let mut err = Lines::new(srv.child().stderr.take().unwrap());
+    let line = err.expect(&mut srv, Duration::from_secs(20), "a listening line", |l| l.contains("listening on"));
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    (srv, addr)
+}
+
 #[test]
 fn kernel_baselines_run_the_same_loop() {
     for proto in ["udp", "tcp"] {
-        // The server binds a port of its own choice and says which: no port changes hands.
-        let mut srv = ChildGuard::spawn(
-            Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
-                .args(["--proto", proto, "--listen", "127.0.0.1:0", "--msg_size", "200", "--timeout", "60"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-            &format!("kernel_rpc {proto} server"),
-        );
-        let mut err = Lines::new(srv.child().stderr.take().unwrap());
-        let line = err.expect(&mut srv, Duration::from_secs(20), "a listening line", |l| l.contains("listening on"));
-        let addr = line.rsplit(' ').next().unwrap().to_string();
+        let (_srv, addr) = kernel_server(proto, "200", &[]);
         let out = output_within(
             Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
                 .args(["--proto", proto, "--connect", &addr, "--msg_size", "200", "--timeout", NO_RESPONSE])
@@ -196,17 +203,7 @@ fn kernel_tcp_with_a_window_beyond_the_socket_buffers_keeps_moving() {
     const SIZE: &str = "4194304";
     for busy in [false, true] {
         let poll: &[&str] = if busy { &["--busy_poll"] } else { &[] };
-        let mut srv = ChildGuard::spawn(
-            Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
-                .args(["--proto", "tcp", "--listen", "127.0.0.1:0", "--msg_size", SIZE, "--timeout", "60"])
-                .args(poll)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-            "kernel_rpc tcp server",
-        );
-        let mut err = Lines::new(srv.child().stderr.take().unwrap());
-        let line = err.expect(&mut srv, Duration::from_secs(20), "a listening line", |l| l.contains("listening on"));
-        let addr = line.rsplit(' ').next().unwrap().to_string();
+        let (_srv, addr) = kernel_server("tcp", SIZE, poll);
         let out = output_within(
             Command::new(env!("CARGO_BIN_EXE_kernel_rpc"))
                 .args(["--proto", "tcp", "--connect", &addr, "--msg_size", SIZE, "--timeout", NO_RESPONSE])

@@ -267,15 +267,25 @@ fn answers_to_a_burst_leave_every_send_batch_sends() {
     }
 }
 
-/// A port whose transmissions take `delay` while `slow` is set: a device, or a hypervisor,
-/// slow to take frames.
-struct SlowTx<P> {
+/// Which of a [`Slow`] port's operations takes its `delay`.
+#[derive(Clone, Copy)]
+enum SlowAt {
+    /// Every transmission while `slow` is set: a device, or a hypervisor, slow to take frames.
+    Tx,
+    /// The first `free` after `slow` is set (which clears it): a receive stage that takes that
+    /// long to work through its burst.
+    FirstFree,
+}
+
+/// A port with one slow operation (see [`SlowAt`]).
+struct Slow<P> {
     inner: P,
     slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
     delay: Duration,
+    at: SlowAt,
 }
 
-impl<P: Port> Port for SlowTx<P> {
+impl<P: Port> Port for Slow<P> {
     type Buf = P::Buf;
     fn capabilities(&self) -> &machnet_net::port::Capabilities {
         self.inner.capabilities()
@@ -284,13 +294,16 @@ impl<P: Port> Port for SlowTx<P> {
         self.inner.alloc()
     }
     fn free(&mut self, buf: Self::Buf) {
+        if matches!(self.at, SlowAt::FirstFree) && self.slow.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(self.delay);
+        }
         self.inner.free(buf)
     }
     fn rx_burst(&mut self, out: &mut machnet_net::port::Burst<Self::Buf>) -> usize {
         self.inner.rx_burst(out)
     }
     fn tx_burst(&mut self, pkts: &mut machnet_net::port::Burst<Self::Buf>) -> usize {
-        if self.slow.load(std::sync::atomic::Ordering::Relaxed) && !pkts.is_empty() {
+        if matches!(self.at, SlowAt::Tx) && self.slow.load(std::sync::atomic::Ordering::Relaxed) && !pkts.is_empty() {
             std::thread::sleep(self.delay);
         }
         self.inner.tx_burst(pkts)
@@ -310,7 +323,7 @@ fn frames_received_after_a_long_flush_are_timed_after_it() {
     const DELAY: Duration = Duration::from_millis(5);
     let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
-    let pa = SlowTx { inner: pa, slow: slow.clone(), delay: DELAY };
+    let pa = Slow { inner: pa, slow: slow.clone(), delay: DELAY, at: SlowAt::Tx };
     let (mut a, mut b) = stacks(pa, pb);
     let flow = settled_flow(&mut a, &mut b);
     let mut buf = [0u8; 64];
@@ -348,39 +361,6 @@ fn frames_received_after_a_long_flush_are_timed_after_it() {
     assert!(after >= DELAY / 8, "srtt {before:?} -> {after:?}: the ACK read after a {DELAY:?} flush timed short");
 }
 
-/// A port whose first `free` after `slow` is set takes `delay` (once): a receive stage that
-/// takes that long to work through its burst.
-struct SlowFree<P> {
-    inner: P,
-    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    delay: Duration,
-}
-
-impl<P: Port> Port for SlowFree<P> {
-    type Buf = P::Buf;
-    fn capabilities(&self) -> &machnet_net::port::Capabilities {
-        self.inner.capabilities()
-    }
-    fn alloc(&mut self) -> Option<Self::Buf> {
-        self.inner.alloc()
-    }
-    fn free(&mut self, buf: Self::Buf) {
-        if self.slow.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(self.delay);
-        }
-        self.inner.free(buf)
-    }
-    fn rx_burst(&mut self, out: &mut machnet_net::port::Burst<Self::Buf>) -> usize {
-        self.inner.rx_burst(out)
-    }
-    fn tx_burst(&mut self, pkts: &mut machnet_net::port::Burst<Self::Buf>) -> usize {
-        self.inner.tx_burst(pkts)
-    }
-    fn stats(&self) -> machnet_net::port::PortStats {
-        self.inner.stats()
-    }
-}
-
 /// What a turn sends after a long receive stage (here: ACKs that open the window for the rest
 /// of a large message) is stamped with when it leaves, not with the turn's start: stamped
 /// early, each round trip it gives is long by the whole receive stage (the sender's smoothed
@@ -390,7 +370,7 @@ fn frames_sent_after_a_long_receive_stage_are_stamped_after_it() {
     const DELAY: Duration = Duration::from_millis(200);
     let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
-    let pa = SlowFree { inner: pa, slow: slow.clone(), delay: DELAY };
+    let pa = Slow { inner: pa, slow: slow.clone(), delay: DELAY, at: SlowAt::FirstFree };
     let (mut a, mut b) = stacks(pa, pb);
     let flow = settled_flow(&mut a, &mut b);
     // More than a window: the first flight leaves in `send`, the rest as ACKs come back.
