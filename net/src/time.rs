@@ -48,8 +48,9 @@ impl Instant {
     }
 }
 
+/// A duration in nanoseconds, saturating at `u64::MAX` (about 584 years).
 #[inline]
-fn dur_nanos(d: Duration) -> u64 {
+pub fn dur_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 

@@ -28,7 +28,7 @@
 //!   took 96 % of a 10 Gbit/s bottleneck (Jain index 0.54); with the per-path base the two
 //!   flows split it evenly (Jain index 1.00).
 
-use crate::timer::{nanos, RttEstimator};
+use crate::timer::RttEstimator;
 use core::time::Duration;
 use machnet_net::time::Instant;
 
@@ -270,23 +270,9 @@ impl CongestionControl {
 
     /// `acked` packets were newly acknowledged; `sample` is the RTT sample this ACK gave, if
     /// any, and `base` the path's base RTT (the smallest recent sample of any flow to the peer),
-    /// from which queueing delay is measured.
+    /// from which queueing delay is measured, both in nanoseconds (this runs for every ACK:
+    /// no `Duration` conversions).
     pub fn on_ack(
-        &mut self,
-        cfg: &CcConfig,
-        now: Instant,
-        acked: u32,
-        sample: Option<Duration>,
-        base: Option<Duration>,
-        rtt: &RttEstimator,
-    ) {
-        self.on_ack_ns(cfg, now, acked, sample.map(nanos), base.map(nanos), rtt);
-    }
-
-    /// [`on_ack`](Self::on_ack) with the sample and base RTT in nanoseconds (the per-ACK path's
-    /// form: no `Duration` conversions).
-    #[inline]
-    pub fn on_ack_ns(
         &mut self,
         cfg: &CcConfig,
         now: Instant,
@@ -368,6 +354,7 @@ impl CongestionControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use machnet_net::time::dur_nanos;
 
     #[test]
     fn sqrt_core_matches_std() {
@@ -434,7 +421,7 @@ mod tests {
         let w0 = cc.cwnd();
         // One window's worth of ACKs at base RTT: +1 packet.
         for _ in 0..(w0 as u32) {
-            cc.on_ack(&cfg, Instant::from_micros(1000), 1, Some(Duration::from_micros(10)), None, &rtt);
+            cc.on_ack(&cfg, Instant::from_micros(1000), 1, Some(dur_nanos(Duration::from_micros(10))), None, &rtt);
         }
         let w1 = cc.cwnd();
         assert!((w1 - w0 - 1.0).abs() < 0.05, "{w0} -> {w1}");
@@ -453,17 +440,17 @@ mod tests {
         let mut rtt = rtt_with(10);
         let now = Instant::from_micros(1000);
         rtt.sample(now, queued);
-        cc.on_ack(&cfg, now, 1, Some(queued), None, &rtt);
+        cc.on_ack(&cfg, now, 1, Some(dur_nanos(queued)), None, &rtt);
         assert!((cc.cwnd() - 32.0 * 0.6).abs() < 1e-4, "{}", cc.cwnd());
         // A second overshoot within the same RTT does not decrease again.
-        cc.on_ack(&cfg, now + Duration::from_micros(5), 1, Some(queued), None, &rtt);
+        cc.on_ack(&cfg, now + Duration::from_micros(5), 1, Some(dur_nanos(queued)), None, &rtt);
         assert!((cc.cwnd() - 32.0 * 0.6).abs() < 1e-4);
         // Huge delay: capped at max_mdf.
         let mut cc2 = CongestionControl::new(&cfg);
         let mut rtt2 = rtt_with(10);
         let later = Instant::from_micros(20_000);
         rtt2.sample(later, Duration::from_millis(10));
-        cc2.on_ack(&cfg, later, 1, Some(Duration::from_millis(10)), None, &rtt2);
+        cc2.on_ack(&cfg, later, 1, Some(dur_nanos(Duration::from_millis(10))), None, &rtt2);
         assert!((cc2.cwnd() - 16.0).abs() < 1e-4);
     }
 
@@ -477,7 +464,7 @@ mod tests {
         for _ in 0..20 {
             now += Duration::from_millis(1);
             rtt.sample(now, Duration::from_millis(5));
-            cc.on_ack(&cfg, now, 1, Some(Duration::from_millis(5)), None, &rtt);
+            cc.on_ack(&cfg, now, 1, Some(dur_nanos(Duration::from_millis(5))), None, &rtt);
         }
         assert_eq!(cc.window(), 32, "{}", cc.cwnd());
         // A loss takes it lower.
@@ -490,7 +477,7 @@ mod tests {
         while cc.window() < 32 {
             now += Duration::from_millis(1);
             rtt.sample(now, Duration::from_millis(5));
-            cc.on_ack(&cfg, now, 1, Some(Duration::from_millis(5)), None, &rtt);
+            cc.on_ack(&cfg, now, 1, Some(dur_nanos(Duration::from_millis(5))), None, &rtt);
             acked += 1;
             assert!(acked < 1000, "stuck at {}", cc.cwnd());
         }
@@ -499,7 +486,7 @@ mod tests {
         for _ in 0..100 {
             now += Duration::from_millis(1);
             rtt.sample(now, Duration::from_millis(5));
-            cc.on_ack(&cfg, now, 1, Some(Duration::from_millis(5)), None, &rtt);
+            cc.on_ack(&cfg, now, 1, Some(dur_nanos(Duration::from_millis(5))), None, &rtt);
         }
         assert_eq!(cc.window(), 32, "{}", cc.cwnd());
     }
@@ -513,7 +500,7 @@ mod tests {
         let t0 = Instant::from_micros(1000);
         rtt.sample(t0, Duration::from_micros(10));
         rtt.sample(t0 + Duration::from_micros(5), Duration::from_millis(2));
-        cc.on_ack(&cfg, t0 + Duration::from_micros(5), 1, Some(Duration::from_millis(2)), None, &rtt);
+        cc.on_ack(&cfg, t0 + Duration::from_micros(5), 1, Some(dur_nanos(Duration::from_millis(2))), None, &rtt);
         assert!(cc.cwnd() >= 32.0, "{}", cc.cwnd());
         // Undo restores a window cut by a timeout found spurious.
         cc.on_timeout(&cfg, t0 + Duration::from_millis(1), &rtt);
@@ -536,7 +523,7 @@ mod tests {
         // Fixed never changes.
         let mut f = CongestionControl::new(&CcConfig::ORIGINAL);
         f.on_timeout(&CcConfig::ORIGINAL, now, &rtt);
-        f.on_ack(&CcConfig::ORIGINAL, now, 5, Some(Duration::from_secs(1)), None, &rtt);
+        f.on_ack(&CcConfig::ORIGINAL, now, 5, Some(dur_nanos(Duration::from_secs(1))), None, &rtt);
         assert_eq!(f.window(), 32);
     }
 }

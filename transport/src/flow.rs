@@ -7,11 +7,11 @@ use crate::cc::CongestionControl;
 use crate::endpoint::{EndpointStats, FlowCounters};
 use crate::env::Env;
 use crate::seq;
-use crate::timer::{backoff, backoff_ns, nanos, RttEstimator};
+use crate::timer::{backoff, backoff_ns, RttEstimator};
 use crate::{Config, ConnectError, Event, FlowId, FlowTuple, InMsg, LocalAddr, Owner, Seg, MIN_UNANSWERED_PROBES};
 use core::net::Ipv4Addr;
 use core::time::Duration;
-use machnet_net::time::Instant;
+use machnet_net::time::{dur_nanos, Instant};
 use machnet_net::wire::{EthernetAddress, FrameRepr, MachnetRepr, MsgFlags, PacketType, SackBitmap};
 
 /// Lifecycle of a flow.
@@ -386,8 +386,8 @@ impl<E: Env> FlowCx<'_, E> {
     /// The retransmission timeout now (backed off), in nanoseconds.
     #[inline]
     fn rto_ns(&self) -> u64 {
-        let max = nanos(self.cfg.rto_max);
-        let base = self.f.rtt.rto_ns(nanos(self.cfg.rto_initial), nanos(self.cfg.rto_min), max);
+        let max = dur_nanos(self.cfg.rto_max);
+        let base = self.f.rtt.rto_ns(dur_nanos(self.cfg.rto_initial), dur_nanos(self.cfg.rto_min), max);
         backoff_ns(base, u32::from(self.f.rto_shift), max)
     }
 
@@ -1107,7 +1107,7 @@ impl<E: Env> FlowCx<'_, E> {
                 self.f.last_echo = hdr.timestamp as u32;
             }
             let base = self.path.base();
-            self.f.cc.on_ack_ns(&self.cfg.cc, self.now, newly, sample, base, &self.f.rtt);
+            self.f.cc.on_ack(&self.cfg.cc, self.now, newly, sample, base, &self.f.rtt);
             if self.f.snd_una == self.f.snd_nxt {
                 self.f.rto_at = 0;
                 self.f.clear(fl::PROBED);

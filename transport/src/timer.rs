@@ -1,7 +1,7 @@
 //! Retransmission timeout estimation (RFC 6298) at nanosecond resolution.
 
 use core::time::Duration;
-use machnet_net::time::Instant;
+use machnet_net::time::{dur_nanos, Instant};
 
 /// Smoothed RTT and variance with the RFC 6298 gains (α = 1/8, β = 1/4), a floor and a cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,17 +58,12 @@ impl RttEstimator {
     /// Feeds a sample that is both a full round trip and a network-delay measurement (the
     /// handshake; peers that echo no timestamps).
     pub fn sample(&mut self, now: Instant, rtt: Duration) {
-        self.sample_full(now, rtt);
-        self.sample_fabric(now, rtt);
+        self.sample_full_ns(now, dur_nanos(rtt));
+        self.sample_fabric_ns(now, dur_nanos(rtt));
     }
 
-    /// Feeds a full round trip (send to acknowledgement, endpoint delays included): the smoothed
-    /// RTT and variance behind the RTO and the tail-loss probe.
-    pub fn sample_full(&mut self, now: Instant, rtt: Duration) {
-        self.sample_full_ns(now, nanos(rtt));
-    }
-
-    /// [`sample_full`](Self::sample_full) of `rtt` nanoseconds (the per-ACK path's form).
+    /// Feeds a full round trip of `rtt` nanoseconds (send to acknowledgement, endpoint delays
+    /// included): the smoothed RTT and variance behind the RTO and the tail-loss probe.
     #[inline]
     pub fn sample_full_ns(&mut self, now: Instant, rtt: u64) {
         let r = clamp_ns(rtt);
@@ -89,13 +84,8 @@ impl RttEstimator {
         }
     }
 
-    /// Feeds a network-delay sample (the time endpoints held packets removed): the minimum and
-    /// the standing RTT that congestion control compares.
-    pub fn sample_fabric(&mut self, now: Instant, rtt: Duration) {
-        self.sample_fabric_ns(now, nanos(rtt));
-    }
-
-    /// [`sample_fabric`](Self::sample_fabric) of `rtt` nanoseconds.
+    /// Feeds a network-delay sample of `rtt` nanoseconds (the time endpoints held packets
+    /// removed): the minimum and the standing RTT that congestion control compares.
     #[inline]
     pub fn sample_fabric_ns(&mut self, now: Instant, rtt: u64) {
         let r = clamp_ns(rtt);
@@ -128,33 +118,18 @@ impl RttEstimator {
         Duration::from_nanos(u64::from(self.rttvar))
     }
 
-    /// The standing RTT: the smallest sample within about the last round trip.
-    pub fn standing(&self) -> Duration {
-        Duration::from_nanos(u64::from(self.standing))
-    }
-
     /// Smallest sample, if any.
     pub fn min(&self) -> Option<Duration> {
         (self.min != u32::MAX).then(|| Duration::from_nanos(u64::from(self.min)))
     }
 
-    /// The largest full round trip of the last one to two seconds.
-    pub fn recent_max(&self) -> Duration {
-        Duration::from_nanos(u64::from(self.max_cur.max(self.max_prev)))
-    }
-
-    /// `srtt + 4·rttvar`, and at least 1.25 × the largest recent full round trip, clamped to
-    /// `[min, max]`; `initial` before the first sample. RFC 6298's estimate follows a
-    /// heavy-tailed delay only slowly: after a run of fast samples its variance is small and
-    /// the next late ACK (a process not scheduled for a few milliseconds) fires the timer; a
-    /// floor at the delays the path showed lately keeps such timeouts rare.
-    pub fn rto(&self, initial: Duration, min: Duration, max: Duration) -> Duration {
-        Duration::from_nanos(self.rto_ns(nanos(initial), nanos(min), nanos(max)))
-    }
-
-    /// [`rto`](Self::rto) in nanoseconds, as the per-packet path uses it (`Duration`'s
-    /// conversions and comparisons cost several times the arithmetic here: callgrind, S2 at
-    /// window 1, where every DATA packet arms the timer).
+    /// The retransmission timeout in nanoseconds: `srtt + 4·rttvar`, and at least 1.25 × the
+    /// largest recent full round trip, clamped to `[min, max]`; `initial` before the first
+    /// sample. RFC 6298's estimate follows a heavy-tailed delay only slowly: after a run of fast
+    /// samples its variance is small and the next late ACK (a process not scheduled for a few
+    /// milliseconds) fires the timer; a floor at the delays the path showed lately keeps such
+    /// timeouts rare. In nanoseconds because every DATA packet arms the timer (`Duration`'s
+    /// conversions and comparisons cost several times this arithmetic: callgrind, S2 window 1).
     #[inline]
     pub fn rto_ns(&self, initial: u64, min: u64, max: u64) -> u64 {
         let rto = if self.srtt == 0 {
@@ -173,13 +148,14 @@ impl RttEstimator {
         u64::from(self.srtt)
     }
 
-    /// [`recent_max`](Self::recent_max) in nanoseconds.
+    /// The largest full round trip of the last one to two seconds, in nanoseconds.
     #[inline]
     pub fn recent_max_ns(&self) -> u64 {
         u64::from(self.max_cur.max(self.max_prev))
     }
 
-    /// [`standing`](Self::standing) in nanoseconds (0 before a sample).
+    /// The standing RTT in nanoseconds: the smallest sample within about the last round trip
+    /// (0 before a sample).
     #[inline]
     pub fn standing_ns(&self) -> u64 {
         u64::from(self.standing)
@@ -192,15 +168,9 @@ impl RttEstimator {
     }
 }
 
-/// A duration in nanoseconds, saturating.
-#[inline]
-pub fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
 /// Backs off `rto` by `2^shift`, capped at `max`.
 pub fn backoff(rto: Duration, shift: u32, max: Duration) -> Duration {
-    Duration::from_nanos(backoff_ns(nanos(rto), shift, nanos(max)))
+    Duration::from_nanos(backoff_ns(dur_nanos(rto), shift, dur_nanos(max)))
 }
 
 /// [`backoff`] in nanoseconds.
@@ -213,25 +183,26 @@ pub fn backoff_ns(rto: u64, shift: u32, max: u64) -> u64 {
 mod tests {
     use super::*;
 
-    /// The nanosecond forms the per-packet path uses agree with the `Duration` ones.
+    /// The RTO in nanoseconds, as a `Duration` (what these tests compare).
+    fn rto(e: &RttEstimator, initial: Duration, min: Duration, max: Duration) -> Duration {
+        Duration::from_nanos(e.rto_ns(dur_nanos(initial), dur_nanos(min), dur_nanos(max)))
+    }
+
+    /// The nanosecond accessors read what the `Duration` ones do, and `backoff` is `backoff_ns`.
     #[test]
     fn nanosecond_forms_agree() {
-        let (init, min, max) = (Duration::from_millis(5), Duration::from_millis(1), Duration::from_millis(100));
-        let n = |d: Duration| d.as_nanos() as u64;
+        let max = Duration::from_millis(100);
         let mut e = RttEstimator::new();
-        assert_eq!(e.rto_ns(n(init), n(min), n(max)), n(e.rto(init, min, max)));
         assert_eq!(e.min_ns(), None);
         for (i, us) in [100u64, 10_000, 3, 250_000, 40, 40, 900].into_iter().enumerate() {
             e.sample(Instant::from_micros(i as u64 * 50), Duration::from_micros(us));
-            assert_eq!(e.rto_ns(n(init), n(min), n(max)), n(e.rto(init, min, max)));
-            assert_eq!(e.srtt_ns(), n(e.srtt()));
-            assert_eq!(e.recent_max_ns(), n(e.recent_max()));
-            assert_eq!(e.standing_ns(), n(e.standing()));
-            assert_eq!(e.min_ns(), e.min().map(n));
+            assert_eq!(e.srtt_ns(), dur_nanos(e.srtt()));
+            assert_eq!(e.min_ns(), e.min().map(dur_nanos));
         }
+        assert_eq!(e.recent_max_ns(), 250_000_000, "the largest sample of the epoch");
         for shift in [0, 1, 3, 16, 40] {
             let r = Duration::from_micros(1500);
-            assert_eq!(backoff_ns(n(r), shift, n(max)), n(backoff(r, shift, max)));
+            assert_eq!(backoff_ns(dur_nanos(r), shift, dur_nanos(max)), dur_nanos(backoff(r, shift, max)));
         }
         assert_eq!(backoff_ns(u64::MAX / 2, 3, u64::MAX), u64::MAX, "saturates");
     }
@@ -240,23 +211,23 @@ mod tests {
     fn rfc6298_first_and_later_samples() {
         let mut e = RttEstimator::new();
         let (init, min, max) = (Duration::from_millis(5), Duration::from_millis(1), Duration::from_millis(100));
-        assert_eq!(e.rto(init, min, max), init);
+        assert_eq!(rto(&e, init, min, max), init);
         e.sample(Instant::ZERO, Duration::from_micros(100));
         assert_eq!(e.srtt(), Duration::from_micros(100));
         assert_eq!(e.rttvar(), Duration::from_micros(50));
         // 100 + 4·50 = 300 us, below the 1 ms floor.
-        assert_eq!(e.rto(init, min, max), min);
+        assert_eq!(rto(&e, init, min, max), min);
         e.sample(Instant::ZERO, Duration::from_millis(10));
         // rttvar = (3·50 + 9900)/4 = 2512.5 us; srtt = (7·100 + 10000)/8 = 1337.5 us.
         assert_eq!(e.srtt().as_nanos(), 1_337_500);
         assert_eq!(e.rttvar().as_nanos(), 2_512_500);
         // srtt + 4·rttvar = 11.39 ms, below 1.25 × the 10 ms sample just seen.
-        assert_eq!(e.rto(init, min, max).as_nanos(), 12_500_000);
+        assert_eq!(rto(&e, init, min, max).as_nanos(), 12_500_000);
         assert_eq!(e.min(), Some(Duration::from_micros(100)));
-        assert_eq!(e.standing(), Duration::from_micros(100), "the minimum within the window");
+        assert_eq!(e.standing_ns(), 100_000, "the minimum within the window");
         // A round trip later the window starts over.
         e.sample(Instant::from_micros(100_000), Duration::from_micros(300));
-        assert_eq!(e.standing(), Duration::from_micros(300));
+        assert_eq!(e.standing_ns(), 300_000);
     }
 
     #[test]
@@ -270,13 +241,13 @@ mod tests {
             e.sample(now, Duration::from_micros(50));
         }
         // The smoothed estimate forgot the 8 ms sample; the floor did not.
-        assert_eq!(e.rto(init, min, max), Duration::from_millis(10));
+        assert_eq!(rto(&e, init, min, max), Duration::from_millis(10));
         // Two epochs of fast samples later it is gone.
         for _ in 0..3 {
             now += Duration::from_millis(1000);
             e.sample(now, Duration::from_micros(50));
         }
-        assert_eq!(e.rto(init, min, max), min);
+        assert_eq!(rto(&e, init, min, max), min);
     }
 
     #[test]
