@@ -11,8 +11,9 @@ use machnet_daemon::mesh::Mesh;
 use machnet_daemon::ports::SharedPorts;
 use machnet_daemon::shard::{ChannelSlot, EngineShard, Reporting, ShardCmd, ShardSetup};
 use machnet_net::port::mem::{pairs, MemConfig, MemPort};
+use machnet_net::port::{Burst, Capabilities, PacketBuf, Port, PortStats};
 use machnet_net::testutil::{count_allocs, CountingAlloc};
-use machnet_net::wire::{ChecksumCaps, EthernetAddress};
+use machnet_net::wire::{classify, ChecksumCaps, EthernetAddress, Frame, MachnetRepr, PacketType};
 use machnet_runtime::clock::Clock;
 use machnet_runtime::idle::Parker;
 use machnet_runtime::shard::{Pipeline, Recorder};
@@ -34,14 +35,14 @@ const MAC_B: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
 
 /// One daemon's shards, over one memory port each, sharing a port space and a hand-off mesh
 /// (as `machnetd` wires them).
-struct Side {
-    shards: Vec<EngineShard<MemPort>>,
+struct Side<P: Port = MemPort> {
+    shards: Vec<EngineShard<P>>,
     cmds: Vec<mpsc::SyncSender<ShardCmd>>,
     reports: Vec<Arc<Reporting>>,
     _parkers: Vec<Parker>,
 }
 
-fn side(ports: Vec<MemPort>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr, EthernetAddress)) -> Side {
+fn side<P: Port>(ports: Vec<P>, mac: EthernetAddress, ip: Ipv4Addr, peer: (Ipv4Addr, EthernetAddress)) -> Side<P> {
     let parkers: Vec<Parker> = ports.iter().map(|_| Parker::new().unwrap()).collect();
     let wakers: Vec<_> = parkers.iter().map(|p| p.waker()).collect();
     let meshes = Mesh::build(&wakers);
@@ -233,4 +234,165 @@ fn hand_off_between_shards_allocates_nothing() {
             assert_eq!(r(s, i).handoff_dropped, 0);
         }
     }
+}
+
+/// What [`Slow`] saw.
+#[derive(Default)]
+struct Probe {
+    /// Set by the test: the next `free` (of a received frame) sleeps for the delay.
+    armed: AtomicBool,
+    /// CLOCK_MONOTONIC (ns) when that sleep ended; 0 before.
+    slept_until: AtomicU64,
+    /// DATA frames transmitted since the sleep ended, and the earliest send time (low 32 bits
+    /// of ns) they carry, as its distance before `slept_until` (0: none earlier).
+    data_after: AtomicU64,
+    earliest_before_ns: AtomicU64,
+    /// DATA frames transmitted in all.
+    data_sent: AtomicU64,
+}
+
+/// A port that stalls once, in the receive stage (the first buffer freed after the test arms
+/// it), and reads the send time out of every DATA frame it transmits.
+struct Slow {
+    inner: MemPort,
+    probe: Arc<Probe>,
+    delay: Duration,
+}
+
+impl Port for Slow {
+    type Buf = <MemPort as Port>::Buf;
+    fn capabilities(&self) -> &Capabilities {
+        self.inner.capabilities()
+    }
+    fn alloc(&mut self) -> Option<Self::Buf> {
+        self.inner.alloc()
+    }
+    fn free(&mut self, buf: Self::Buf) {
+        if self.probe.armed.swap(false, Ordering::Relaxed) {
+            std::thread::sleep(self.delay);
+            self.probe.slept_until.store(machnet_runtime::clock::monotonic_ns(), Ordering::Relaxed);
+        }
+        self.inner.free(buf)
+    }
+    fn rx_burst(&mut self, out: &mut Burst<Self::Buf>) -> usize {
+        self.inner.rx_burst(out)
+    }
+    fn tx_burst(&mut self, pkts: &mut Burst<Self::Buf>) -> usize {
+        let until = self.probe.slept_until.load(Ordering::Relaxed);
+        for b in pkts.iter() {
+            let Ok(Frame::Machnet(m)) = classify(b.frame(), ChecksumCaps::default()) else { continue };
+            let hdr = m.hdr;
+            if hdr.packet_type != PacketType::Data {
+                continue;
+            }
+            self.probe.data_sent.fetch_add(1, Ordering::Relaxed);
+            if until == 0 {
+                continue;
+            }
+            // Between two machnet-rs endpoints (the default configuration) DATA carries the send
+            // time in the high half of a split timestamp.
+            let sent = if Config::default().piggyback_acks {
+                MachnetRepr::unsplit_timestamp(hdr.timestamp).0
+            } else {
+                hdr.timestamp as u32
+            };
+            let before = i64::from((until as u32).wrapping_sub(sent) as i32).max(0) as u64;
+            self.probe.data_after.fetch_add(1, Ordering::Relaxed);
+            self.probe.earliest_before_ns.fetch_max(before, Ordering::Relaxed);
+        }
+        self.inner.tx_burst(pkts)
+    }
+    fn stats(&self) -> PortStats {
+        self.inner.stats()
+    }
+}
+
+/// What a shard's turn sends after a long receive stage (here: DATA that the ACKs it read let
+/// go) carries the time it leaves, not the turn's start. Stamped at the start, every round
+/// trip those packets give is long by the whole stage, and Swift and the RTO take the shard's
+/// own processing for delay on the path (the embedded stack's version of this:
+/// `frames_sent_after_a_long_receive_stage_are_stamped_after_it` in tests/embedded.rs).
+#[test]
+fn what_a_shard_sends_after_a_long_receive_stage_is_stamped_when_it_leaves() {
+    const DELAY: Duration = Duration::from_millis(200);
+    const MSG: usize = 256 << 10;
+    let probe = Arc::new(Probe::default());
+    let (pas, pbs) = pairs(1, MemConfig::default(), MAC_A, MAC_B);
+    let pas = pas.into_iter().map(|p| Slow { inner: p, probe: probe.clone(), delay: DELAY }).collect();
+    let mut a = side(pas, MAC_A, IP_A, (IP_B, MAC_B));
+    let mut b = side(pbs, MAC_B, IP_B, (IP_A, MAC_A));
+    let mut server = channel(11, &b.cmds[0]);
+    let mut client = channel(12, &a.cmds[0]);
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let srv = std::thread::spawn(move || {
+        server.listen(IP_B, 888).unwrap();
+        let mut buf = vec![0u8; MSG];
+        while !d.load(Ordering::Relaxed) {
+            if let Some((n, _)) = server.recv_blocking(&mut buf, Some(Duration::from_millis(50))).unwrap() {
+                return Some(n);
+            }
+        }
+        None
+    });
+    let cli = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        let flow = client.connect(IP_A, IP_B, 888).unwrap();
+        // More than a window: the first flight leaves at once, the rest as ACKs come back.
+        client.send(flow, &vec![7u8; MSG]).unwrap();
+        client
+    });
+    let clock = Clock::new();
+    a.shards[0].start(&clock);
+    b.shards[0].start(&clock);
+    let mut clock = clock;
+    let mut ra = Recorder::standalone(EngineShard::<Slow>::STAGES.len());
+    let mut rb = Recorder::standalone(EngineShard::<MemPort>::STAGES.len());
+    let t = Instant::now();
+    // Until A has sent its first flight.
+    while probe.data_sent.load(Ordering::Relaxed) == 0 {
+        a.shards[0].poll(clock.now(), &mut ra);
+        b.shards[0].poll(clock.now(), &mut rb);
+        assert!(t.elapsed() < Duration::from_secs(30), "A never sent DATA (connect or send stuck)");
+    }
+    // B alone for a while: it reads the flight and acknowledges it; the ACKs wait in A's ring.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(20) {
+        b.shards[0].poll(clock.now(), &mut rb);
+    }
+    let sent_before = probe.data_sent.load(Ordering::Relaxed);
+    // A's next turn: its receive stage stalls for DELAY on the first ACK, then the ACKs let
+    // more of the message go.
+    probe.armed.store(true, Ordering::Relaxed);
+    a.shards[0].poll(clock.now(), &mut ra);
+    assert!(!probe.armed.load(Ordering::Relaxed), "the slow receive stage ran");
+    let after = probe.data_after.load(Ordering::Relaxed);
+    assert!(
+        after > 0,
+        "the ACKs let nothing go in that turn ({sent_before} DATA frames before): the test shows nothing"
+    );
+    let early = Duration::from_nanos(probe.earliest_before_ns.load(Ordering::Relaxed));
+    // Stamped at the turn's start, they are DELAY early; stamped when they leave, not at all
+    // (the shard's clock and CLOCK_MONOTONIC agree within microseconds).
+    assert!(
+        early < DELAY / 4,
+        "{after} DATA frames sent after a {DELAY:?} receive stage were stamped {early:?} before it ended"
+    );
+    // And the message still arrives whole.
+    let t = Instant::now();
+    while !srv.is_finished() {
+        a.shards[0].poll(clock.now(), &mut ra);
+        b.shards[0].poll(clock.now(), &mut rb);
+        if t.elapsed() >= Duration::from_secs(30) {
+            done.store(true, Ordering::Relaxed);
+        }
+    }
+    assert_eq!(srv.join().unwrap(), Some(MSG), "the message did not arrive within 30 s");
+    let t = Instant::now();
+    while !cli.is_finished() && t.elapsed() < Duration::from_secs(10) {
+        a.shards[0].poll(clock.now(), &mut ra);
+        b.shards[0].poll(clock.now(), &mut rb);
+    }
+    assert!(cli.is_finished(), "the client's connect and send did not finish");
+    drop(cli.join().unwrap());
 }

@@ -21,6 +21,11 @@ pub trait Pipeline: Send + 'static {
     /// Names of the stages, in the order `poll` runs them (their indices in `Recorder::run`).
     const STAGES: &'static [&'static str];
 
+    /// Called once on the shard's thread before the first poll, with the clock the loop reads
+    /// for `poll`'s `now`: a stage that needs the time later in a turn (after a long stage)
+    /// reads a clone of it, so its readings and the loop's agree.
+    fn start(&mut self, _clock: &Clock) {}
+
     /// Polls every stage once.
     fn poll(&mut self, now: Instant, rec: &mut Recorder) -> Work;
 
@@ -301,6 +306,7 @@ impl<P: Pipeline> Shard<P> {
 
 fn run<P: Pipeline>(cfg: &ShardConfig, p: &mut P, parker: &Parker, stop: &AtomicBool, shared: &Mutex<ShardStats>) {
     let mut clock = Clock::new();
+    p.start(&clock);
     let mut rec = Recorder::new(P::STAGES.len(), cfg, clock.clone());
     let mut loops = LoopStats::default();
     let start = clock.now();

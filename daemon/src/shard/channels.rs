@@ -83,6 +83,7 @@ impl<P: Port> Stage<ShardCtx<P>> for ChannelsStage {
             }
         }
         if work > 0 {
+            let now = ctx.fresh_now();
             ctx.ep.flush(now, &mut ctx.env);
         }
         Work(work)

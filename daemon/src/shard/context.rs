@@ -12,6 +12,7 @@ use machnet::ops::Status;
 use machnet_net::port::Port;
 use machnet_net::time::Instant;
 use machnet_net::wire::EthernetAddress;
+use machnet_runtime::clock::Clock;
 use machnet_runtime::idle::FdSet;
 use machnet_transport::{LocalAddr, Owner};
 use std::net::Ipv4Addr;
@@ -47,13 +48,26 @@ pub(super) struct ShardCtx<P: Port> {
     pub(super) pending: Vec<PendingConnect>,
     pub(super) mesh: Mesh<P::Buf>,
     pub(super) graveyard: SyncSender<Box<ChannelSlot>>,
-    /// The time of this loop.
+    /// The time of this loop, moved on by [`fresh_now`](Self::fresh_now) after a stage that
+    /// did work (what later stages of the turn use).
     pub(super) last_now: Instant,
+    /// A clone of the shard loop's clock ([`Pipeline::start`]; `CLOCK_MONOTONIC` until then).
+    pub(super) clock: Clock,
     /// Shut down: no new flows, no more traffic.
     pub(super) done: bool,
 }
 
 impl<P: Port> ShardCtx<P> {
+    /// The time now, never before this turn's: after a stage that handled a burst (tens of
+    /// microseconds for a burst of full frames), what is sent next is stamped, and timers are
+    /// checked, with the time it leaves rather than the turn's start. Stamped at the start, each
+    /// round trip it gave would be long by the whole stage.
+    pub(super) fn fresh_now(&mut self) -> Instant {
+        let t = self.clock.now().max(self.last_now);
+        self.last_now = t;
+        t
+    }
+
     /// Records the CPU time of a channel operation that began at `cpu0`.
     pub(super) fn note_channel_op(&mut self, cpu0: u64) {
         let c = &mut self.env.counters.max_channel_op_cpu_ns;

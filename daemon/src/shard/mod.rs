@@ -38,6 +38,7 @@ use machnet::layout::MSG_MAX_LEN;
 use machnet_net::port::{Burst, Port};
 use machnet_net::time::Instant;
 use machnet_net::wire::{ChecksumCaps, EthernetAddress};
+use machnet_runtime::clock::Clock;
 use machnet_runtime::idle::FdSet;
 use machnet_runtime::shard::{Pipeline, Recorder};
 use machnet_runtime::stage::{Stage, Work};
@@ -359,6 +360,7 @@ impl<P: Port> EngineShard<P> {
             mesh: s.mesh,
             graveyard: s.graveyard,
             last_now: Instant::ZERO,
+            clock: Clock::monotonic(),
             done: false,
         };
         EngineShard {
@@ -387,8 +389,15 @@ where
 {
     const STAGES: &'static [&'static str] = &["control", "rx", "channels", "timers", "tx"];
 
+    fn start(&mut self, clock: &Clock) {
+        self.ctx.clock = clock.clone();
+    }
+
     fn poll(&mut self, now: Instant, rec: &mut Recorder) -> Work {
         let ctx = &mut self.ctx;
+        // Never before a time the last turn read (the loop's clock and this clone resynchronise
+        // separately).
+        let now = now.max(ctx.last_now);
         ctx.last_now = now;
         let mut w = rec.run(0, now, || self.control.poll(now, ctx));
         if ctx.done {
@@ -396,7 +405,10 @@ where
             return w;
         }
         w += rec.run(1, now, || self.rx.poll(now, ctx));
+        // The receive and channel stages move `last_now` on when they did work (fresh_now).
+        let now = ctx.last_now;
         w += rec.run(2, now, || self.channels.poll(now, ctx));
+        let now = ctx.last_now;
         w += rec.run(3, now, || self.timers.poll(now, ctx));
         w += rec.run(4, now, || self.tx.poll(now, ctx));
         w

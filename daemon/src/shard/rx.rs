@@ -66,6 +66,8 @@ impl<P: Port> Stage<ShardCtx<P>> for RxStage<P> {
         }
         self.burst = Some(rx);
         if n > 0 {
+            // Handling the burst took time: what it let go leaves now.
+            let now = ctx.fresh_now();
             ctx.ep.flush(now, &mut ctx.env);
         }
         ctx.mesh.wake();
