@@ -6,6 +6,10 @@
 //! into its response; the client matches the response to the slot and records the round trip
 //! from the moment it handed the request to the transport.
 
+/// The largest message `kernel_rpc --proto udp` carries (one datagram each; the IPv4 limit is
+/// 65,507 bytes of payload).
+pub const KERNEL_UDP_MAX_MSG: usize = 65_000;
+
 use hdrhistogram::Histogram;
 use machnet_net::time::Instant;
 use machnet_runtime::clock::Clock;

@@ -8,7 +8,7 @@
 //! ```
 
 use clap::{Parser, ValueEnum};
-use machnet_bench::rpc::{self, RpcError, RpcIo, RpcOptions};
+use machnet_bench::rpc::{self, RpcError, RpcIo, RpcOptions, KERNEL_UDP_MAX_MSG};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -227,8 +227,8 @@ fn run(args: &Args, stop: &AtomicBool) -> Result<rpc::Totals, RpcError> {
     let timeout = (!args.busy_poll).then_some(Duration::from_millis(100));
     match args.proto {
         Proto::Udp => {
-            if args.msg_size > 65000 {
-                return Err(RpcError("--msg_size above 65000 does not fit a UDP datagram".into()));
+            if args.msg_size > KERNEL_UDP_MAX_MSG {
+                return Err(RpcError(format!("--msg_size above {KERNEL_UDP_MAX_MSG} does not fit a UDP datagram")));
             }
             let bind: SocketAddr = args.listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
             let sock = UdpSocket::bind(bind)?;

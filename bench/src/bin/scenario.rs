@@ -40,7 +40,7 @@
 //! `--out` (JSON) for plotting.
 
 use clap::Parser;
-use machnet_bench::rpc::Totals;
+use machnet_bench::rpc::{Totals, KERNEL_UDP_MAX_MSG};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -745,8 +745,11 @@ fn run(args: &Args) -> Result<(), String> {
                     if memif {
                         measure("raw memif, no protocol", size, window, env.raw_memif(size, window))?;
                     }
-                    measure("kernel UDP, blocking", size, window, env.kernel("udp", false, size, window))?;
-                    measure("kernel UDP, busy-poll", size, window, env.kernel("udp", true, size, window))?;
+                    // A message beyond one datagram has no kernel UDP baseline (kernel_rpc refuses it).
+                    if size <= KERNEL_UDP_MAX_MSG {
+                        measure("kernel UDP, blocking", size, window, env.kernel("udp", false, size, window))?;
+                        measure("kernel UDP, busy-poll", size, window, env.kernel("udp", true, size, window))?;
+                    }
                     measure("kernel TCP, blocking", size, window, env.kernel("tcp", false, size, window))?;
                 }
             }
