@@ -275,6 +275,8 @@ enum SlowAt {
     /// The first `free` after `slow` is set (which clears it): a receive stage that takes that
     /// long to work through its burst.
     FirstFree,
+    /// Every transmission while `slow` is set, and the device takes nothing: a full ring.
+    TxRefused,
 }
 
 /// A port with one slow operation (see [`SlowAt`]).
@@ -303,8 +305,14 @@ impl<P: Port> Port for Slow<P> {
         self.inner.rx_burst(out)
     }
     fn tx_burst(&mut self, pkts: &mut machnet_net::port::Burst<Self::Buf>) -> usize {
-        if matches!(self.at, SlowAt::Tx) && self.slow.load(std::sync::atomic::Ordering::Relaxed) && !pkts.is_empty() {
+        if matches!(self.at, SlowAt::Tx | SlowAt::TxRefused)
+            && self.slow.load(std::sync::atomic::Ordering::Relaxed)
+            && !pkts.is_empty()
+        {
             std::thread::sleep(self.delay);
+            if matches!(self.at, SlowAt::TxRefused) {
+                return 0;
+            }
         }
         self.inner.tx_burst(pkts)
     }
@@ -320,10 +328,21 @@ impl<P: Port> Port for Slow<P> {
 /// Swift held a bulk flow at its delay floor: S6, 1 MiB messages.)
 #[test]
 fn frames_received_after_a_long_flush_are_timed_after_it() {
+    ack_read_after_a_long_flush(SlowAt::Tx);
+}
+
+/// The same when the device took none of what the flush built (its ring full): the flush took
+/// its time all the same.
+#[test]
+fn frames_received_after_a_long_flush_the_device_refused_are_timed_after_it() {
+    ack_read_after_a_long_flush(SlowAt::TxRefused);
+}
+
+fn ack_read_after_a_long_flush(at: SlowAt) {
     const DELAY: Duration = Duration::from_millis(5);
     let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (pa, pb) = pair(MemConfig::default(), MAC_A, MAC_B);
-    let pa = Slow { inner: pa, slow: slow.clone(), delay: DELAY, at: SlowAt::Tx };
+    let pa = Slow { inner: pa, slow: slow.clone(), delay: DELAY, at };
     let (mut a, mut b) = stacks(pa, pb);
     let flow = settled_flow(&mut a, &mut b);
     let mut buf = [0u8; 64];
