@@ -82,10 +82,13 @@ pub(crate) mod fl {
 /// Unacknowledged in-order packets after which an ACK goes out at once, not delayed.
 const ACK_EVERY: u32 = 16;
 
-/// The full 64-bit time (ns) of a 32-bit timestamp at most ~4.29 s before `now`.
+/// The full 64-bit time (ns) of a 32-bit timestamp within ~2.1 s of `now`, before or after it.
+/// An echo a little after the time its ACK was read (a receive time taken early, or the peer's
+/// clock running a little fast over the time it held the packet) is a time after `now`, which
+/// gives no round-trip sample, not one of 4.29 s less a little.
 #[inline]
 fn widen(now: u64, v: u32) -> u64 {
-    now.wrapping_sub(u64::from((now as u32).wrapping_sub(v)))
+    now.wrapping_add_signed(i64::from(v.wrapping_sub(now as u32) as i32))
 }
 
 /// A sent DATA packet awaiting acknowledgement.
@@ -1569,5 +1572,27 @@ impl<E: Env> FlowCx<'_, E> {
             self.f.train.count = 0;
             self.f.clear(fl::HAS_PENDING);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::widen;
+
+    /// A 32-bit timestamp widens to the 64-bit time nearest `now`: before it (an echo of a
+    /// packet sent earlier, the usual case), at it, and a little after it, across a wrap of the
+    /// low 32 bits too. After it must stay after it: read as 4.29 s before, such an echo gave a
+    /// round-trip sample of 4.29 s and a multiplicative decrease.
+    #[test]
+    fn widen_takes_the_time_nearest_now() {
+        let wrap = 1u64 << 32;
+        for now in [10 * wrap + 5_000, 10 * wrap + (wrap - 5), 7 * wrap] {
+            for t in [now - 1_000_000_000, now - 70_000, now - 1, now, now + 1, now + 3_000, now + 1_000_000] {
+                assert_eq!(widen(now, t as u32), t, "now {now}, t {t}");
+            }
+        }
+        // An echo after the time its ACK was read gives no sample (echo_sample's checked_sub).
+        let now = 10 * wrap + 100;
+        assert!(now.checked_sub(widen(now, (now + 200) as u32)).is_none());
     }
 }
