@@ -68,9 +68,12 @@ use std::time::Duration;
 /// The one owner of every flow in an embedded stack.
 const APP: Owner = 0;
 const NIL: u32 = u32::MAX;
-/// `send` and `recv` run a poll turn every this many segments they copy (about 360 KB), so
-/// that a long message's copy does not stop the stack from acknowledging.
-const POLL_EVERY: usize = 256;
+/// `send` and `recv` run a poll turn every this many segments they copy (about 45 KB), so
+/// that a long message's copy does not stop the stack from acknowledging, or leave the peer's
+/// ACKs waiting in the ring: an ACK read late is a round trip long by the wait, which Swift
+/// takes for queueing. At 256 (about 360 KB) a 1 MiB window-8 transfer ran 25-35 % slower
+/// (docs/performance.md, S6).
+const POLL_EVERY: usize = 32;
 /// Largest message.
 pub const MAX_MSG: usize = 8 << 20;
 
