@@ -419,13 +419,13 @@ impl<P: Port> Embedded<P> {
         self.env.nic.port.set_time(now);
         // What `send` left queued goes first.
         self.unflushed = 0;
-        let flushed = self.ep.has_work();
-        if flushed {
+        let built = self.env.nic.built;
+        if self.ep.has_work() {
             self.ep.flush(now, &mut self.env);
         }
         // (A flush that built frames took time even when the device took none of them now: a
         // full ring, with the frames it did take sent from inside the flush.)
-        if self.env.nic.flush() > 0 || flushed {
+        if self.env.nic.flush() > 0 || self.env.nic.built != built {
             // Received frames are timed after the flush, sent ones before it: a flush of a
             // window of full frames takes tens of microseconds, and frames that arrived meanwhile
             // stamped with the turn's start would time their round trips short by that much (to

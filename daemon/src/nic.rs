@@ -28,13 +28,15 @@ pub struct PortTx<P: Port> {
     pub tap: Option<Box<Tap>>,
     /// Frames at the head of `txq` already captured.
     captured: usize,
+    /// Frames built and queued, ever (what a caller compares to see whether a flush built any).
+    pub built: u64,
 }
 
 impl<P: Port> PortTx<P> {
     /// Wraps `port`.
     pub fn new(port: P) -> Self {
         let caps = port.capabilities().checksum;
-        PortTx { port, txq: Burst::new(), caps, dropped: 0, tap: None, captured: 0 }
+        PortTx { port, txq: Burst::new(), caps, dropped: 0, tap: None, captured: 0, built: 0 }
     }
 
     /// Sends what is queued; what the device refuses stays queued (the caller retries).
@@ -83,6 +85,7 @@ impl<P: Port> PortTx<P> {
             Some(len) => {
                 buf.set_len(len);
                 self.txq.push(buf);
+                self.built += 1;
                 true
             }
             None => {
@@ -103,6 +106,7 @@ impl<P: Port> PortTx<P> {
             Ok(len) => {
                 buf.set_len(len);
                 self.txq.push(buf);
+                self.built += 1;
             }
             Err(_) => {
                 self.port.free(buf);
