@@ -102,7 +102,9 @@ impl SwiftParams {
     #[inline]
     fn flow_scaling(&self, cwnd: f64) -> f64 {
         let range = self.fs_range.as_secs_f64();
-        if range == 0.0 {
+        // 0 from fs_max_cwnd on (the clamp below gives it too): a flow past it, as every
+        // small-RPC flow is, pays no square roots or divisions per ACK.
+        if range == 0.0 || cwnd >= self.fs_max_cwnd {
             return 0.0;
         }
         let inv_min = 1.0 / sqrt(self.fs_min_cwnd);
