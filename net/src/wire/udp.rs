@@ -76,7 +76,7 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
         }
         let len = self.len();
         let data = &self.buffer.as_ref()[..usize::from(len)];
-        checksum::combine(&[checksum::pseudo_header(src, dst, PROTO_UDP, len), checksum::data(data)]) == 0xffff
+        checksum::pseudo_and_data(src, dst, PROTO_UDP, len, data) == 0xffff
     }
 }
 
@@ -94,7 +94,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
         let len = self.len();
         set_u16(self.buffer.as_mut(), field::CHECKSUM, 0);
         let data = &self.buffer.as_ref()[..usize::from(len)];
-        let sum = !checksum::combine(&[checksum::pseudo_header(src, dst, PROTO_UDP, len), checksum::data(data)]);
+        let sum = !checksum::pseudo_and_data(src, dst, PROTO_UDP, len, data);
         // A computed zero is sent as all ones (zero means "no checksum").
         let sum = if sum == 0 { 0xffff } else { sum };
         set_u16(self.buffer.as_mut(), field::CHECKSUM, sum);
