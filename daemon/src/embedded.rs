@@ -71,7 +71,7 @@ const NIL: u32 = u32::MAX;
 /// `send` and `recv` run a poll turn every this many segments they copy (about 45 KB), so
 /// that a long message's copy does not stop the stack from acknowledging, or leave the peer's
 /// ACKs waiting in the ring: an ACK read late is a round trip long by the wait, which Swift
-/// takes for queueing. At 256 (about 360 KB) a 1 MiB window-8 transfer ran 25-35 % slower
+/// takes for queueing. At 256 (about 360 KB) a 1 MiB window-8 transfer ran 20-25 % slower
 /// (docs/performance.md, S6).
 const POLL_EVERY: usize = 32;
 /// Largest message.

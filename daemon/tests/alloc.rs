@@ -243,9 +243,10 @@ struct Probe {
     armed: AtomicBool,
     /// CLOCK_MONOTONIC (ns) when that sleep ended; 0 before.
     slept_until: AtomicU64,
-    /// DATA frames transmitted since the sleep ended, and the earliest send time (low 32 bits
-    /// of ns) they carry, as its distance before `slept_until` (0: none earlier).
+    /// DATA frames transmitted since the sleep ended.
     data_after: AtomicU64,
+    /// How far before `slept_until` the earliest send time those frames carry lies (ns; 0:
+    /// none before it).
     earliest_before_ns: AtomicU64,
     /// DATA frames transmitted in all.
     data_sent: AtomicU64,
