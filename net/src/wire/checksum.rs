@@ -28,6 +28,22 @@ pub fn pseudo_and_data(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, length: u16, 
     to_be(fold(unfolded(data, pseudo)))
 }
 
+/// The four bytes `b`, at an even offset of the summed data, as a term of the machine-order
+/// sum: for headers summed from the values just written rather than read back from memory
+/// (a load that spans several narrower stores still in flight cannot take their data from the
+/// store buffer and waits for all of them: measured, 40 % of a frame's emission time).
+#[inline(always)]
+pub fn term(b: [u8; 4]) -> u64 {
+    u64::from(u32::from_ne_bytes(b))
+}
+
+/// [`data`] of `data` with the unfolded machine-order sum `acc` of other words (a sum of
+/// [`term`]s: below 2^63) added.
+#[inline]
+pub fn with_terms(acc: u64, data: &[u8]) -> u16 {
+    to_be(fold(unfolded(data, u64::from(fold(acc)))))
+}
+
 /// The machine-order sum, folded, as the big-endian number the checksum field holds.
 #[inline]
 fn to_be(sum: u16) -> u16 {

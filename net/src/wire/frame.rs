@@ -265,7 +265,22 @@ impl FrameRepr {
         self.hdr.emit(mn)?;
         let mut udp = UdpPacket::new_unchecked(&mut buf[ETH_LEN + IP_LEN..]);
         if caps.udp.tx() {
-            udp.fill_checksum(self.src_ip, self.dst_ip);
+            // The pseudo-header, the UDP and Machnet headers summed from their values (not read
+            // back from the bytes just written: `checksum::term`), then the payload.
+            use super::checksum::term;
+            let ([l0, l1], [s0, s1], [d0, d1]) =
+                (udp_len.to_be_bytes(), self.src_port.to_be_bytes(), self.dst_port.to_be_bytes());
+            let terms = term(self.src_ip.octets())
+                + term(self.dst_ip.octets())
+                + term([0, u8::from(IpProtocol::Udp), l0, l1])
+                + term([s0, s1, d0, d1])
+                + term([l0, l1, 0, 0])
+                + self.hdr.checksum_terms();
+            let payload = &buf[FRAME_HEADER_LEN..];
+            let sum = !super::checksum::with_terms(terms, payload);
+            // A computed zero is sent as all ones (zero means "no checksum").
+            let sum = if sum == 0 { 0xffff } else { sum };
+            buf[ETH_LEN + IP_LEN + 6..ETH_LEN + IP_LEN + 8].copy_from_slice(&sum.to_be_bytes());
         } else {
             udp.fill_pseudo_checksum(self.src_ip, self.dst_ip);
         }
@@ -385,6 +400,75 @@ mod tests {
             assert_eq!(r.emit(&mut big, 65_536 - 82, ChecksumCaps::software()), Err(Error::BufferTooSmall));
             assert!(r.emit(&mut big, 65_535 - 82, ChecksumCaps::software()).is_ok());
         }
+    }
+
+    /// The checksums `emit` sums from the header values are the sums of the bytes it wrote,
+    /// for random values in every header field (every bit of each word, the zero-checksum
+    /// case among them) and payloads of every length up to 300 bytes (odd ones included).
+    #[test]
+    fn checksums_summed_from_the_values_are_those_of_the_bytes() {
+        let mut x = 0x0bad_cafe_f00d_d00d_u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let types = [PacketType::Syn, PacketType::SynAck, PacketType::Ack, PacketType::Rst, PacketType::Data];
+        for len in 0..=300usize {
+            for _ in 0..20 {
+                let r = next();
+                let repr = FrameRepr {
+                    src_mac: EthernetAddress([2, 0, 0, 0, 0, r as u8]),
+                    dst_mac: EthernetAddress([2, 0, 0, 0, 1, (r >> 8) as u8]),
+                    src_ip: Ipv4Addr::from((r >> 32) as u32),
+                    dst_ip: Ipv4Addr::from(next() as u32),
+                    src_port: next() as u16,
+                    dst_port: next() as u16,
+                    hdr: MachnetRepr {
+                        packet_type: types[(next() % 5) as usize],
+                        msg_flags: MsgFlags::from_bits_retain(next() as u8),
+                        seqno: next() as u32,
+                        ackno: next() as u32,
+                        sack: SackBitmap([next(), next() >> (next() % 64), 0, next()]),
+                        sack_count: next() as u16,
+                        timestamp: next(),
+                    },
+                };
+                let mut buf: Vec<u8> = (0..FRAME_HEADER_LEN + len).map(|_| next() as u8).collect();
+                assert_eq!(repr.emit(&mut buf, len, ChecksumCaps::software()), Ok(FRAME_HEADER_LEN + len));
+                assert_eq!(super::super::checksum::data(&buf[ETH_LEN..ETH_LEN + IP_LEN]), 0xffff, "IPv4 header");
+                let udp = &buf[ETH_LEN + IP_LEN..];
+                let stored = u16::from_be_bytes([udp[6], udp[7]]);
+                assert_ne!(stored, 0, "a computed zero goes out as all ones");
+                let mut unset = udp.to_vec();
+                unset[6..8].fill(0);
+                let sum =
+                    super::super::checksum::pseudo_and_data(repr.src_ip, repr.dst_ip, 17, udp.len() as u16, &unset);
+                let expect = if sum == 0xffff { 0xffff } else { !sum };
+                assert_eq!(stored, expect, "UDP checksum, payload {len}, {repr:?}");
+            }
+        }
+        // A datagram whose sum is all ones (a computed checksum of zero) goes out with all
+        // ones: one of the 65,536 sequence numbers gives it.
+        let mut r = frames_repr();
+        let mut buf = vec![0u8; FRAME_HEADER_LEN + 5];
+        let found = (0..=u16::MAX).find(|&s| {
+            r.hdr.seqno = u32::from(s);
+            r.emit(&mut buf, 5, ChecksumCaps::software()).unwrap();
+            let mut unset = buf[ETH_LEN + IP_LEN..].to_vec();
+            unset[6..8].fill(0);
+            super::super::checksum::pseudo_and_data(r.src_ip, r.dst_ip, 17, unset.len() as u16, &unset) == 0xffff
+        });
+        assert!(found.is_some(), "no sequence number gives a zero checksum");
+        assert_eq!(&buf[ETH_LEN + IP_LEN + 6..ETH_LEN + IP_LEN + 8], &[0xff, 0xff]);
+    }
+
+    /// The first of [`frames`]'s headers.
+    fn frames_repr() -> FrameRepr {
+        let f = frames().swap_remove(0);
+        let Frame::Machnet(m) = classify(&f, ChecksumCaps::software()).unwrap() else { panic!("not Machnet") };
+        m.repr()
     }
 
     #[test]

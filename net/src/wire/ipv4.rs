@@ -264,8 +264,16 @@ impl Ipv4Repr {
         buf[field::SRC_ADDR].copy_from_slice(&self.src_addr.octets());
         buf[field::DST_ADDR].copy_from_slice(&self.dst_addr.octets());
         if caps.ipv4.tx() {
-            let c = !checksum::data(buf);
-            set_u16(buf, field::CHECKSUM, c);
+            // Summed from the values, not read back (see `checksum::term`).
+            let [l0, l1] = total.to_be_bytes();
+            let [i0, i1] = IDENT.to_be_bytes();
+            let [f0, f1] = FLAG_DF.to_be_bytes();
+            let sum = checksum::term([0x45, 0, l0, l1])
+                + checksum::term([i0, i1, f0, f1])
+                + checksum::term([self.ttl, self.protocol.into(), 0, 0])
+                + checksum::term(self.src_addr.octets())
+                + checksum::term(self.dst_addr.octets());
+            set_u16(buf, field::CHECKSUM, !checksum::with_terms(sum, &[]));
         }
         Ok(())
     }

@@ -415,6 +415,25 @@ impl MachnetRepr {
         HEADER_LEN
     }
 
+    /// The machine-order checksum terms of the 54 bytes [`emit`](Self::emit) writes, from the
+    /// values (`checksum::term`); the header must sit at an even offset of the datagram, as it
+    /// does behind a UDP header.
+    #[inline]
+    pub fn checksum_terms(&self) -> u64 {
+        use super::checksum::term;
+        let [m0, m1] = MAGIC.to_be_bytes();
+        let mut sum = term([m0, m1, self.packet_type.into(), self.msg_flags.bits()])
+            + term(self.seqno.to_be_bytes())
+            + term(self.ackno.to_be_bytes());
+        for w in self.sack.0 {
+            let [a, b, c, d, e, f, g, h] = w.to_be_bytes();
+            sum += term([a, b, c, d]) + term([e, f, g, h]);
+        }
+        let [c0, c1] = self.sack_count.to_be_bytes();
+        let [t0, t1, t2, t3, t4, t5, t6, t7] = self.timestamp.to_be_bytes();
+        sum + term([c0, c1, t0, t1]) + term([t2, t3, t4, t5]) + term([t6, t7, 0, 0])
+    }
+
     /// Writes the 54-byte header into `buf`.
     pub fn emit(&self, buf: &mut [u8]) -> Result<()> {
         if buf.len() < HEADER_LEN {
