@@ -225,6 +225,10 @@ pub struct Endpoint<P = LocalPorts> {
     counters: Vec<FlowCounters>,
     free: Vec<u32>,
     map: HashMap<u64, u32, KeyedHash>,
+    /// The last entry `map` gave (key, flow index): packets come in runs of one flow (a
+    /// burst, a request and its answer), and the hash and probe cost more than the rest of the
+    /// demultiplexing. Forgotten whenever an entry leaves `map` (so it always names one in it).
+    last: Option<(u64, u32)>,
     /// Per-peer path state (base RTT), refcounted by the flows to each peer.
     paths: Vec<Path>,
     path_map: HashMap<u32, u32, KeyedHash>,
@@ -291,6 +295,7 @@ impl<P: PortAllocator> Endpoint<P> {
             counters: vec![FlowCounters::default(); n],
             free,
             map: HashMap::with_capacity_and_hasher(n, KeyedHash(seed)),
+            last: None,
             paths: vec![Path::default(); n],
             path_map: HashMap::with_capacity_and_hasher(n, KeyedHash(seed.rotate_left(31))),
             path_free: (0..n as u32).rev().collect(),
@@ -454,6 +459,7 @@ impl<P: PortAllocator> Endpoint<P> {
         }
         if !f.has(fl::UNMAPPED) {
             self.map.remove(&key(f.remote_ip, f.remote_port, f.local_port));
+            self.last = None;
         }
         if f.timer_at != 0 {
             env.set_timer(id, None);
@@ -607,6 +613,7 @@ impl<P: PortAllocator> Endpoint<P> {
                 let f = &mut self.flows[i];
                 if f.state == FlowState::PeerClosed && !f.has(fl::UNMAPPED) {
                     self.map.remove(&key(f.remote_ip, f.remote_port, f.local_port));
+                    self.last = None;
                     f.set(fl::UNMAPPED);
                 }
                 // Lazy timer: only move the armed deadline earlier; a late firing re-arms.
@@ -819,8 +826,12 @@ impl<P: PortAllocator> Endpoint<P> {
         if tuple.local_ip != self.local.ip {
             return None;
         }
-        let i = *self.map.get(&key(u32::from(tuple.remote_ip), tuple.remote_port, tuple.local_port))? as usize;
-        Some(self.id_of(i))
+        let k = key(u32::from(tuple.remote_ip), tuple.remote_port, tuple.local_port);
+        let i = match self.last {
+            Some((last, i)) if last == k => i,
+            _ => *self.map.get(&k)?,
+        };
+        Some(self.id_of(i as usize))
     }
 
     /// The owner of a live flow.
@@ -844,7 +855,17 @@ impl<P: PortAllocator> Endpoint<P> {
             return;
         }
         let k = key(u32::from(pkt.src_ip), pkt.src_port, pkt.dst_port);
-        if let Some(&i) = self.map.get(&k) {
+        let found = match self.last {
+            Some((last, i)) if last == k => Some(i),
+            _ => {
+                let i = self.map.get(&k).copied();
+                if let Some(i) = i {
+                    self.last = Some((k, i));
+                }
+                i
+            }
+        };
+        if let Some(i) = found {
             let i = i as usize;
             let establishes = match pkt.hdr.packet_type {
                 PacketType::Ack => true,
