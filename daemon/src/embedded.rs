@@ -662,9 +662,9 @@ impl<P: Port> Embedded<P> {
         let msg = OutMsg { head, tail: prev, count: count as u32, len: data.len() as u32 };
         // The flow may have ended during a poll (and its id gone to another flow).
         let id = if polled { self.ep.lookup(&tuple_of(&flow)) } else { Some(id) };
-        let now = self.clock.now();
+        // (Queueing reads no clock: the frames are stamped when a flush sends them.)
         let sent = match id {
-            Some(id) => self.ep.send(now, &mut self.env, id, &msg),
+            Some(id) => self.ep.send(&mut self.env, id, &msg),
             None => Err(machnet_transport::Error::NoSuchFlow),
         };
         match sent {

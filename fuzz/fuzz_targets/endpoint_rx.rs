@@ -311,7 +311,7 @@ impl World {
             segs.push(s);
         }
         let msg = OutMsg { head: segs[0], tail: *segs.last().unwrap(), count: count as u32, len: len as u32 };
-        ep.send(self.now, side, self.real[from], &msg).expect("send on the real flow");
+        ep.send(side, self.real[from], &msg).expect("send on the real flow");
         ep.flush(self.now, side);
         self.sides[1 - from].expect.push_back(len);
         self.sent[from] += 1;

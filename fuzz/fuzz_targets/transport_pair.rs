@@ -246,7 +246,7 @@ impl World {
             segs.push(s);
         }
         let msg = OutMsg { head: segs[0], tail: *segs.last().unwrap(), count: count as u32, len: len as u32 };
-        let sent = ep.send(self.now, side, flow, &msg).is_ok();
+        let sent = ep.send(side, flow, &msg).is_ok();
         if sent {
             ep.flush(self.now, side);
         } else {

@@ -1230,21 +1230,6 @@ impl<E: Env> FlowCx<'_, E> {
     // Output
     // ---------------------------------------------------------------------------------------
 
-    /// Queues a message (a validated chain of transmit segments).
-    pub(crate) fn enqueue(&mut self, msg: &crate::OutMsg) {
-        if self.f.pend_count == 0 {
-            self.f.pend_head = msg.head;
-        } else {
-            self.env.tx_link(self.f.owner, self.f.pend_tail, msg.head);
-        }
-        self.f.pend_tail = msg.tail;
-        self.f.pend_count += msg.count;
-        self.stats.tx_messages += 1;
-        self.stats.tx_bytes += u64::from(msg.len);
-        self.c.tx_messages += 1;
-        self.c.tx_bytes += u64::from(msg.len);
-    }
-
     #[inline]
     fn can_send(&self) -> bool {
         self.f.pipe() < self.f.cc.window()

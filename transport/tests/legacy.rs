@@ -170,7 +170,7 @@ impl Harness {
             segs.push(s);
         }
         let msg = OutMsg { head: segs[0], tail: *segs.last().unwrap(), count: count as u32, len: data.len() as u32 };
-        self.ep.send(self.now, &mut self.env, flow, &msg).unwrap();
+        self.ep.send(&mut self.env, flow, &msg).unwrap();
         self.ep.flush(self.now, &mut self.env);
     }
 }

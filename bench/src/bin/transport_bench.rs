@@ -147,7 +147,7 @@ fn fire(ep: &mut Endpoint, env: &mut BenchEnv, now: Instant) {
 }
 
 /// Queues one message of `size` bytes on `flow`.
-fn send_msg(ep: &mut Endpoint, env: &mut BenchEnv, now: Instant, flow: FlowId, size: usize) {
+fn send_msg(ep: &mut Endpoint, env: &mut BenchEnv, flow: FlowId, size: usize) {
     let segs = size.div_ceil(MSS);
     let mut head = Seg::MAX;
     let mut prev = Seg::MAX;
@@ -165,7 +165,7 @@ fn send_msg(ep: &mut Endpoint, env: &mut BenchEnv, now: Instant, flow: FlowId, s
         prev = s;
     }
     let msg = OutMsg { head, tail: prev, count: segs as u32, len: size as u32 };
-    ep.send(now, env, flow, &msg).expect("send");
+    ep.send(env, flow, &msg).expect("send");
 }
 
 /// Request/response: A keeps `window` requests of `size` bytes outstanding, B answers each as
@@ -201,14 +201,14 @@ fn rpc(size: usize, rpcs: u64, window: u64, caps: ChecksumCaps, acks_in_data: bo
     let frames_before = ea.frames + eb.frames;
     while ea.delivered < rpcs {
         while sent < rpcs && sent - ea.delivered < window {
-            send_msg(&mut a, &mut ea, now, fa, size);
+            send_msg(&mut a, &mut ea, fa, size);
             sent += 1;
         }
         a.flush(now, &mut ea);
         ea.flush_tx();
         poll(&mut b, &mut eb, now, &mut rx);
         while answered < eb.delivered {
-            send_msg(&mut b, &mut eb, now, fb, size);
+            send_msg(&mut b, &mut eb, fb, size);
             answered += 1;
         }
         b.flush(now, &mut eb);
@@ -285,7 +285,7 @@ fn stream(size: usize, messages: u64, inflight: u64, caps: ChecksumCaps) -> Resu
     let frames_before = ea.frames + eb.frames;
     while eb.delivered < messages {
         while sent < messages && sent - eb.delivered < inflight {
-            send_msg(&mut a, &mut ea, now, fa, size);
+            send_msg(&mut a, &mut ea, fa, size);
             sent += 1;
         }
         a.flush(now, &mut ea);

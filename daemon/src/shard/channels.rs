@@ -65,7 +65,7 @@ impl<P: Port> Stage<ShardCtx<P>> for ChannelsStage {
                 ctx.on_ctrl(now, owner, r);
             }
             for (m, tail) in msgs {
-                ctx.on_message(now, owner, &m, tail);
+                ctx.on_message(owner, &m, tail);
             }
             if let Some(v) = ctx.env.slot(owner).and_then(|s| s.violation.or_else(|| s.ch.first_violation())) {
                 // The client library never does this: the application wrote its shared memory
@@ -205,7 +205,7 @@ impl<P: Port> ShardCtx<P> {
         self.complete(owner, r.id, result);
     }
 
-    pub(super) fn on_message(&mut self, now: Instant, owner: Owner, m: &TxMsg, tail: u32) {
+    pub(super) fn on_message(&mut self, owner: Owner, m: &TxMsg, tail: u32) {
         let tuple = FlowTuple {
             local_ip: Ipv4Addr::from_bits(m.flow.src_ip),
             local_port: m.flow.src_port,
@@ -247,7 +247,7 @@ impl<P: Port> ShardCtx<P> {
             }
         };
         let msg = OutMsg { head: m.head, tail, count: m.count, len: m.len };
-        if let Err(e) = self.ep.send(now, &mut self.env, flow, &msg) {
+        if let Err(e) = self.ep.send(&mut self.env, flow, &msg) {
             self.env.counters.tx_rejected += 1;
             let st = match e {
                 machnet_transport::Error::BadMessage => Status::BadRequest,

@@ -154,7 +154,7 @@ impl<P: Port> ShardCtx<P> {
             }
             budget = budget.saturating_sub(msgs.len());
             for (m, tail) in msgs {
-                self.on_message(now, owner, &m, tail);
+                self.on_message(owner, &m, tail);
             }
         }
         let Some(slot) = self.env.slot(owner) else { return };

@@ -476,7 +476,7 @@ pub fn run_pair(clock: &mut dyn FnMut() -> Instant, cfg: PairConfig) -> Result<P
             match ev {
                 Event::Connected { flow, token: 42, .. } => {
                     let msg = a.host.message(&request).ok_or(PairError::Leak)?;
-                    a.ep.send(now, &mut a.host, flow, &msg).map_err(PairError::Transport)?;
+                    a.ep.send(&mut a.host, flow, &msg).map_err(PairError::Transport)?;
                 }
                 Event::Closed { .. } => {}
                 other => return Err(PairError::Unexpected(other)),
@@ -493,7 +493,7 @@ pub fn run_pair(clock: &mut dyn FnMut() -> Instant, cfg: PairConfig) -> Result<P
                 return Err(PairError::Corrupted);
             }
             let out = b.host.message(&reply).ok_or(PairError::Leak)?;
-            b.ep.send(now, &mut b.host, flow, &out).map_err(PairError::Transport)?;
+            b.ep.send(&mut b.host, flow, &out).map_err(PairError::Transport)?;
             replied = true;
         }
         if let Some((flow, msg)) = a.host.inbox.pop_front() {

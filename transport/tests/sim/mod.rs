@@ -603,7 +603,6 @@ impl Sim {
         k: u64,
         len: usize,
     ) -> Result<(), machnet_transport::Error> {
-        let now = self.now;
         let s = &mut self.sides[side];
         let count = len.div_ceil(SEG_SIZE);
         let mut head = Seg::MAX;
@@ -626,7 +625,7 @@ impl Sim {
             prev = seg;
         }
         let msg = OutMsg { head, tail: prev, count: count as u32, len: len as u32 };
-        match s.ep.send(now, &mut s.env, flow, &msg) {
+        match s.ep.send(&mut s.env, flow, &msg) {
             Ok(()) => Ok(()),
             Err(e) => {
                 let mut x = head;
