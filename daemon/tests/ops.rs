@@ -321,7 +321,6 @@ fn hostile_applications_lose_their_channels_and_nobody_else_notices() {
             scribble(false, Some(part));
         }
     }
-    let rounds = rounds;
     eprintln!(
         "victim RTT p50/p99 {p50_before:.0}/{p99_before:.0} us before, {p50_during:.0}/{p99_during:.0} us during ({rounds} scribbles)"
     );

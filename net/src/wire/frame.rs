@@ -263,7 +263,6 @@ impl FrameRepr {
         ip_repr.emit_header(ip, caps)?;
         UdpRepr { src_port: self.src_port, dst_port: self.dst_port }.emit_header(udp_h, udp_len);
         self.hdr.emit(mn)?;
-        let mut udp = UdpPacket::new_unchecked(&mut buf[ETH_LEN + IP_LEN..]);
         if caps.udp.tx() {
             // The pseudo-header, the UDP and Machnet headers summed from their values (not read
             // back from the bytes just written: `checksum::term`), then the payload.
@@ -276,13 +275,10 @@ impl FrameRepr {
                 + term([s0, s1, d0, d1])
                 + term([l0, l1, 0, 0])
                 + self.hdr.checksum_terms();
-            let payload = &buf[FRAME_HEADER_LEN..];
-            let sum = !super::checksum::with_terms(terms, payload);
-            // A computed zero is sent as all ones (zero means "no checksum").
-            let sum = if sum == 0 { 0xffff } else { sum };
-            buf[ETH_LEN + IP_LEN + 6..ETH_LEN + IP_LEN + 8].copy_from_slice(&sum.to_be_bytes());
+            let sum = super::checksum::with_terms(terms, &buf[FRAME_HEADER_LEN..]);
+            UdpPacket::new_unchecked(&mut buf[ETH_LEN + IP_LEN..]).set_checksum_of(sum);
         } else {
-            udp.fill_pseudo_checksum(self.src_ip, self.dst_ip);
+            UdpPacket::new_unchecked(&mut buf[ETH_LEN + IP_LEN..]).fill_pseudo_checksum(self.src_ip, self.dst_ip);
         }
         Ok(len)
     }
@@ -407,13 +403,7 @@ mod tests {
     /// case among them) and payloads of every length up to 300 bytes (odd ones included).
     #[test]
     fn checksums_summed_from_the_values_are_those_of_the_bytes() {
-        let mut x = 0x0bad_cafe_f00d_d00d_u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = super::super::xorshift(0x0bad_cafe_f00d_d00d);
         let types = [PacketType::Syn, PacketType::SynAck, PacketType::Ack, PacketType::Rst, PacketType::Data];
         for len in 0..=300usize {
             for _ in 0..20 {

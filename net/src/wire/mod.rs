@@ -17,6 +17,17 @@
 
 use core::fmt;
 
+/// A xorshift64 stream from `seed` (non-zero), for the wire tests' random fields and data.
+#[cfg(test)]
+pub(crate) fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 mod arp;
 pub mod checksum;
 mod ethernet;

@@ -94,10 +94,16 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
         let len = self.len();
         set_u16(self.buffer.as_mut(), field::CHECKSUM, 0);
         let data = &self.buffer.as_ref()[..usize::from(len)];
-        let sum = !checksum::pseudo_and_data(src, dst, PROTO_UDP, len, data);
-        // A computed zero is sent as all ones (zero means "no checksum").
-        let sum = if sum == 0 { 0xffff } else { sum };
-        set_u16(self.buffer.as_mut(), field::CHECKSUM, sum);
+        let sum = checksum::pseudo_and_data(src, dst, PROTO_UDP, len, data);
+        self.set_checksum_of(sum);
+    }
+    /// Writes the checksum for `sum`, the folded sum of the pseudo-header and the datagram
+    /// with a zero checksum field (as [`checksum::pseudo_and_data`] gives it): its complement,
+    /// a computed zero sent as all ones (zero means "no checksum").
+    #[inline]
+    pub fn set_checksum_of(&mut self, sum: u16) {
+        let c = !sum;
+        set_u16(self.buffer.as_mut(), field::CHECKSUM, if c == 0 { 0xffff } else { c });
     }
     /// Writes the pseudo-header sum (not complemented), as devices that offload the UDP
     /// checksum expect.
